@@ -1,0 +1,1 @@
+"""The fedmq aggregator service (pip install 'fedmq[aggregator]')."""

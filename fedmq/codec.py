@@ -1,0 +1,349 @@
+"""Bytes to ``fedmq.wire`` messages and back: the one module that imports msgpack.
+
+``encode(message) -> bytes`` and ``decode(payload, limits) -> message``. Decoding never trusts the
+payload: sizes are capped before unpacking, every field's type is checked, every tensor's byte
+length is checked against its declared shape and codec before anything is allocated, unknown
+fields are ignored and a missing required one is an error. Any failure is a ``DecodeError`` whose
+``reason`` is ``"oversize"`` or ``"malformed"``; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+from fedmq.errors import DecodeError
+from fedmq.wire import (
+    CODEC_ITEMSIZE,
+    DEVICE_STATES,
+    SCHEMA_VERSION,
+    DeviceStatus,
+    GlobalModel,
+    Message,
+    ModelUpdate,
+    RoundAnnouncement,
+    RoundSummary,
+    Tensor,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", RoundAnnouncement, GlobalModel, ModelUpdate, DeviceStatus, RoundSummary)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """Caps applied to untrusted payloads before and while decoding them."""
+
+    max_payload_bytes: int = 256 * 1024 * 1024
+    max_tensors: int = 1024
+    max_ndim: int = 8
+    max_elements: int = 1 << 31
+    max_string: int = 256
+    max_entries: int = 256  # entries of a metrics / train / rejected map, accepted list items
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _tensor_map(t: Tensor) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "codec": t.codec,
+            "data": t.data}
+
+
+def _to_map(msg: Message) -> dict[str, Any]:
+    head: dict[str, Any] = {"v": SCHEMA_VERSION, "fed": msg.federation}
+    match msg:
+        case RoundAnnouncement():
+            return head | {
+                "kind": "round", "round": msg.round, "base_version": msg.base_version,
+                "model_sha256": msg.model_sha256, "deadline": float(msg.deadline),
+                "min_updates": msg.min_updates, "max_updates": msg.max_updates,
+                "train": dict(msg.train), "sample_seed": msg.sample_seed,
+                "sample_rate": float(msg.sample_rate), "codec": msg.codec, "open": msg.open,
+            }
+        case GlobalModel():
+            return head | {
+                "kind": "model", "version": msg.version, "round": msg.round,
+                "tensors": [_tensor_map(t) for t in msg.tensors], "sha256": msg.sha256,
+                "metrics": dict(msg.metrics), "created": float(msg.created),
+            }
+        case ModelUpdate():
+            return head | {
+                "kind": "update", "device": msg.device_id, "round": msg.round,
+                "base_version": msg.base_version, "update_id": msg.update_id,
+                "num_examples": msg.num_examples,
+                "tensors": [_tensor_map(t) for t in msg.tensors], "metrics": dict(msg.metrics),
+            }
+        case DeviceStatus():
+            return head | {
+                "kind": "status", "device": msg.device_id, "state": msg.state,
+                "agent_version": msg.agent_version, "capabilities": list(msg.capabilities),
+                "ts": float(msg.ts),
+            }
+        case RoundSummary():
+            return head | {
+                "kind": "summary", "round": msg.round, "version": msg.version,
+                "participants": msg.participants, "closed_by": msg.closed_by,
+                "accepted": [list(a) for a in msg.accepted], "rejected": dict(msg.rejected),
+                "bytes_in": msg.bytes_in, "duration_s": float(msg.duration_s),
+                "metrics": dict(msg.metrics),
+            }
+    raise TypeError(f"not a fedmq message: {type(msg).__name__}")
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message to msgpack bytes."""
+    out: bytes = msgpack.packb(_to_map(msg), use_bin_type=True)
+    return out
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class _Fields:
+    """Typed access to one untrusted msgpack map; every miss is a DecodeError naming the field."""
+
+    def __init__(self, m: Mapping[str, Any], where: str, limits: DecodeLimits) -> None:
+        self.m = m
+        self.where = where
+        self.limits = limits
+
+    def _get(self, key: str, check: Callable[[Any], bool], what: str) -> Any:
+        if key not in self.m:
+            raise DecodeError(f"{self.where}: required field {key!r} is missing")
+        value = self.m[key]
+        if not check(value):
+            raise DecodeError(f"{self.where}: field {key!r} must be {what}, got "
+                              f"{type(value).__name__}")
+        return value
+
+    def int_(self, key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+        value: int = self._get(key, _is_int, "an integer")
+        if not lo <= value <= hi:
+            raise DecodeError(f"{self.where}: field {key!r}={value} is outside [{lo}, {hi}]")
+        return value
+
+    def float_(self, key: str) -> float:
+        value = float(self._get(key, _is_number, "a number"))
+        if not math.isfinite(value):
+            raise DecodeError(f"{self.where}: field {key!r} is not finite")
+        return value
+
+    def str_(self, key: str) -> str:
+        value: str = self._get(key, lambda v: isinstance(v, str), "a string")
+        if len(value) > self.limits.max_string:
+            raise DecodeError(f"{self.where}: field {key!r} is longer than "
+                              f"{self.limits.max_string} characters")
+        return value
+
+    def bool_(self, key: str) -> bool:
+        value: bool = self._get(key, lambda v: isinstance(v, bool), "a boolean")
+        return value
+
+    def bytes_(self, key: str) -> bytes:
+        value: bytes = self._get(key, lambda v: isinstance(v, bytes), "binary")
+        return value
+
+    def list_(self, key: str) -> list[Any]:
+        value: list[Any] = self._get(key, lambda v: isinstance(v, list), "an array")
+        return value
+
+    def map_(self, key: str) -> Mapping[str, Any]:
+        value: Mapping[str, Any] = self._get(key, lambda v: isinstance(v, dict), "a map")
+        return value
+
+    def optional(self, key: str, read: Callable[[str], T], default: T) -> T:
+        return read(key) if key in self.m else default
+
+    def scalars(self, key: str) -> dict[str, float]:
+        """A map of metric name to finite number (NaN / inf are dropped, not trusted)."""
+        raw: Mapping[str, Any] = self.optional(key, self.map_, {})
+        if len(raw) > self.limits.max_entries:
+            raise DecodeError(f"{self.where}: {key!r} has more than {self.limits.max_entries} "
+                              "entries")
+        out: dict[str, float] = {}
+        for k, v in raw.items():
+            if not isinstance(k, str) or not _is_number(v):
+                raise DecodeError(f"{self.where}: {key!r} must map strings to numbers")
+            if math.isfinite(v):
+                out[k] = float(v)
+        return out
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass in Python, but msgpack has a separate boolean type.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _tensor(raw: Any, i: int, limits: DecodeLimits) -> Tensor:
+    where = f"tensor {i}"
+    if not isinstance(raw, dict):
+        raise DecodeError(f"{where}: must be a map")
+    f = _Fields(raw, where, limits)
+    name = f.str_("name")
+    dtype = f.str_("dtype")
+    codec = f.str_("codec")
+    shape_raw = f.list_("shape")
+    if len(shape_raw) > limits.max_ndim:
+        raise DecodeError(f"{where} {name!r}: {len(shape_raw)} dimensions, at most "
+                          f"{limits.max_ndim} allowed")
+    if not all(_is_int(d) and d >= 0 for d in shape_raw):
+        raise DecodeError(f"{where} {name!r}: shape must be non-negative integers")
+    shape = tuple(int(d) for d in shape_raw)
+    size = math.prod(shape)
+    # Zeros are left out of the product: (0, 2**31, 2**31) holds no data but numpy rejects it.
+    if math.prod(d for d in shape if d) > limits.max_elements:
+        raise DecodeError(f"{where} {name!r}: shape {list(shape)} exceeds the limit of "
+                          f"{limits.max_elements} elements", reason="oversize")
+    if dtype != "float32":
+        raise DecodeError(f"{where} {name!r}: dtype {dtype!r} is not supported (float32)")
+    itemsize = CODEC_ITEMSIZE.get(codec)
+    if itemsize is None:
+        raise DecodeError(f"{where} {name!r}: codec {codec!r} is not supported "
+                          f"({', '.join(CODEC_ITEMSIZE)})")
+    data = f.bytes_("data")
+    if len(data) != size * itemsize:
+        raise DecodeError(f"{where} {name!r}: {len(data)} data bytes, shape {list(shape)} with "
+                          f"codec {codec} needs {size * itemsize}")
+    return Tensor(name=name, dtype=dtype, shape=shape, codec=codec, data=data)
+
+
+def _tensors(f: _Fields) -> tuple[Tensor, ...]:
+    raw = f.list_("tensors")
+    if len(raw) > f.limits.max_tensors:
+        raise DecodeError(f"{f.where}: {len(raw)} tensors, at most {f.limits.max_tensors}",
+                          reason="oversize")
+    tensors = tuple(_tensor(t, i, f.limits) for i, t in enumerate(raw))
+    if len({t.name for t in tensors}) != len(tensors):
+        raise DecodeError(f"{f.where}: tensor names are not unique")
+    return tensors
+
+
+def _round(f: _Fields, fed: str) -> RoundAnnouncement:
+    train_raw: Mapping[str, Any] = f.optional("train", f.map_, {})
+    if len(train_raw) > f.limits.max_entries:
+        raise DecodeError("round: 'train' has too many entries")
+    train: dict[str, float | int | str] = {}
+    for k, v in train_raw.items():
+        if not isinstance(k, str) or not (_is_number(v) or isinstance(v, str)):
+            raise DecodeError("round: 'train' must map strings to numbers or strings")
+        train[k] = v
+    rate = f.optional("sample_rate", f.float_, 1.0)
+    if not 0.0 <= rate <= 1.0:
+        raise DecodeError(f"round: sample_rate {rate} is outside [0, 1]")
+    return RoundAnnouncement(
+        federation=fed, round=f.int_("round"), base_version=f.int_("base_version"),
+        model_sha256=f.str_("model_sha256"), deadline=f.float_("deadline"),
+        min_updates=f.int_("min_updates"), max_updates=f.int_("max_updates"), train=train,
+        sample_seed=f.optional("sample_seed", f.int_, 0), sample_rate=rate,
+        codec=f.optional("codec", f.str_, "fp32"), open=f.optional("open", f.bool_, True),
+    )
+
+
+def _model(f: _Fields, fed: str) -> GlobalModel:
+    return GlobalModel(
+        federation=fed, version=f.int_("version"), round=f.int_("round"), tensors=_tensors(f),
+        sha256=f.str_("sha256"), metrics=f.scalars("metrics"),
+        created=f.optional("created", f.float_, 0.0),
+    )
+
+
+def _update(f: _Fields, fed: str) -> ModelUpdate:
+    return ModelUpdate(
+        federation=fed, device_id=f.str_("device"), round=f.int_("round"),
+        base_version=f.int_("base_version"), update_id=f.str_("update_id"),
+        num_examples=f.int_("num_examples"), tensors=_tensors(f), metrics=f.scalars("metrics"),
+    )
+
+
+def _status(f: _Fields, fed: str) -> DeviceStatus:
+    state = f.str_("state")
+    if state not in DEVICE_STATES:
+        raise DecodeError(f"status: state {state!r} is not one of {', '.join(DEVICE_STATES)}")
+    caps: list[Any] = f.optional("capabilities", f.list_, [])
+    if len(caps) > f.limits.max_entries or not all(isinstance(c, str) for c in caps):
+        raise DecodeError("status: capabilities must be a short list of strings")
+    return DeviceStatus(
+        federation=fed, device_id=f.str_("device"), state=state,
+        agent_version=f.optional("agent_version", f.str_, ""), capabilities=tuple(caps),
+        ts=f.optional("ts", f.float_, 0.0),
+    )
+
+
+def _summary(f: _Fields, fed: str) -> RoundSummary:
+    accepted_raw: list[Any] = f.optional("accepted", f.list_, [])
+    accepted: list[tuple[str, str]] = []
+    for a in accepted_raw:
+        if not (isinstance(a, list) and len(a) == 2 and all(isinstance(s, str) for s in a)):
+            raise DecodeError("summary: accepted must be a list of [device, update_id] pairs")
+        accepted.append((a[0], a[1]))
+    rejected_raw: Mapping[str, Any] = f.optional("rejected", f.map_, {})
+    if not all(isinstance(k, str) and _is_int(v) for k, v in rejected_raw.items()):
+        raise DecodeError("summary: rejected must map reasons to counts")
+    return RoundSummary(
+        federation=fed, round=f.int_("round"), version=f.int_("version"),
+        participants=f.int_("participants"), closed_by=f.str_("closed_by"),
+        accepted=tuple(accepted), rejected=dict(rejected_raw),
+        bytes_in=f.optional("bytes_in", f.int_, 0),
+        duration_s=f.optional("duration_s", f.float_, 0.0), metrics=f.scalars("metrics"),
+    )
+
+
+_READERS: Mapping[str, Callable[[_Fields, str], Message]] = {
+    "round": _round, "model": _model, "update": _update, "status": _status, "summary": _summary,
+}
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise DecodeError(f"msgpack extension type {code} is not allowed")
+
+
+def decode(payload: bytes | bytearray | memoryview,
+           limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
+    """Decode and check one message; raises ``DecodeError`` and nothing else."""
+    if len(payload) > limits.max_payload_bytes:
+        raise DecodeError(f"payload of {len(payload)} bytes exceeds the limit of "
+                          f"{limits.max_payload_bytes}", reason="oversize")
+    try:
+        raw = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+            max_str_len=1 << 20, max_bin_len=limits.max_payload_bytes,
+            max_array_len=max(limits.max_tensors, limits.max_entries, limits.max_ndim, 1 << 16),
+            max_map_len=1 << 12, max_ext_len=0,
+        )
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise DecodeError(f"not a valid msgpack document: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError(f"a fedmq message is a map, got {type(raw).__name__}")
+    head = _Fields(raw, "message", limits)
+    version = head.int_("v")
+    if version != SCHEMA_VERSION:
+        raise DecodeError(f"schema version {version} is not supported (this build reads "
+                          f"{SCHEMA_VERSION})")
+    kind = head.str_("kind")
+    reader = _READERS.get(kind)
+    if reader is None:
+        raise DecodeError(f"unknown message kind {kind!r}")
+    return reader(_Fields(raw, kind, limits), head.str_("fed"))
+
+
+def decode_as(payload: bytes | bytearray | memoryview, cls: type[M],
+              limits: DecodeLimits = DEFAULT_LIMITS) -> M:
+    """Decode a payload that must be of one kind (e.g. ``ModelUpdate`` on an update topic)."""
+    msg = decode(payload, limits)
+    if not isinstance(msg, cls):
+        raise DecodeError(f"expected a {cls.__name__}, got a {type(msg).__name__}")
+    return msg

@@ -1,0 +1,267 @@
+"""Configuration files (TOML) for the aggregator and the device agent.
+
+Every section is a frozen dataclass; a file is read strictly: an unknown key is an error (a typo
+would otherwise be silently ignored on a device nobody can log in to), and every value's type is
+checked. ``docs/configuration.md`` lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from fedmq.errors import ConfigError
+from fedmq.topics import check_name
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    #: MQTT 5 by default; set false for MQTT 3.1.1-only brokers (the embedded amqtt one).
+    mqtt5: bool = True
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    client_id: str | None = None
+    #: Reconnect back-off: full jitter between 0 and min(max, min * 2**attempt) seconds.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The initial global model: a chain of dense layers, or arrays from an ``.npz`` file."""
+
+    layers: list[int] = field(default_factory=lambda: [64, 64, 10])
+    seed: int = 0
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """When a round closes (see docs/rounds.md)."""
+
+    min_updates: int = 2
+    max_updates: int = 100
+    deadline_s: float = 60.0
+    grace_s: float = 5.0
+    below_quorum: Literal["extend", "reannounce"] = "extend"
+    max_extensions: int = 0
+    #: Stop after this many completed rounds (0 = run until stopped).
+    max_rounds: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training settings sent to devices in each round announcement."""
+
+    epochs: int = 5
+    batch_size: int = 10
+    lr: float = 0.1
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Server-free device selection: each device decides from hash(seed, round, id) < rate."""
+
+    rate: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Caps on what the network may send."""
+
+    max_update_bytes: int = 64 * 1024 * 1024
+    max_examples: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The aggregation strategy."""
+
+    name: Literal["fedavg"] = "fedavg"
+    server_lr: float = 1.0
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """``fedmq aggregator --config aggregator.toml``."""
+
+    federation: str = "default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Who this device is."""
+
+    id: str | None = None
+    #: Read the id from this environment variable when ``id`` is not set (e.g. HOSTNAME).
+    id_from_env: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the device's local data comes from."""
+
+    #: "digits" (scikit-learn's bundled set, one shard of it) or "npz" (arrays x and y in ``path``).
+    source: Literal["digits", "npz"] = "digits"
+    path: str | None = None
+    partition: Literal["iid", "shards"] = "iid"
+    num_shards: int = 1
+    shard: int = 0
+    shard_from_env: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Which trainer runs on the device: "mlp", "softmax", or "package.module:factory"."""
+
+    kind: str = "mlp"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """``fedmq agent --config agent.toml``."""
+
+    federation: str = "default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def device_id(self) -> str:
+        """The configured device id, from ``id`` or the named environment variable."""
+        value = self.device.id
+        if value is None and self.device.id_from_env:
+            value = os.environ.get(self.device.id_from_env)
+        if not value:
+            raise ConfigError("[device] needs `id`, or `id_from_env` naming a set environment "
+                              "variable")
+        try:
+            return check_name(value, "device id")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def shard(self) -> int:
+        """The data shard index, from ``shard`` or the named environment variable."""
+        if self.data.shard_from_env and self.data.shard_from_env in os.environ:
+            raw = os.environ[self.data.shard_from_env]
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"${self.data.shard_from_env}={raw!r} is not an integer "
+                                  "shard index") from None
+        return self.data.shard
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin is list:
+        (item,) = get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # TOML writes 5 for 5.0; accept integers where a float is expected
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def build(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key `{path}` (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"`{path}` must be a table ([{path}])")
+            kwargs[key] = build(tp, value, f"{path}.")  # type: ignore[arg-type]
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(f"`{path}` = {value!r} must be {_describe(tp)}")
+        kwargs[key] = float(value) if tp is float else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def _load(cls: type[C], path: str | Path) -> C:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    cfg = build(cls, data)
+    fed = getattr(cfg, "federation", "default")
+    try:
+        check_name(fed, "federation")
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return cfg
+
+
+def load_aggregator(path: str | Path) -> AggregatorConfig:
+    """Read and check an aggregator config file."""
+    cfg = _load(AggregatorConfig, path)
+    r = cfg.rounds
+    if not 1 <= r.min_updates <= r.max_updates:
+        raise ConfigError(f"{path}: need 1 <= rounds.min_updates <= rounds.max_updates, got "
+                          f"{r.min_updates} and {r.max_updates}")
+    return cfg
+
+
+def load_agent(path: str | Path) -> AgentConfig:
+    """Read and check a device agent config file (the device id is resolved too)."""
+    cfg = _load(AgentConfig, path)
+    cfg.device_id()
+    return cfg

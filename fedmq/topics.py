@@ -1,0 +1,68 @@
+"""MQTT topic names: ``fedmq/v1/{federation}/...`` (see docs/protocol.md)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX = "fedmq/v1"
+
+# One topic level each; no MQTT wildcards or separators, so a name cannot escape its level.
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Return ``value`` if it is a valid federation or device name, else raise ValueError."""
+    if not _NAME.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.' "
+                         "or '-' (it becomes one MQTT topic level)")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topics of one federation."""
+
+    federation: str
+
+    def __post_init__(self) -> None:
+        check_name(self.federation, "federation")
+
+    @property
+    def base(self) -> str:
+        return f"{PREFIX}/{self.federation}"
+
+    @property
+    def round(self) -> str:
+        return f"{self.base}/round"
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}/model"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.base}/metrics"
+
+    @property
+    def updates(self) -> str:
+        """Subscription filter for every device's updates."""
+        return f"{self.base}/update/+"
+
+    @property
+    def statuses(self) -> str:
+        return f"{self.base}/status/+"
+
+    def update(self, device_id: str) -> str:
+        return f"{self.base}/update/{check_name(device_id, 'device id')}"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.base}/status/{check_name(device_id, 'device id')}"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in an ``update/{id}`` or ``status/{id}`` topic of this federation."""
+        parts = topic.split("/")
+        if len(parts) == 5 and "/".join(parts[:3]) == self.base and parts[3] in (
+                "update", "status"):
+            return parts[4]
+        return None

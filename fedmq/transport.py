@@ -1,0 +1,266 @@
+"""The MQTT seam: the only module that imports paho.
+
+``PahoTransport`` owns one paho client and one network thread of its own. The thread connects,
+runs paho's loop, and on a lost connection waits a jittered exponential back-off before trying
+again (paho's built-in reconnect doubles without jitter, so a fleet that lost its broker would
+come back in lockstep). Paho callbacks only convert the message to our ``Message`` and put it on
+``inbox``; all real work happens on the caller's threads. ``MemoryTransport`` is an in-process
+fake with the same surface for logic tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fedmq.backoff import Backoff
+from fedmq.config import BrokerConfig
+from fedmq.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received MQTT message, in our own type (paho's objects stay inside this module)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The last will the broker publishes if this client vanishes."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class Transport(Protocol):
+    """What the services need from MQTT."""
+
+    inbox: queue.Queue[Message]
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def subscribe(self, topic: str, qos: int = 1) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    def wait_connected(self, timeout: float) -> bool: ...
+
+
+class PahoTransport:
+    """A paho-mqtt client with its own network thread and jittered reconnects."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        *,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+        inbox_size: int = 10_000,
+        seed: int | None = None,
+    ) -> None:
+        self.broker = broker
+        self.client_id = broker.client_id or client_id
+        # Bounded: when the consumer falls behind, the network thread blocks and TCP pushes back
+        # on the broker instead of this process growing without limit.
+        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=inbox_size)
+        self._on_connect_hook = on_connect
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s,
+                                random.Random(seed))
+        self.connects = 0
+        self.last_error: str | None = None
+
+        protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                   protocol=protocol)
+        if broker.username is not None:
+            self._client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            self._client.tls_set(ca_certs=broker.ca_file, certfile=broker.cert_file,
+                                 keyfile=broker.key_file, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+
+    # ---- paho callbacks: run on the network thread, so they only record and enqueue
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                        reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.warning("%s: %s", self.client_id, self.last_error)
+            return
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        for topic, qos in subs:  # a clean session forgets subscriptions: renew them each time
+            client.subscribe(topic, qos)
+        self.connects += 1
+        self._backoff.reset()
+        self._connected.set()
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                           reason: ReasonCode, properties: Any) -> None:
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.info("%s: disconnected (%s)", self.client_id, reason)
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any,
+                        msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    # ---- network thread
+
+    def _run(self) -> None:
+        socket_open = False
+        while True:
+            stopping = self._stopping.is_set()
+            if stopping and not self._connected.is_set():
+                break
+            if not socket_open:
+                try:
+                    self._client.connect(self.broker.host, self.broker.port,
+                                         keepalive=self.broker.keepalive)
+                    socket_open = True
+                except (OSError, ssl.SSLError) as exc:
+                    self.last_error = f"cannot reach {self.broker.host}:{self.broker.port}: {exc}"
+                    self._stopping.wait(self._backoff.next_delay())
+                    continue
+            rc = self._client.loop(timeout=0.05)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                socket_open = False
+                self._connected.clear()
+                if not stopping:
+                    self._stopping.wait(self._backoff.next_delay())
+
+    # ---- public surface
+
+    def start(self) -> None:
+        """Start the network thread; it connects (and reconnects) in the background."""
+        if self._thread is not None:
+            raise BrokerError("transport already started")
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (or ``timeout`` seconds); True if connected."""
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue a publish; paho sends it when connected (QoS 1 is resent after a reconnect)."""
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                         timeout: float = 30.0) -> bool:
+        """Publish and wait for the broker's acknowledgement. Never call from a callback."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):  # paho raises these when the queue is full / gone
+            return False
+        return info.is_published()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (so no last will is sent) and stop the network thread."""
+        self._stopping.set()
+        if self._connected.is_set():
+            # The network thread flushes the DISCONNECT, sees the link closed and exits.
+            self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._client.socket() is not None:  # caught mid-handshake: close it ourselves
+            self._client.disconnect()
+            self._client.loop(timeout=0.01)
+        self._connected.clear()
+
+
+class MemoryTransport:
+    """An in-process fake transport for logic tests: a tiny broker with retained messages."""
+
+    def __init__(self, hub: MemoryHub | None = None) -> None:
+        self.hub = hub or MemoryHub()
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.published: list[Message] = []
+
+    def start(self) -> None:
+        self.hub.clients.append(self)
+
+    def stop(self) -> None:
+        if self in self.hub.clients:
+            self.hub.clients.remove(self)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self in self.hub.clients
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.hub.subscribe(self, topic)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        msg = Message(topic, payload, qos, retain)
+        self.published.append(msg)
+        self.hub.route(msg)
+
+
+class MemoryHub:
+    """Routes messages between ``MemoryTransport`` clients by MQTT topic filters."""
+
+    def __init__(self) -> None:
+        self.clients: list[MemoryTransport] = []
+        self.filters: list[tuple[MemoryTransport, str]] = []
+        self.retained: dict[str, Message] = {}
+
+    def subscribe(self, client: MemoryTransport, topic_filter: str) -> None:
+        self.filters.append((client, topic_filter))
+        for topic, msg in self.retained.items():
+            if topic_matches(topic_filter, topic):
+                client.inbox.put(msg)
+
+    def route(self, msg: Message) -> None:
+        if msg.retain:
+            self.retained[msg.topic] = msg
+        live = Message(msg.topic, msg.payload, msg.qos, False)
+        for client, topic_filter in self.filters:
+            if topic_matches(topic_filter, msg.topic):
+                client.inbox.put(live)
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching with ``+`` and ``#``."""
+    return bool(mqtt.topic_matches_sub(topic_filter, topic))

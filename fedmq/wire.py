@@ -1,0 +1,152 @@
+"""The fedmq wire schema, version 1: one small frozen class per message kind.
+
+Every message travels as a msgpack map with ``"v"`` (schema version), ``"kind"`` (the tag below)
+and ``"fed"`` (federation name); ``fedmq.codec`` turns these classes into bytes and back, and
+``docs/protocol.md`` spells the byte layout out for other languages.
+
+=========================  ==========  =================================
+class                      kind        topic
+=========================  ==========  =================================
+``RoundAnnouncement``      ``round``   ``fedmq/v1/{fed}/round``
+``GlobalModel``            ``model``   ``fedmq/v1/{fed}/model``
+``ModelUpdate``            ``update``  ``fedmq/v1/{fed}/update/{device}``
+``DeviceStatus``           ``status``  ``fedmq/v1/{fed}/status/{device}``
+``RoundSummary``           ``summary`` ``fedmq/v1/{fed}/metrics``
+=========================  ==========  =================================
+
+Evolving the schema: a new optional field may be added under the same ``"v"`` (decoders ignore
+fields they do not know, so old readers keep working); removing a field, making one required or
+changing the meaning or type of one needs ``"v": 2``, and a decoder rejects versions it does not
+know. Field names are short on purpose: the update is sent by every device every round.
+
+This module is pure data: no msgpack, no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+SCHEMA_VERSION = 1
+
+#: Codecs a tensor's ``data`` may be encoded with; ``fp32`` is little-endian float32, C order.
+Codec = Literal["fp32"]
+CODECS: tuple[str, ...] = ("fp32",)
+
+#: Bytes per element of each codec's ``data`` (for length checks before any allocation).
+CODEC_ITEMSIZE: Mapping[str, int] = {"fp32": 4}
+
+DeviceState = Literal["online", "training", "offline"]
+DEVICE_STATES: tuple[str, ...] = ("online", "training", "offline")
+
+#: A metric value: scalars only, so any msgpack reader can show them.
+Metrics = Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One named tensor: ``data`` holds ``prod(shape)`` elements encoded with ``codec``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        """Number of elements the tensor declares."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAnnouncement:
+    """The aggregator opens (or extends, or ends) a round; retained on the round topic."""
+
+    federation: str
+    round: int
+    base_version: int
+    model_sha256: str
+    deadline: float
+    min_updates: int
+    max_updates: int
+    train: Mapping[str, float | int | str] = field(default_factory=dict)
+    sample_seed: int = 0
+    sample_rate: float = 1.0
+    codec: str = "fp32"
+    open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalModel:
+    """A version of the global model; retained on the model topic."""
+
+    federation: str
+    version: int
+    round: int
+    tensors: tuple[Tensor, ...]
+    sha256: str
+    metrics: Metrics = field(default_factory=dict)
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUpdate:
+    """One device's contribution to one round: the delta from the base model, per tensor."""
+
+    federation: str
+    device_id: str
+    round: int
+    base_version: int
+    update_id: str
+    num_examples: int
+    tensors: tuple[Tensor, ...]
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """A device's presence; retained, and set to ``offline`` by the broker via the last will."""
+
+    federation: str
+    device_id: str
+    state: str
+    agent_version: str = ""
+    capabilities: tuple[str, ...] = ()
+    ts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSummary:
+    """What happened in a closed round; published on the metrics topic."""
+
+    federation: str
+    round: int
+    version: int
+    participants: int
+    closed_by: str
+    accepted: tuple[tuple[str, str], ...] = ()
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    duration_s: float = 0.0
+    metrics: Metrics = field(default_factory=dict)
+
+
+Message = RoundAnnouncement | GlobalModel | ModelUpdate | DeviceStatus | RoundSummary
+
+
+def model_digest(tensors: Iterable[Tensor]) -> str:
+    """SHA-256 (hex) over each tensor's name, shape and data, in order (see docs/protocol.md)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.name.encode())
+        h.update(b"\0")
+        h.update(",".join(str(d) for d in t.shape).encode())
+        h.update(b"\0")
+        h.update(t.data)
+    return h.hexdigest()
