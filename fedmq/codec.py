@@ -238,6 +238,8 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
     for k, v in train_raw.items():
         if not isinstance(k, str) or not (_is_number(v) or isinstance(v, str)):
             raise DecodeError("round: 'train' must map strings to numbers or strings")
+        if _is_number(v) and not math.isfinite(v):
+            raise DecodeError(f"round: 'train' value {k!r} is not finite")
         train[k] = v
     rate = f.optional("sample_rate", f.float_, 1.0)
     if not 0.0 <= rate <= 1.0:
@@ -289,8 +291,9 @@ def _summary(f: _Fields, fed: str) -> RoundSummary:
             raise DecodeError("summary: accepted must be a list of [device, update_id] pairs")
         accepted.append((a[0], a[1]))
     rejected_raw: Mapping[str, Any] = f.optional("rejected", f.map_, {})
-    if not all(isinstance(k, str) and _is_int(v) for k, v in rejected_raw.items()):
-        raise DecodeError("summary: rejected must map reasons to counts")
+    if len(rejected_raw) > f.limits.max_entries or not all(
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in rejected_raw.items()):
+        raise DecodeError("summary: rejected must map reasons to non-negative counts")
     return RoundSummary(
         federation=fed, round=f.int_("round"), version=f.int_("version"),
         participants=f.int_("participants"), closed_by=f.str_("closed_by"),

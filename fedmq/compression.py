@@ -20,7 +20,9 @@ def encode(name: str, array: npt.ArrayLike, codec: str = "fp32") -> Tensor:
     """Encode one array with ``codec``."""
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} is not supported; choose one of {', '.join(CODECS)}")
-    a = np.ascontiguousarray(array, dtype="<f4")
+    a = np.asarray(array, dtype="<f4")
+    if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+        a = np.ascontiguousarray(a)
     return Tensor(name=name, dtype="float32", shape=tuple(int(d) for d in a.shape), codec=codec,
                   data=a.tobytes())
 

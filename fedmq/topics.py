@@ -8,12 +8,12 @@ from dataclasses import dataclass
 PREFIX = "fedmq/v1"
 
 # One topic level each; no MQTT wildcards or separators, so a name cannot escape its level.
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def check_name(value: str, what: str) -> str:
     """Return ``value`` if it is a valid federation or device name, else raise ValueError."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.' "
                          "or '-' (it becomes one MQTT topic level)")
     return value
@@ -60,9 +60,13 @@ class Topics:
         return f"{self.base}/status/{check_name(device_id, 'device id')}"
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an ``update/{id}`` or ``status/{id}`` topic of this federation."""
+        """The device id in an ``update/{id}`` or ``status/{id}`` topic of this federation.
+
+        None when the topic is not one of those or its last level is not a valid device id
+        (``update/+`` also matches an empty level).
+        """
         parts = topic.split("/")
         if len(parts) == 5 and "/".join(parts[:3]) == self.base and parts[3] in (
-                "update", "status"):
+                "update", "status") and _NAME.fullmatch(parts[4]):
             return parts[4]
         return None
