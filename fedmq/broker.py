@@ -1,0 +1,557 @@
+"""Start an MQTT broker for development, tests and the demo.
+
+Two brokers, one shape (``start()`` / ``stop()`` / context manager / ``host`` / ``port``):
+
+- ``MosquittoBroker``: a real Mosquitto 2.0 process, run from a config template in
+  ``broker_config/`` rendered to a free port. MQTT 3.1.1 and 5. The one the tests use.
+- ``EmbeddedBroker``: amqtt in a daemon thread (``pip install 'fedmq[embedded]'``), for a
+  zero-install demo. MQTT 3.1.1 only, in memory, about 4-8x slower than Mosquitto.
+
+``start_broker(spec)`` picks one from a short string (``auto``, ``mosquitto``, ``embedded``,
+``HOST:PORT``) and yields a ``BrokerHandle`` saying where to connect.
+
+No MQTT client library is used here: readiness is a TCP connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from fedmq.errors import BrokerError
+
+__all__ = [
+    "BrokerConfigNotFoundError",
+    "BrokerHandle",
+    "EmbeddedBroker",
+    "MosquittoBroker",
+    "default_config_dir",
+    "find_free_port",
+    "mosquitto_binary",
+    "render_config",
+    "start_broker",
+]
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+_LOG_TAIL_LINES = 30
+_MOSQUITTO_FALLBACK = "/usr/sbin/mosquitto"
+_INSTALL_MOSQUITTO = (
+    "install it with `apt-get install mosquitto` (Debian/Ubuntu) or `brew install mosquitto`, "
+    "or use the embedded broker (`pip install 'fedmq[embedded]'`)"
+)
+
+
+class BrokerConfigNotFoundError(BrokerError, FileNotFoundError):
+    """The broker config directory or template does not exist."""
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now (another process may still take it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def default_config_dir() -> Path:
+    """Return the repository's ``broker_config/`` directory."""
+    path = Path(__file__).resolve().parents[1] / "broker_config"
+    if not path.is_dir():
+        raise BrokerConfigNotFoundError(
+            f"broker config directory not found: looked for {path} (next to the fedmq package); "
+            "it ships with a source checkout, not with the wheel: pass a config template "
+            "explicitly or run from a clone of the repository"
+        )
+    return path
+
+
+def mosquitto_binary() -> str | None:
+    """Return the path of the ``mosquitto`` executable, or None if it is not installed."""
+    # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
+    found = shutil.which("mosquitto")
+    if found is not None:
+        return found
+    if os.access(_MOSQUITTO_FALLBACK, os.X_OK):
+        return _MOSQUITTO_FALLBACK
+    return None
+
+
+_DIRECTIVE = re.compile(r"^\s*(?P<key>[A-Za-z_]+)(?:\s|$)")
+# `port` and `bind_address` configure the legacy default listener: a second, unrendered one.
+_LEGACY_LISTENER_KEYS = ("port", "bind_address")
+
+
+def render_config(
+    template: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    data_dir: Path | None = None,
+    *,
+    user: str | None = None,
+) -> str:
+    """Return the Mosquitto config ``template`` rewritten to listen on ``host:port`` only.
+
+    The template must declare exactly one ``listener`` line (and no legacy ``port`` /
+    ``bind_address``): a second listener would bind a fixed port that parallel test runs
+    fight over, so it is refused rather than silently dropped. Everything else, including
+    the listener's TLS options, is kept. ``data_dir`` replaces ``persistence_location``;
+    ``user`` replaces ``user`` (which account Mosquitto drops to when started as root).
+    """
+    try:
+        lines = template.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise BrokerConfigNotFoundError(f"broker config template not found: {template}") from exc
+
+    # Lines these arguments replace; the new values are appended at the end.
+    dropped = {"persistence_location"} if data_dir is not None else set()
+    if user is not None:
+        dropped.add("user")
+    listener_at: list[int] = []
+    out: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        match = _DIRECTIVE.match(line)
+        key = match.group("key") if match else None
+        if key in _LEGACY_LISTENER_KEYS:
+            raise ValueError(
+                f"{template}:{number}: `{key}` opens a second, legacy listener; "
+                "declare the address on the `listener` line instead"
+            )
+        if key == "listener":
+            listener_at.append(number)
+            out.append(f"listener {port} {host}")
+        elif key not in dropped:
+            out.append(line)
+    if len(listener_at) != 1:
+        where = ", ".join(f"line {n}" for n in listener_at) or "none"
+        raise ValueError(
+            f"{template}: expected exactly one `listener` line, found {len(listener_at)} "
+            f"({where}); a test broker must bind only the port it was given"
+        )
+    if data_dir is not None:
+        # Trailing slash: Mosquitto 1.x appended the file name without a separator.
+        out.append(f"persistence_location {data_dir.as_posix().rstrip('/')}/")
+    if user is not None:
+        out.append(f"user {user}")
+    return "\n".join(out) + "\n"
+
+
+def _wait_for_port(
+    host: str, port: int, deadline: float, alive: Callable[[], bool] | None = None
+) -> bool:
+    """Poll until ``host:port`` accepts a connection; False on timeout or once ``alive()`` fails."""
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.25):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+def _can_listen(host: str, port: int) -> bool:
+    """True if a server could listen on ``host:port`` now (as Mosquitto will, with SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class MosquittoBroker:
+    """A Mosquitto process on its own port, run from a rendered copy of a config template.
+
+    The rendered config, the log (stdout and stderr) and any persistence file live in a
+    private temporary directory that survives ``stop()`` and ``restart()`` (so a restart
+    with ``persistence true`` reloads its state) and is removed by ``close()`` or on leaving
+    the ``with`` block.
+    """
+
+    def __init__(
+        self,
+        config_template: Path | None = None,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        binary: str | None = None,
+    ) -> None:
+        self._template = config_template or default_config_dir() / "dev.conf"
+        self._host = host
+        self._port = port if port is not None else find_free_port(host)
+        found = binary or mosquitto_binary()
+        if found is None:
+            raise BrokerError(f"mosquitto binary not found: {_INSTALL_MOSQUITTO}")
+        self._binary = found
+        self._workdir: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        """Address the listener binds and clients connect to."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """TCP port; fixed for the broker's life, so it is the same after ``restart()``."""
+        return self._port
+
+    @property
+    def log_path(self) -> Path:
+        """Mosquitto's combined stdout/stderr; readable after ``stop()`` until ``close()``."""
+        return self._ensure_workdir() / "mosquitto.log"
+
+    @property
+    def config_path(self) -> Path:
+        """The rendered config Mosquitto runs with."""
+        return self._ensure_workdir() / "mosquitto.conf"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id while running, else None."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the Mosquitto process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def _ensure_workdir(self) -> Path:
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="fedmq-mosquitto-"))
+        return self._workdir
+
+    def start(self) -> None:
+        """Launch Mosquitto and return once its port accepts connections.
+
+        Raises ``BrokerError`` with the tail of the log if it exits or is not listening within
+        ``START_TIMEOUT_S`` seconds.
+        """
+        if self.running:
+            raise BrokerError(f"mosquitto is already running on {self._host}:{self._port}")
+        # Checked up front: a broker already listening there would answer the readiness probe
+        # while ours is still about to fail on bind.
+        if not _can_listen(self._host, self._port):
+            raise BrokerError(
+                f"port {self._host}:{self._port} is in use by another process; "
+                "pass port=None to get a free one"
+            )
+        workdir = self._ensure_workdir()
+        # As root, Mosquitto drops to the `mosquitto` user, which could not write the private
+        # (0700) work dir; elsewhere `user` is ignored.
+        user = getpass.getuser() if os.geteuid() == 0 else None
+        self.config_path.write_text(
+            render_config(self._template, self._port, self._host, data_dir=workdir, user=user),
+            encoding="utf-8",
+        )
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [self._binary, "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                # Its own process group: a Ctrl-C meant for the test run reaches us, not the broker.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        listening = _wait_for_port(self._host, self._port, deadline, alive=lambda: self.running)
+        # Something else may own the port; only a live process of ours counts.
+        if listening and self.running:
+            return
+        code = self._process.poll()
+        self._terminate(signal.SIGKILL)
+        state = f"exited with status {code}" if code is not None else "was not listening"
+        raise BrokerError(
+            f"mosquitto {state} within {START_TIMEOUT_S:.0f} s on {self._host}:{self._port} "
+            f"(config {self.config_path}); last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """Last ``lines`` lines of the broker log (empty if there is none yet)."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _terminate(self, sig: signal.Signals) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._process = None
+
+    def stop(self) -> None:
+        """SIGTERM (Mosquitto saves persistence and exits cleanly), then SIGKILL after a timeout."""
+        self._terminate(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is saved since the last autosave."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same port with the same work dir."""
+        self.stop()
+        self.start()
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads passwords, ACL and most limits without dropping clients."""
+        if self._process is None or not self.running:
+            raise BrokerError("mosquitto is not running")
+        self._process.send_signal(signal.SIGHUP)
+
+    def close(self) -> None:
+        """Stop and delete the work dir (config, log, persistence file)."""
+        self.stop()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _amqtt_broker_class() -> Any:
+    """amqtt's broker class, patched to close its connections; or say how to install amqtt."""
+    try:
+        from amqtt.broker import Broker
+    except ImportError as exc:
+        raise BrokerError(
+            "the embedded broker needs amqtt: pip install 'fedmq[embedded]' "
+            "(or install Mosquitto and use --broker mosquitto)"
+        ) from exc
+
+    class ClosingBroker(Broker):  # type: ignore[misc]
+        async def stream_connected(
+            self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+        ) -> None:
+            try:
+                await super().stream_connected(reader, writer, listener_name)
+            finally:
+                # amqtt 0.12.1 leaks the socket of a client that vanished without DISCONNECT:
+                # its close() stops at the first error (write_eof -> ENOTCONN) before closing.
+                writer.close()
+
+    return ClosingBroker
+
+
+def _embedded_config(host: str, port: int, *, durable_sessions: bool) -> dict[str, Any]:
+    """amqtt broker config: one TCP listener, open access, no $SYS plugin."""
+    bind_host = f"[{host}]" if ":" in host else host
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{bind_host}:{port}"}},
+        # An explicit plugin map replaces amqtt's defaults, which include BrokerSysPlugin: it
+        # emits a DeprecationWarning (about psutil) that pytest's filterwarnings=error turns
+        # into a failure, and $SYS topics are of no use here.
+        "plugins": {
+            # allow_anonymous=False still accepts any username with any password; what it
+            # changes is that amqtt then keeps durable sessions (see EmbeddedBroker).
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {
+                "allow_anonymous": not durable_sessions
+            },
+        },
+    }
+
+
+class EmbeddedBroker:
+    """amqtt (MQTT 3.1.1 only) serving on its own asyncio loop in a daemon thread.
+
+    State is in memory and cleared by ``stop()``. amqtt treats every client it accepts
+    anonymously as having no durable session: it forgets a ``clean_session=False`` client's
+    subscriptions when it disconnects and queues nothing for it. ``durable_sessions=True``
+    turns anonymous access off instead: a client must send a username (any, with any
+    password), and in exchange its durable session and offline QoS 1/2 queue are kept.
+    """
+
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", *, durable_sessions: bool = False
+    ) -> None:
+        self._host = host
+        self._durable_sessions = durable_sessions
+        self._port = port if port is not None else find_free_port(host)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def host(self) -> str:
+        """Address the listener binds and clients connect to."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """TCP port."""
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """True while the broker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the broker thread and return once the port accepts connections."""
+        if self.running:
+            raise BrokerError(f"embedded broker already running on {self._host}:{self._port}")
+        broker_class = _amqtt_broker_class()
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(
+            target=self._run, args=(broker_class,), name=f"fedmq-amqtt-{self._port}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            self.stop()
+            raise BrokerError(
+                f"embedded broker did not start within {START_TIMEOUT_S:.0f} s "
+                f"on {self._host}:{self._port}"
+            )
+        if self._error is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+            self._thread = None
+            raise BrokerError(
+                f"embedded broker failed to start on {self._host}:{self._port}: {self._error}"
+            ) from self._error
+
+    def _run(self, broker_class: Any) -> None:
+        # asyncio.run closes the loop, its async generators and executor: no leaked resources.
+        try:
+            asyncio.run(self._serve(broker_class))
+        except BaseException as exc:  # reported to start() through _error, never lost
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self, broker_class: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        config = _embedded_config(self._host, self._port, durable_sessions=self._durable_sessions)
+        broker = broker_class(config)
+        await broker.start()
+        try:
+            self._ready.set()
+            await self._stop_event.wait()
+        finally:
+            await broker.shutdown()
+
+    def stop(self) -> None:
+        """Shut the broker down (clients are disconnected) and join its thread."""
+        thread, loop, stop_event = self._thread, self._loop, self._stop_event
+        if thread is None:
+            return
+        if loop is not None and stop_event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between check and call
+                loop.call_soon_threadsafe(stop_event.set)
+        thread.join(STOP_TIMEOUT_S + 5)
+        if thread.is_alive():
+            raise BrokerError(f"embedded broker on port {self._port} did not stop in time")
+        self._thread = self._loop = self._stop_event = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise BrokerError(f"embedded broker on port {self._port} failed: {error}") from error
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+BrokerKind = Literal["mosquitto", "embedded", "external"]
+
+
+@dataclass(frozen=True)
+class BrokerHandle:
+    """Where to connect, what is behind it, and whether it speaks MQTT 5."""
+
+    host: str
+    port: int
+    kind: BrokerKind
+    # For an external broker this is assumed: every maintained broker (Mosquitto >= 1.6, EMQX,
+    # HiveMQ, VerneMQ) speaks MQTT 5; only the embedded amqtt does not.
+    mqtt5: bool
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_external(spec: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) into host and port."""
+    host, sep, port_text = spec.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(
+            f"invalid broker {spec!r}: expected 'auto', 'mosquitto', 'embedded' or HOST:PORT "
+            "(e.g. localhost:1883)"
+        )
+    return host, int(port_text)
+
+
+@contextlib.contextmanager
+def start_broker(spec: str = "auto", config_template: Path | None = None) -> Iterator[BrokerHandle]:
+    """Start the broker ``spec`` names for the duration of a ``with`` block.
+
+    ``auto``: Mosquitto if installed, else the embedded broker. ``mosquitto`` / ``embedded``:
+    that one, on a free loopback port (``config_template`` applies to Mosquitto; default
+    ``broker_config/dev.conf``). ``HOST:PORT``: an external broker; nothing is started.
+    Use ``contextlib.ExitStack`` to hold it open outside a ``with`` block.
+    """
+    kind = spec.strip().lower()
+    if kind == "auto":
+        kind = "mosquitto" if mosquitto_binary() is not None else "embedded"
+    if kind == "mosquitto":
+        with MosquittoBroker(config_template) as mosquitto:
+            yield BrokerHandle(mosquitto.host, mosquitto.port, "mosquitto", mqtt5=True)
+    elif kind == "embedded":
+        with EmbeddedBroker() as embedded:
+            yield BrokerHandle(embedded.host, embedded.port, "embedded", mqtt5=False)
+    else:
+        host, port = parse_external(spec.strip())
+        yield BrokerHandle(host, port, "external", mqtt5=True)
