@@ -1,0 +1,324 @@
+"""Local training on the device: the :class:`Trainer` protocol and built-in numpy models.
+
+The agent hands a trainer the current global model and the round's :class:`TrainConfig` and
+publishes what :meth:`Trainer.fit` returns. Built in: :class:`MLPTrainer` (any chain of dense
+layers, ReLU between them, softmax cross-entropy) and :class:`SoftmaxTrainer` (no hidden layer).
+Everything is float32 numpy so it runs on Raspberry Pi class hardware.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmq.models import Weights, layer_sizes_of
+
+__all__ = [
+    "EvalResult",
+    "FitResult",
+    "MLPTrainer",
+    "SoftmaxTrainer",
+    "TrainConfig",
+    "Trainer",
+    "loss_and_gradients",
+]
+
+# Upper bounds on values that arrive from the network: a hostile or mistyped round announcement
+# must not be able to make a device train for days.
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 1 << 20
+MAX_LR = 100.0
+_MAX_SEED = (1 << 63) - 1
+# Rows per forward pass in evaluate(): bounds memory on 512 MB devices with large local sets.
+_EVAL_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training hyper-parameters, sent by the aggregator in each round announcement.
+
+    The defaults were tuned with ``benchmarks/sim_fedavg.py`` (digits, 20 devices, FedAvg) to
+    work for both IID and 2-label-shard partitions.
+    """
+
+    epochs: int = 5
+    batch_size: int = 10
+    lr: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, 1, MAX_EPOCHS)
+        _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_int("seed", self.seed, 0, _MAX_SEED)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
+            raise ValueError(f"lr must be a number, got {type(self.lr).__name__}")
+        if not (math.isfinite(self.lr) and 0.0 < self.lr <= MAX_LR):
+            raise ValueError(f"lr must be a finite number in (0, {MAX_LR}], got {self.lr!r}")
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, object]) -> TrainConfig:
+        """Build from a decoded network map: missing keys take defaults, unknown keys are ignored.
+
+        Raises ``ValueError`` naming the key if a value has the wrong type or is out of range.
+        """
+        kwargs: dict[str, Any] = {}
+        for key in ("epochs", "batch_size", "seed"):
+            if key in m:
+                value = m[key]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(
+                        f"training config {key!r} must be an integer, got {value!r}"
+                    )
+                kwargs[key] = value
+        if "lr" in m:
+            lr = m["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, int | float):
+                raise ValueError(f"training config 'lr' must be a number, got {lr!r}")
+            kwargs["lr"] = float(lr)
+        return cls(**kwargs)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+@dataclass
+class FitResult:
+    """What local training produced: the new weights, how many examples (the FedAvg weight)."""
+
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Mean loss and accuracy of a model on a device's local data."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What the device agent needs from a model; implement it to federate your own model.
+
+    - ``fit(weights, config, round_seed)`` starts from ``weights`` (the global model: same names,
+      shapes and order you must return), trains on local data per ``config`` and returns a
+      :class:`FitResult`. ``num_examples`` is the weight of this update in the average, so return
+      the number of local training examples. Do not modify ``weights`` in place; the agent keeps
+      them to compute the update delta. Seed any randomness from ``(config.seed, round_seed)``
+      so a round can be replayed.
+    - ``evaluate(weights)`` returns loss and accuracy on local (ideally held-out) data; it is
+      reported in metrics and must not change any state.
+
+    Return float32 tensors; anything else is cast before encoding.
+    """
+
+    def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:
+        """Train locally from ``weights`` and return the new weights."""
+        ...
+
+    def evaluate(self, weights: Weights) -> EvalResult:
+        """Loss and accuracy of ``weights`` on local data."""
+        ...
+
+
+_Layer = tuple[npt.NDArray[Any], npt.NDArray[Any]]
+"""(weight, bias) of one dense layer."""
+
+
+def _params(weights: Mapping[str, npt.NDArray[Any]]) -> list[_Layer]:
+    n = len(layer_sizes_of(weights)) - 1
+    return [(weights[f"dense{i}.weight"], weights[f"dense{i}.bias"]) for i in range(n)]
+
+
+def _forward(
+    layers: Sequence[_Layer], x: npt.NDArray[Any]
+) -> tuple[list[npt.NDArray[Any]], npt.NDArray[Any]]:
+    """Inputs of every layer (kept for backprop) and the output logits."""
+    inputs = []
+    h = x
+    for i, (w, b) in enumerate(layers):
+        inputs.append(h)
+        h = h @ w
+        h += b
+        if i < len(layers) - 1:
+            np.maximum(h, 0, out=h)
+    return inputs, h
+
+
+def _log_softmax(logits: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    # Subtracting the row max keeps exp() finite for any logits.
+    z = logits - logits.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return np.asarray(z)
+
+
+def _loss_grads(
+    layers: Sequence[_Layer], x: npt.NDArray[Any], y: npt.NDArray[Any]
+) -> tuple[float, int, list[_Layer]]:
+    """Mean cross-entropy, number of correct predictions, and (dW, db) per layer."""
+    n = x.shape[0]
+    inputs, logits = _forward(layers, x)
+    logp = _log_softmax(logits)
+    rows = np.arange(n)
+    loss = -float(logp[rows, y].mean())
+    correct = int((logits.argmax(axis=1) == y).sum())
+    # d(mean CE)/d(logits) = (softmax - onehot) / n
+    g = np.exp(logp)
+    g[rows, y] -= 1
+    g /= n
+    grads: list[_Layer] = []
+    for i in range(len(layers) - 1, -1, -1):
+        w = layers[i][0]
+        h = inputs[i]
+        grads.append((h.T @ g, g.sum(axis=0)))
+        if i:
+            g = g @ w.T
+            # ReLU gate: h is the post-activation input of this layer, zero exactly where clipped.
+            g *= h > 0
+    grads.reverse()
+    return loss, correct, grads
+
+
+def loss_and_gradients(
+    weights: Mapping[str, npt.NDArray[np.floating[Any]]],
+    x: npt.NDArray[np.floating[Any]],
+    y: npt.NDArray[np.integer[Any]],
+) -> tuple[float, dict[str, npt.NDArray[np.floating[Any]]]]:
+    """Mean softmax cross-entropy of a dense-ReLU chain on ``(x, y)`` and its gradients.
+
+    Works in the dtype of the inputs (float64 for gradient checks); gradients are keyed and
+    ordered like ``weights``.
+    """
+    layers = _params(weights)
+    loss, _, grads = _loss_grads(layers, x, np.asarray(y))
+    out: dict[str, npt.NDArray[np.floating[Any]]] = {}
+    for i, (dw, db) in enumerate(grads):
+        out[f"dense{i}.weight"] = dw
+        out[f"dense{i}.bias"] = db
+    return loss, out
+
+
+class MLPTrainer:
+    """Minibatch SGD on local data for any chain of dense layers (ReLU hidden, softmax output).
+
+    The architecture is read from the weights passed to :meth:`fit`, so one trainer serves
+    softmax regression and MLPs alike. ``fit`` is deterministic in
+    ``(weights, config, round_seed)`` and never modifies the weights passed in.
+    """
+
+    def __init__(
+        self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int
+    ) -> None:
+        xa = np.asarray(x)
+        ya = np.asarray(y)
+        if xa.ndim != 2:
+            raise ValueError(f"x must be 2-D (examples, features), got shape {xa.shape}")
+        if ya.ndim != 1 or ya.shape[0] != xa.shape[0]:
+            raise ValueError(f"y must be 1-D with one label per row of x ({xa.shape[0]}), "
+                             f"got shape {ya.shape}")
+        if xa.shape[0] == 0:
+            raise ValueError("no local examples: a trainer needs at least one (x, y) row")
+        if not np.issubdtype(ya.dtype, np.integer):
+            raise ValueError(f"y must hold integer class labels, got dtype {ya.dtype}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if ya.min() < 0 or ya.max() >= num_classes:
+            raise ValueError(f"labels must be in [0, {num_classes}), "
+                             f"got range [{ya.min()}, {ya.max()}]")
+        if not np.isfinite(xa).all():
+            raise ValueError("x contains NaN or infinite values")
+        self._x = np.ascontiguousarray(xa, dtype=np.float32)
+        self._y = ya.astype(np.intp)
+        self.num_classes = num_classes
+
+    @property
+    def num_examples(self) -> int:
+        """Number of local examples."""
+        return int(self._x.shape[0])
+
+    def _check(self, weights: Weights) -> list[int]:
+        sizes = layer_sizes_of(weights)
+        if sizes[0] != self._x.shape[1]:
+            raise ValueError(f"model takes {sizes[0]} inputs but local data has "
+                             f"{self._x.shape[1]} features")
+        if sizes[-1] != self.num_classes:
+            raise ValueError(f"model outputs {sizes[-1]} classes but the trainer expects "
+                             f"{self.num_classes}")
+        return sizes
+
+    def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:
+        """Run ``config.epochs`` epochs of minibatch SGD from a copy of ``weights``."""
+        self._check(weights)
+        if isinstance(round_seed, bool) or not isinstance(round_seed, int) or round_seed < 0:
+            raise ValueError(f"round_seed must be a non-negative integer, got {round_seed!r}")
+        # Private float32 copies: the caller's arrays stay untouched (the agent diffs against them).
+        layers: list[_Layer] = [
+            (w.astype(np.float32), b.astype(np.float32)) for w, b in _params(weights)
+        ]
+        rng = np.random.default_rng([config.seed, round_seed])
+        n = self.num_examples
+        bs = min(config.batch_size, n)
+        lr = np.float32(config.lr)
+        loss_sum = 0.0
+        correct = 0
+        for _ in range(config.epochs):
+            order = rng.permutation(n)
+            x, y = self._x[order], self._y[order]
+            loss_sum = 0.0
+            correct = 0
+            for start in range(0, n, bs):
+                xb, yb = x[start : start + bs], y[start : start + bs]
+                loss, ok, grads = _loss_grads(layers, xb, yb)
+                loss_sum += loss * xb.shape[0]
+                correct += ok
+                # In-place steps on the private copies; no per-step allocation of new weights.
+                for (w, b), (dw, db) in zip(layers, grads, strict=True):
+                    np.subtract(w, lr * dw, out=w)
+                    np.subtract(b, lr * db, out=b)
+        out: Weights = {}
+        for i, (w, b) in enumerate(layers):
+            out[f"dense{i}.weight"] = w
+            out[f"dense{i}.bias"] = b
+        # Metrics are over the last epoch, measured on each batch before its step (free to get).
+        metrics = {"train_loss": loss_sum / n, "train_accuracy": correct / n}
+        return FitResult(weights=out, num_examples=n, metrics=metrics)
+
+    def evaluate(self, weights: Weights) -> EvalResult:
+        """Mean cross-entropy and accuracy of ``weights`` on the local data."""
+        self._check(weights)
+        layers: list[_Layer] = [
+            (w.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
+            for w, b in _params(weights)
+        ]
+        n = self.num_examples
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, n, _EVAL_CHUNK):
+            xb, yb = self._x[start : start + _EVAL_CHUNK], self._y[start : start + _EVAL_CHUNK]
+            _, logits = _forward(layers, xb)
+            logp = _log_softmax(logits)
+            loss_sum -= float(logp[np.arange(xb.shape[0]), yb].sum(dtype=np.float64))
+            correct += int((logits.argmax(axis=1) == yb).sum())
+        return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=n)
+
+
+class SoftmaxTrainer(MLPTrainer):
+    """:class:`MLPTrainer` restricted to softmax regression (a single dense layer)."""
+
+    def _check(self, weights: Weights) -> list[int]:
+        sizes = super()._check(weights)
+        if len(sizes) != 2:
+            raise ValueError(f"SoftmaxTrainer takes a single dense layer, got layer sizes {sizes}")
+        return sizes
