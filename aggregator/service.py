@@ -1,0 +1,311 @@
+"""The aggregator service: wires the transport, the round machine and the strategy together.
+
+Threads: the transport's network thread only enqueues; one worker thread (``_work``) decodes,
+checks, folds and publishes, so a slow fold never stalls MQTT keep-alives. Every bad update is
+routed to a counted rejection reason; nothing a device sends can stop the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator import kernels
+from aggregator.rounds import (
+    AbandonRound,
+    Accept,
+    Action,
+    CloseRound,
+    ExtendDeadline,
+    OpenRound,
+    Reject,
+    RoundMachine,
+    RoundRules,
+    Tick,
+    UpdateOffered,
+)
+from aggregator.spec import ModelSpec
+from aggregator.strategies import FedAvg, Strategy
+from fedmq import codec
+from fedmq.compression import encode_all
+from fedmq.config import AggregatorConfig
+from fedmq.errors import ConfigError, DecodeError
+from fedmq.models import init_mlp
+from fedmq.topics import Topics
+from fedmq.transport import Message, PahoTransport, Transport
+from fedmq.wire import (
+    GlobalModel,
+    ModelUpdate,
+    RoundAnnouncement,
+    RoundSummary,
+    model_digest,
+)
+
+log = logging.getLogger(__name__)
+
+Weights = dict[str, npt.NDArray[np.float32]]
+
+#: Every reason an update can be rejected for (docs/protocol.md explains each).
+REJECT_REASONS: tuple[str, ...] = (
+    "malformed", "oversize", "wrong_federation", "wrong_device", "invalid_weight",
+    "wrong_shape", "non_finite", "stale", "unknown_round", "duplicate", "round_closed",
+)
+
+
+@dataclass
+class Stats:
+    """Counters since start (read them from any thread; only the worker writes)."""
+
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    rounds_completed: int = 0
+    fold_seconds: float = 0.0
+
+
+def initial_weights(config: AggregatorConfig) -> Weights:
+    """The version-0 model: loaded from ``model.path`` (.npz) or initialised from ``layers``."""
+    if config.model.path:
+        path = Path(config.model.path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: np.ascontiguousarray(data[name], dtype=np.float32)
+                        for name in data.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path {path}: cannot load arrays ({exc})") from None
+    return init_mlp(config.model.layers, config.model.seed)
+
+
+class AggregatorService:
+    """Runs rounds until ``rounds.max_rounds`` (or forever when it is 0)."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        transport: Transport | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        weights: Mapping[str, npt.NDArray[np.float32]] | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.federation)
+        self.clock = clock
+        self.transport: Transport = transport or PahoTransport(
+            config.broker, client_id=f"fedmq-aggregator-{config.federation}")
+        base = dict(weights) if weights is not None else initial_weights(config)
+        self.model: Weights = {k: np.ascontiguousarray(v, dtype=np.float32)
+                               for k, v in base.items()}
+        self.spec = ModelSpec.from_weights(self.model)
+        self.strategy: Strategy = FedAvg(self.spec, server_lr=config.strategy.server_lr)
+        r = config.rounds
+        self.machine = RoundMachine(RoundRules(
+            min_updates=r.min_updates, max_updates=r.max_updates, deadline_s=r.deadline_s,
+            grace_s=r.grace_s, below_quorum=r.below_quorum, max_extensions=r.max_extensions))
+        self.limits = codec.DecodeLimits(max_payload_bytes=config.limits.max_update_bytes,
+                                         max_tensors=max(len(self.spec.names), 1),
+                                         max_elements=max(self.spec.total, 1))
+        self.stats = Stats()
+        self.version = 0
+        self.round = 0
+        self.done = threading.Event()
+        self.last_summary: RoundSummary | None = None
+        self._model_sha = ""
+        self._round_opened = 0.0
+        self._round_rejected: Counter[str] = Counter()
+        self._round_bytes = 0
+        self._round_metrics: dict[str, float] = {}
+        self._round_metric_weight = 0.0
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, connect_timeout: float = 30.0) -> None:
+        """Connect, publish model version 0, open round 1 and start the worker thread."""
+        kernels.warmup()  # compile now, not inside the first round
+        self.transport.subscribe(self.topics.updates, qos=1)
+        self.transport.start()
+        if not self.transport.wait_connected(connect_timeout):
+            b = self.config.broker
+            self.transport.stop()
+            raise ConnectionError(f"aggregator could not connect to the broker at "
+                                  f"{b.host}:{b.port} within {connect_timeout:.0f} s; check "
+                                  "[broker] in the config and that the broker runs")
+        self._publish_model(metrics={})
+        self._open_round(self.clock())
+        self._worker = threading.Thread(target=self._work, name="aggregator-worker", daemon=True)
+        self._worker.start()
+        log.info("aggregator for federation %r started (%d parameters)",
+                 self.config.federation, self.spec.total)
+
+    def stop(self) -> None:
+        """Stop the worker and disconnect (retained model and round stay on the broker)."""
+        self._stopping.set()
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+            self._worker = None
+        self.transport.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``max_rounds`` rounds are done; True if they are."""
+        return self.done.wait(timeout)
+
+    # ---------------------------------------------------------------- worker
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                msg = self.transport.inbox.get(timeout=0.05)
+            except queue.Empty:
+                msg = None
+            try:
+                if msg is not None:
+                    self.handle_message(msg)
+                self._apply(self.machine.handle(Tick(self.clock())), None)
+            except Exception:  # a bug must not silently end the federation: log and go on
+                log.exception("aggregator worker error (continuing)")
+
+    def handle_message(self, msg: Message) -> None:
+        """Process one inbound message (public so tests can drive the service directly)."""
+        if not msg.topic.startswith(f"{self.topics.base}/update/"):
+            return
+        self.stats.bytes_in += len(msg.payload)
+        self._round_bytes += len(msg.payload)
+        device = self.topics.device_of(msg.topic)
+        if device is None:  # e.g. an empty or over-long last topic level
+            self._reject(msg.topic.rsplit("/", 1)[-1][:64], "", "wrong_device")
+            return
+        update, reason = self._check(device, msg.payload)
+        if update is None:
+            self._reject(device, "", reason)
+            return
+        actions = self.machine.handle(UpdateOffered(
+            device_id=update.device_id, round=update.round, base_version=update.base_version,
+            update_id=update.update_id, now=self.clock()))
+        self._apply(actions, update)
+
+    def _check(self, device: str, payload: bytes) -> tuple[ModelUpdate | None, str]:
+        """Decode and check an update; (update, "") or (None, reason)."""
+        if len(payload) > self.config.limits.max_update_bytes:
+            return None, "oversize"
+        try:
+            update = codec.decode_as(payload, ModelUpdate, self.limits)
+        except DecodeError as exc:
+            log.debug("update from %s rejected: %s", device, exc)
+            return None, exc.reason
+        if update.federation != self.config.federation:
+            return None, "wrong_federation"
+        if update.device_id != device:
+            return None, "wrong_device"
+        if not 0 < update.num_examples <= self.config.limits.max_examples:
+            return None, "invalid_weight"
+        problem = self.spec.check(update.tensors)
+        if problem is not None:
+            log.debug("update from %s has the wrong shape: %s", device, problem)
+            return None, "wrong_shape"
+        if not all(kernels.KERNELS[t.codec].all_finite(t.data) for t in update.tensors):
+            return None, "non_finite"
+        return update, ""
+
+    def _reject(self, device: str, update_id: str, reason: str) -> None:
+        self.stats.rejected[reason] += 1
+        self._round_rejected[reason] += 1
+        log.info("rejected update %r from %s: %s", update_id, device, reason)
+
+    def _apply(self, actions: list[Action], update: ModelUpdate | None) -> None:
+        for action in actions:
+            match action:
+                case Accept():
+                    assert update is not None
+                    t0 = time.perf_counter()
+                    self.strategy.fold(update.tensors, float(update.num_examples))
+                    self.stats.fold_seconds += time.perf_counter() - t0
+                    self.stats.accepted += 1
+                    self._add_metrics(update)
+                case Reject(device_id=dev, update_id=uid, reason=reason):
+                    self._reject(dev, uid, reason)
+                case CloseRound(closed_by=closed_by):
+                    self._close_round(closed_by)
+                case ExtendDeadline(deadline=deadline):
+                    log.info("round %d below quorum at its deadline: extended to %.1f",
+                             self.round, deadline)
+                    self._announce(deadline)
+                case AbandonRound(accepted=accepted):
+                    log.warning("round %d abandoned below quorum (%d updates discarded); "
+                                "re-announcing on model version %d", self.round, accepted,
+                                self.version)
+                    self._open_round(self.clock())
+
+    def _add_metrics(self, update: ModelUpdate) -> None:
+        w = float(update.num_examples)
+        self._round_metric_weight += w
+        for key, value in update.metrics.items():
+            self._round_metrics[key] = self._round_metrics.get(key, 0.0) + w * value
+
+    # ---------------------------------------------------------------- rounds
+
+    def _open_round(self, now: float) -> None:
+        self.round += 1
+        self.strategy.init(self.model)
+        self._round_rejected = Counter()
+        self._round_bytes = 0
+        self._round_metrics = {}
+        self._round_metric_weight = 0.0
+        self._round_opened = now
+        self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
+        self._announce(now + self.config.rounds.deadline_s)
+
+    def _announce(self, deadline: float, open_: bool = True) -> None:
+        cfg = self.config
+        ann = RoundAnnouncement(
+            federation=cfg.federation, round=self.round, base_version=self.version,
+            model_sha256=self._model_sha, deadline=deadline,
+            min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
+            train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+                   "lr": cfg.train.lr},
+            sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate, codec="fp32",
+            open=open_)
+        self.transport.publish(self.topics.round, codec.encode(ann), qos=1, retain=True)
+
+    def _publish_model(self, metrics: Mapping[str, float]) -> None:
+        tensors = encode_all(self.model)
+        self._model_sha = model_digest(tensors)
+        model = GlobalModel(federation=self.config.federation, version=self.version,
+                            round=self.round, tensors=tensors, sha256=self._model_sha,
+                            metrics=dict(metrics), created=self.clock())
+        self.transport.publish(self.topics.model, codec.encode(model), qos=1, retain=True)
+
+    def _close_round(self, closed_by: str) -> None:
+        now = self.clock()
+        self.model = self.strategy.finalize()
+        self.version += 1
+        weight = self._round_metric_weight
+        metrics = {k: v / weight for k, v in self._round_metrics.items()} if weight else {}
+        participants = self.strategy.contributors
+        self._publish_model(metrics | {"participants": float(participants)})
+        summary = RoundSummary(
+            federation=self.config.federation, round=self.round, version=self.version,
+            participants=participants, closed_by=closed_by,
+            accepted=self.machine.accepted_ids, rejected=dict(self._round_rejected),
+            bytes_in=self._round_bytes, duration_s=now - self._round_opened, metrics=metrics)
+        self.transport.publish(self.topics.metrics, codec.encode(summary), qos=1)
+        self.last_summary = summary
+        self.stats.rounds_completed += 1
+        log.info("round %d closed by %s: %d participants, model version %d", self.round,
+                 closed_by, participants, self.version)
+        max_rounds = self.config.rounds.max_rounds
+        if max_rounds and self.stats.rounds_completed >= max_rounds:
+            self._announce(now, open_=False)  # tells late devices there is nothing to train
+            self.done.set()
+            self._stopping.set()
+            return
+        self._open_round(now)

@@ -1,0 +1,210 @@
+"""``fedmq demo``: a whole federation on this machine, in one command.
+
+A broker, the aggregator and N simulated devices, each its own MQTT client holding its own shard
+of scikit-learn's digits. The demo itself is just another MQTT app: it subscribes to the model and
+metrics topics and scores every new global model on a held-out test split the devices never see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmq import codec
+from fedmq.broker import BrokerHandle, start_broker
+from fedmq.compression import decode_all
+from fedmq.config import (
+    AggregatorConfig,
+    BrokerConfig,
+    ModelConfig,
+    RoundsConfig,
+    TrainSettings,
+)
+from fedmq.errors import DecodeError
+from fedmq.topics import Topics
+from fedmq.transport import PahoTransport
+from fedmq.wire import GlobalModel, RoundSummary
+
+log = logging.getLogger(__name__)
+
+FEDERATION = "demo"
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured (written with ``--json``)."""
+
+    broker: str
+    partition: str
+    devices: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    final_accuracy: float = 0.0
+    wall_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"broker": self.broker, "partition": self.partition, "devices": self.devices,
+                "rounds": self.rounds, "final_accuracy": self.final_accuracy,
+                "wall_s": self.wall_s}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's command-line options."""
+    p.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
+    p.add_argument("--rounds", type=int, default=20, help="rounds to run (default 20)")
+    p.add_argument("--partition", choices=("iid", "shards"), default="iid",
+                   help="iid: equal random split; shards: 2 label-sorted shards per device")
+    p.add_argument("--broker", default="auto",
+                   help="auto | mosquitto | embedded | HOST:PORT (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="data split, partition and model seed")
+    p.add_argument("--model", choices=("mlp", "softmax"), default="mlp")
+    p.add_argument("--epochs", type=int, default=None, help="local epochs per round")
+    p.add_argument("--lr", type=float, default=None, help="local learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="local minibatch size")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the per-round results as JSON here")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="give up after this many seconds (default 300)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns the process exit code."""
+    if args.devices < 1 or args.rounds < 1:
+        print("fedmq demo: --devices and --rounds must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        from aggregator.service import AggregatorService
+        from device_agent.service import AgentService
+        from device_agent.trainers import MLPTrainer, SoftmaxTrainer, TrainConfig
+        from fedmq.datasets import load_digits_split, partition
+    except ImportError as exc:
+        print(f"fedmq demo needs the demo extras ({exc.name} is missing): "
+              "pip install 'fedmq[demo]'", file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    x_train, y_train, x_test, y_test = load_digits_split(args.seed)
+    shards = partition(y_train, args.devices, args.partition, args.seed)
+    layers = [64, 64, 10] if args.model == "mlp" else [64, 10]
+    trainer_cls = MLPTrainer if args.model == "mlp" else SoftmaxTrainer
+    scorer = trainer_cls(x_test, y_test, num_classes=10)
+
+    with contextlib.ExitStack() as stack:
+        try:
+            handle = stack.enter_context(start_broker(args.broker))
+        except Exception as exc:
+            print(f"fedmq demo: could not start the broker ({args.broker}): {exc}",
+                  file=sys.stderr)
+            return 1
+        _say_broker(handle)
+        broker_cfg = BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
+        topics = Topics(FEDERATION)
+        result = DemoResult(broker=handle.kind, partition=args.partition, devices=args.devices)
+
+        # The watcher subscribes before anything is published, like any app on the model topic.
+        watcher = PahoTransport(broker_cfg, client_id="fedmq-demo-watcher")
+        watcher.subscribe(topics.model)
+        watcher.subscribe(topics.metrics)
+        watcher.start()
+        stack.callback(watcher.stop)
+
+        config = AggregatorConfig(
+            federation=FEDERATION, broker=broker_cfg,
+            model=ModelConfig(layers=layers, seed=args.seed),
+            # Every device every round: a round closes the moment all updates are in; the
+            # deadline only matters if a device is lost.
+            rounds=RoundsConfig(min_updates=args.devices, max_updates=args.devices,
+                                deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds),
+            train=_train_settings(args, TrainConfig()))
+        agg = AggregatorService(config)
+        agents = []
+        for i, idx in enumerate(shards):
+            trainer = trainer_cls(x_train[idx], y_train[idx], num_classes=10)
+            agents.append(AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer,
+                                                 broker_cfg))
+        for a in agents:
+            a.start()
+            stack.callback(a.stop)
+        agg.start()
+        stack.callback(agg.stop)
+
+        if not _follow_rounds(watcher, args, scorer, result):
+            print(f"fedmq demo: timed out after {args.timeout:.0f} s with "
+                  f"{len(result.rounds)}/{args.rounds} rounds done", file=sys.stderr)
+            return 1
+        result.final_accuracy = result.rounds[-1]["accuracy"]
+        rejected = sum(agg.stats.rejected.values())
+    result.wall_s = round(time.monotonic() - started, 2)
+    print(f"final held-out accuracy {result.final_accuracy:.4f} after {args.rounds} rounds "
+          f"({args.partition}, {args.devices} devices, {result.broker} broker, "
+          f"{result.wall_s:.1f} s, {rejected} updates rejected)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.as_json(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _train_settings(args: argparse.Namespace, defaults: Any) -> TrainSettings:
+    """The command line's training options, falling back to the trainer's tuned defaults."""
+    return TrainSettings(
+        epochs=args.epochs if args.epochs is not None else defaults.epochs,
+        batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
+        lr=args.lr if args.lr is not None else defaults.lr)
+
+
+def _follow_rounds(watcher: PahoTransport, args: argparse.Namespace, scorer: Any,
+                   result: DemoResult) -> bool:
+    """Score each new model as it arrives on the model topic; False on timeout."""
+    deadline = time.monotonic() + args.timeout
+    summaries: dict[int, RoundSummary] = {}
+    models: dict[int, GlobalModel] = {}
+    round_started = time.monotonic()
+    while len(result.rounds) < args.rounds:
+        if time.monotonic() > deadline:
+            return False
+        try:
+            msg = watcher.inbox.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        try:
+            decoded = codec.decode(msg.payload)
+        except DecodeError:
+            continue
+        if isinstance(decoded, RoundSummary):
+            summaries[decoded.version] = decoded
+        elif isinstance(decoded, GlobalModel) and decoded.version > 0:
+            models[decoded.version] = decoded
+        # A round is reported once both its model and its summary are in (either order).
+        version = len(result.rounds) + 1
+        if version in models and version in summaries:
+            model, s = models.pop(version), summaries.pop(version)
+            ev = scorer.evaluate(decode_all(model.tensors))
+            entry = {"round": s.round, "version": version, "participants": s.participants,
+                     "accuracy": ev.accuracy, "loss": ev.loss, "bytes_in": s.bytes_in,
+                     "seconds": round(time.monotonic() - round_started, 3)}
+            round_started = time.monotonic()
+            result.rounds.append(entry)
+            print(f"round {version:3d}/{args.rounds}  participants {s.participants:3d}  "
+                  f"accuracy {ev.accuracy:.4f}  loss {ev.loss:.4f}  "
+                  f"received {_mb(s.bytes_in)}  ({entry['seconds']:.2f} s)", flush=True)
+    return True
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _say_broker(handle: BrokerHandle) -> None:
+    if handle.kind == "embedded":
+        print(f"broker: embedded amqtt on {handle.address} (MQTT 3.1.1 only; install "
+              "mosquitto for MQTT 5 and the production path)")
+    else:
+        print(f"broker: {handle.kind} on {handle.address}")

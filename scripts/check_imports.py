@@ -1,0 +1,63 @@
+"""Check the layout's import boundaries (shared/design.md, "Layout").
+
+Only ``*/transport.py`` imports paho, only ``fedmq/codec.py`` imports msgpack, only
+``aggregator/kernel*.py`` imports numba, and amqtt only ``fedmq/broker.py``. Exit 1 and list the
+offending lines otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedmq", "aggregator", "device_agent")
+
+# top-level module -> predicate on the importing file's path (relative, POSIX)
+ALLOWED = {
+    "paho": lambda p: p.endswith("/transport.py"),
+    "msgpack": lambda p: p == "fedmq/codec.py",
+    "numba": lambda p: p.startswith("aggregator/kernel"),
+    "amqtt": lambda p: p == "fedmq/broker.py",
+}
+
+
+def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, top-level module) of every import in a file, nested ones included."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module.split(".")[0]
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    """Every import that crosses the layout, as ``path:line: message``."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            for line, module in imported_modules(path):
+                allowed = ALLOWED.get(module)
+                if allowed is not None and not allowed(rel):
+                    found.append(f"{rel}:{line}: imports {module}, which only "
+                                 f"{_who(module)} may import")
+    return found
+
+
+def _who(module: str) -> str:
+    return {"paho": "*/transport.py", "msgpack": "fedmq/codec.py",
+            "numba": "aggregator/kernel*.py", "amqtt": "fedmq/broker.py"}[module]
+
+
+if __name__ == "__main__":
+    bad = violations()
+    for v in bad:
+        print(v)
+    if bad:
+        sys.exit(1)
+    print("import boundaries: ok")
