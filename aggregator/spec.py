@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.wire import CODEC_ITEMSIZE, CODECS, Tensor
+from fedmq.wire import CODECS, Tensor
 
 __all__ = ["ModelSpec"]
 
@@ -124,10 +124,11 @@ class ModelSpec:
             if t.codec not in codecs:
                 return (f"tensor {t.name!r} uses codec {t.codec!r}; allowed: "
                         f"{', '.join(sorted(codecs))}")
-            itemsize = CODEC_ITEMSIZE.get(t.codec)
-            if itemsize is not None and len(t.data) != math.prod(shape) * itemsize:
-                return (f"tensor {t.name!r} has {len(t.data)} data bytes; {t.codec} of shape "
-                        f"{shape} needs {math.prod(shape) * itemsize}")
+            # Byte lengths against offset/count were checked by the decoder; here the update
+            # must cover each whole tensor (chunks are checked range by range elsewhere).
+            if t.offset != 0 or t.span != math.prod(shape):
+                return (f"tensor {t.name!r} covers elements [{t.offset}, {t.offset + t.span}) "
+                        f"of {math.prod(shape)}")
         if len(seen) != len(self.names):
             missing = [n for n in self.names if n not in seen]
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

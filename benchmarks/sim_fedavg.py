@@ -3,9 +3,11 @@
 Each round every device fits from the global model with the built-in trainer; the server takes
 the num_examples-weighted mean of the returned weights (in float64, then float32) and the model
 is scored on the held-out test split. Prints per-round accuracy for one seed, or a summary table
-for several::
+for several. From the repo root, with fedmq installed (``pip install -e '.[demo]'``) or
+``PYTHONPATH=.``::
 
     python benchmarks/sim_fedavg.py --partition iid --rounds 20 --seed 0 1 2 3 4
+    python benchmarks/sim_fedavg.py --partition shards --rounds 30 --seed 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -61,9 +63,7 @@ def simulate(
     parts = partition(y_tr, devices, "iid" if scheme == "iid" else "shards", seed)
     trainers = [MLPTrainer(x_tr[p], y_tr[p], NUM_CLASSES) for p in parts]
     test = MLPTrainer(x_te, y_te, NUM_CLASSES)
-    cfg = TrainConfig(
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed
-    )
+    cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed)
     model = init_mlp(layers, seed)
     acc: list[float] = []
     t0 = time.perf_counter()
@@ -86,22 +86,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--layers", type=str, default=",".join(map(str, DEFAULT_LAYER_SIZES)),
-                   help="comma-separated layer sizes, e.g. 64,64,10")
+    p.add_argument(
+        "--layers",
+        type=str,
+        default=",".join(map(str, DEFAULT_LAYER_SIZES)),
+        help="comma-separated layer sizes, e.g. 64,64,10",
+    )
     args = p.parse_args(argv)
     layers = [int(s) for s in args.layers.split(",")]
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-    print(f"FedAvg digits: {args.devices} devices, {args.rounds} rounds, {args.partition}, "
-          f"E={config.epochs} B={config.batch_size} lr={config.lr} layers={layers}")
+    print(
+        f"FedAvg digits: {args.devices} devices, {args.rounds} rounds, {args.partition}, "
+        f"E={config.epochs} B={config.batch_size} lr={config.lr} layers={layers}"
+    )
     finals = []
     for seed in args.seed:
-        res = simulate(devices=args.devices, rounds=args.rounds, scheme=args.partition,
-                       seed=seed, config=config, layers=layers)
+        res = simulate(
+            devices=args.devices,
+            rounds=args.rounds,
+            scheme=args.partition,
+            seed=seed,
+            config=config,
+            layers=layers,
+        )
         if len(args.seed) == 1:
             for r, a in enumerate(res.accuracy, 1):
                 print(f"  round {r:3d}  accuracy {a:.4f}")
-        print(f"seed {seed}: final {res.accuracy[-1]:.4f}  best {max(res.accuracy):.4f}  "
-              f"({res.seconds:.1f} s)")
+        print(
+            f"seed {seed}: final {res.accuracy[-1]:.4f}  best {max(res.accuracy):.4f}  "
+            f"({res.seconds:.1f} s)"
+        )
         finals.append(res.accuracy[-1])
     print(f"final accuracy: min {min(finals):.4f}  mean {float(np.mean(finals)):.4f}")
     return 0

@@ -42,8 +42,8 @@ _EVAL_CHUNK = 4096
 class TrainConfig:
     """Local training hyper-parameters, sent by the aggregator in each round announcement.
 
-    The defaults were tuned with ``benchmarks/sim_fedavg.py`` (digits, 20 devices, FedAvg) to
-    work for both IID and 2-label-shard partitions.
+    The defaults were tuned with ``benchmarks/sim_fedavg.py`` (digits, 20 devices, FedAvg, the
+    default 64-128-10 model) to work for both IID and 2-label-shard partitions.
     """
 
     epochs: int = 5
@@ -59,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a number, got {type(self.lr).__name__}")
         if not (math.isfinite(self.lr) and 0.0 < self.lr <= MAX_LR):
             raise ValueError(f"lr must be a finite number in (0, {MAX_LR}], got {self.lr!r}")
+        # Normalise lr=1 to 1.0 so equal configs compare and serialise the same.
+        object.__setattr__(self, "lr", float(self.lr))
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, object]) -> TrainConfig:
@@ -71,9 +73,7 @@ class TrainConfig:
             if key in m:
                 value = m[key]
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(
-                        f"training config {key!r} must be an integer, got {value!r}"
-                    )
+                    raise ValueError(f"training config {key!r} must be an integer, got {value!r}")
                 kwargs[key] = value
         if "lr" in m:
             lr = m["lr"]
@@ -218,16 +218,15 @@ class MLPTrainer:
     ``(weights, config, round_seed)`` and never modifies the weights passed in.
     """
 
-    def __init__(
-        self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int
-    ) -> None:
+    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int) -> None:
         xa = np.asarray(x)
         ya = np.asarray(y)
         if xa.ndim != 2:
             raise ValueError(f"x must be 2-D (examples, features), got shape {xa.shape}")
         if ya.ndim != 1 or ya.shape[0] != xa.shape[0]:
-            raise ValueError(f"y must be 1-D with one label per row of x ({xa.shape[0]}), "
-                             f"got shape {ya.shape}")
+            raise ValueError(
+                f"y must be 1-D with one label per row of x ({xa.shape[0]}), got shape {ya.shape}"
+            )
         if xa.shape[0] == 0:
             raise ValueError("no local examples: a trainer needs at least one (x, y) row")
         if not np.issubdtype(ya.dtype, np.integer):
@@ -235,8 +234,9 @@ class MLPTrainer:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if ya.min() < 0 or ya.max() >= num_classes:
-            raise ValueError(f"labels must be in [0, {num_classes}), "
-                             f"got range [{ya.min()}, {ya.max()}]")
+            raise ValueError(
+                f"labels must be in [0, {num_classes}), got range [{ya.min()}, {ya.max()}]"
+            )
         if not np.isfinite(xa).all():
             raise ValueError("x contains NaN or infinite values")
         self._x = np.ascontiguousarray(xa, dtype=np.float32)
@@ -251,11 +251,13 @@ class MLPTrainer:
     def _check(self, weights: Weights) -> list[int]:
         sizes = layer_sizes_of(weights)
         if sizes[0] != self._x.shape[1]:
-            raise ValueError(f"model takes {sizes[0]} inputs but local data has "
-                             f"{self._x.shape[1]} features")
+            raise ValueError(
+                f"model takes {sizes[0]} inputs but local data has {self._x.shape[1]} features"
+            )
         if sizes[-1] != self.num_classes:
-            raise ValueError(f"model outputs {sizes[-1]} classes but the trainer expects "
-                             f"{self.num_classes}")
+            raise ValueError(
+                f"model outputs {sizes[-1]} classes but the trainer expects {self.num_classes}"
+            )
         return sizes
 
     def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:

@@ -18,7 +18,8 @@ import msgpack
 
 from fedmq.errors import DecodeError
 from fedmq.wire import (
-    CODEC_ITEMSIZE,
+    CODECS,
+    TOPK_VALUES,
     DEVICE_STATES,
     SCHEMA_VERSION,
     DeviceStatus,
@@ -28,6 +29,7 @@ from fedmq.wire import (
     RoundAnnouncement,
     RoundSummary,
     Tensor,
+    blocks,
 )
 
 T = TypeVar("T")
@@ -53,8 +55,20 @@ DEFAULT_LIMITS = DecodeLimits()
 
 
 def _tensor_map(t: Tensor) -> dict[str, Any]:
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "codec": t.codec,
-            "data": t.data}
+    m: dict[str, Any] = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                         "codec": t.codec, "data": t.data}
+    # Optional fields only when they carry something: an fp32 whole tensor stays minimal.
+    if t.offset or t.count is not None:
+        m["offset"] = t.offset
+        m["count"] = t.span
+    if t.block:
+        m["block"] = t.block
+    if t.scales:
+        m["scales"] = t.scales
+    if t.codec == "topk":
+        m["indices"] = t.indices
+        m["values"] = t.values
+    return m
 
 
 def _to_map(msg: Message) -> dict[str, Any]:
@@ -208,15 +222,46 @@ def _tensor(raw: Any, i: int, limits: DecodeLimits) -> Tensor:
                           f"{limits.max_elements} elements", reason="oversize")
     if dtype != "float32":
         raise DecodeError(f"{where} {name!r}: dtype {dtype!r} is not supported (float32)")
-    itemsize = CODEC_ITEMSIZE.get(codec)
-    if itemsize is None:
+    if codec not in CODECS:
         raise DecodeError(f"{where} {name!r}: codec {codec!r} is not supported "
-                          f"({', '.join(CODEC_ITEMSIZE)})")
+                          f"({', '.join(CODECS)})")
+    offset = f.optional("offset", f.int_, 0)
+    count = f.optional("count", f.int_, size - offset)
+    if offset + count > size:
+        raise DecodeError(f"{where} {name!r}: range [{offset}, {offset + count}) is outside "
+                          f"the tensor's {size} elements")
+    block = f.optional("block", lambda k: f.int_(k, 1, 1 << 24), 0)
+    scales = f.optional("scales", f.bytes_, b"")
+    indices = f.optional("indices", f.bytes_, b"")
+    values = f.optional("values", f.str_, "")
     data = f.bytes_("data")
-    if len(data) != size * itemsize:
-        raise DecodeError(f"{where} {name!r}: {len(data)} data bytes, shape {list(shape)} with "
-                          f"codec {codec} needs {size * itemsize}")
-    return Tensor(name=name, dtype=dtype, shape=shape, codec=codec, data=data)
+    nnz = count
+    if codec == "topk":
+        if values not in TOPK_VALUES:
+            raise DecodeError(f"{where} {name!r}: topk values {values!r} must be one of "
+                              f"{', '.join(TOPK_VALUES)}")
+        if len(indices) % 4 or len(indices) // 4 > count:
+            raise DecodeError(f"{where} {name!r}: {len(indices)} index bytes is not a whole "
+                              f"number of uint32 at most {count}")
+        nnz = len(indices) // 4
+    elif indices:
+        raise DecodeError(f"{where} {name!r}: indices are only allowed with codec topk")
+    value_codec = values if codec == "topk" else codec
+    itemsize = {"fp32": 4, "fp16": 2, "int8": 1}[value_codec]
+    if len(data) != nnz * itemsize:
+        raise DecodeError(f"{where} {name!r}: {len(data)} data bytes, {nnz} values with codec "
+                          f"{value_codec} need {nnz * itemsize}")
+    if value_codec == "int8":
+        if not block:
+            raise DecodeError(f"{where} {name!r}: int8 values need a positive block size")
+        if len(scales) != 4 * blocks(nnz, block):
+            raise DecodeError(f"{where} {name!r}: {len(scales)} scale bytes, {nnz} values in "
+                              f"blocks of {block} need {4 * blocks(nnz, block)}")
+    elif scales or block:
+        raise DecodeError(f"{where} {name!r}: scales and block are only for int8 values")
+    return Tensor(name=name, dtype=dtype, shape=shape, codec=codec, data=data, offset=offset,
+                  count=None if (offset == 0 and count == size) else count, block=block,
+                  scales=scales, indices=indices, values=values)
 
 
 def _tensors(f: _Fields) -> tuple[Tensor, ...]:

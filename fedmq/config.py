@@ -8,6 +8,7 @@ checked. ``docs/configuration.md`` lists every key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tomllib
 import types
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from fedmq.errors import ConfigError
+from fedmq.models import DEFAULT_LAYER_SIZES
 from fedmq.topics import check_name
 
 C = TypeVar("C")
@@ -47,7 +49,7 @@ class BrokerConfig:
 class ModelConfig:
     """The initial global model: a chain of dense layers, or arrays from an ``.npz`` file."""
 
-    layers: list[int] = field(default_factory=lambda: [64, 64, 10])
+    layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYER_SIZES))
     seed: int = 0
     path: str | None = None
 
@@ -70,9 +72,10 @@ class RoundsConfig:
 class TrainSettings:
     """Local training settings sent to devices in each round announcement."""
 
+    # Tuned on digits (benchmarks/sim_fedavg.py); device_agent.trainers.TrainConfig agrees.
     epochs: int = 5
     batch_size: int = 10
-    lr: float = 0.1
+    lr: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -167,14 +170,22 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
 
     def shard(self) -> int:
-        """The data shard index, from ``shard`` or the named environment variable."""
-        if self.data.shard_from_env and self.data.shard_from_env in os.environ:
-            raw = os.environ[self.data.shard_from_env]
+        """The data shard index: ``shard``, or the named environment variable.
+
+        When ``shard_from_env`` names a variable that is not set (replicas of one container
+        share one environment), the shard is sha256(device id) mod ``num_shards``: stable per
+        device, spread across the shards.
+        """
+        var = self.data.shard_from_env
+        if var:
+            raw = os.environ.get(var)
+            if raw is None:
+                digest = hashlib.sha256(self.device_id().encode()).digest()
+                return int.from_bytes(digest[:8], "big") % self.data.num_shards
             try:
                 return int(raw)
             except ValueError:
-                raise ConfigError(f"${self.data.shard_from_env}={raw!r} is not an integer "
-                                  "shard index") from None
+                raise ConfigError(f"${var}={raw!r} is not an integer shard index") from None
         return self.data.shard
 
 

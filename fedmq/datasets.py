@@ -37,9 +37,7 @@ def load_digits_split(
             "the digits demo data needs scikit-learn: pip install 'fedmq[demo]'"
         ) from exc
     data = load_digits()
-    x = (np.asarray(data.data, dtype=np.float32) / np.float32(_DIGITS_MAX_PIXEL)).astype(
-        np.float32
-    )
+    x = (np.asarray(data.data, dtype=np.float32) / np.float32(_DIGITS_MAX_PIXEL)).astype(np.float32)
     y = np.asarray(data.target, dtype=np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_size, random_state=seed, stratify=y
@@ -81,8 +79,10 @@ def partition(
     elif scheme == "shards":
         num_shards = 2 * num_devices
         if num_shards > n:
-            raise ValueError(f"'shards' needs at least 2 examples per device: {n} examples, "
-                             f"{num_devices} devices")
+            raise ValueError(
+                f"'shards' needs at least 2 examples per device: {n} examples, "
+                f"{num_devices} devices"
+            )
         # Shuffle before the stable sort so which examples of a label share a shard is random.
         shuffled = rng.permutation(n)
         by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]

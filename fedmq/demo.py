@@ -29,6 +29,7 @@ from fedmq.config import (
     TrainSettings,
 )
 from fedmq.errors import DecodeError
+from fedmq.models import DEFAULT_LAYER_SIZES
 from fedmq.topics import Topics
 from fedmq.transport import PahoTransport
 from fedmq.wire import GlobalModel, RoundSummary
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     x_train, y_train, x_test, y_test = load_digits_split(args.seed)
     shards = partition(y_train, args.devices, args.partition, args.seed)
-    layers = [64, 64, 10] if args.model == "mlp" else [64, 10]
+    layers = list(DEFAULT_LAYER_SIZES) if args.model == "mlp" else [64, 10]
     trainer_cls = MLPTrainer if args.model == "mlp" else SoftmaxTrainer
     scorer = trainer_cls(x_test, y_test, num_classes=10)
 

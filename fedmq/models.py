@@ -86,14 +86,19 @@ def layer_sizes_of(weights: Mapping[str, npt.NDArray[Any]]) -> list[int]:
             )
         w, b = weights[expected[0]], weights[expected[1]]
         if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
-            raise ValueError(f"{expected[0]} must be a non-empty 2-D (in, out) matrix, "
-                             f"got shape {w.shape}")
+            raise ValueError(
+                f"{expected[0]} must be a non-empty 2-D (in, out) matrix, got shape {w.shape}"
+            )
         if b.shape != (w.shape[1],):
-            raise ValueError(f"{expected[1]} must have shape ({w.shape[1]},) to match "
-                             f"{expected[0]} {w.shape}, got {b.shape}")
+            raise ValueError(
+                f"{expected[1]} must have shape ({w.shape[1]},) to match "
+                f"{expected[0]} {w.shape}, got {b.shape}"
+            )
         if sizes and w.shape[0] != sizes[-1]:
-            raise ValueError(f"{expected[0]} takes {w.shape[0]} inputs but the previous layer "
-                             f"outputs {sizes[-1]}")
+            raise ValueError(
+                f"{expected[0]} takes {w.shape[0]} inputs but the previous layer "
+                f"outputs {sizes[-1]}"
+            )
         if not sizes:
             sizes.append(int(w.shape[0]))
         sizes.append(int(w.shape[1]))

@@ -31,12 +31,14 @@ from typing import Literal
 
 SCHEMA_VERSION = 1
 
-#: Codecs a tensor's ``data`` may be encoded with; ``fp32`` is little-endian float32, C order.
-Codec = Literal["fp32"]
-CODECS: tuple[str, ...] = ("fp32",)
+#: Codecs a tensor's ``data`` may be encoded with (docs/protocol.md, "Codecs"):
+#: ``fp32`` little-endian float32; ``fp16`` little-endian IEEE half; ``int8`` int8 values times a
+#: float32 scale per block of ``block`` values; ``topk`` a sparse subset: uint32 ``indices`` and
+#: their values as int8 (block-wise scales, like ``int8``) or fp16.
+CODECS: tuple[str, ...] = ("fp32", "fp16", "int8", "topk")
 
-#: Bytes per element of each codec's ``data`` (for length checks before any allocation).
-CODEC_ITEMSIZE: Mapping[str, int] = {"fp32": 4}
+#: Value encodings of a ``topk`` tensor.
+TOPK_VALUES: tuple[str, ...] = ("int8", "fp16")
 
 DeviceState = Literal["online", "training", "offline"]
 DEVICE_STATES: tuple[str, ...] = ("online", "training", "offline")
@@ -47,21 +49,46 @@ Metrics = Mapping[str, float]
 
 @dataclass(frozen=True, slots=True)
 class Tensor:
-    """One named tensor: ``data`` holds ``prod(shape)`` elements encoded with ``codec``."""
+    """One named tensor, or a range of it, encoded with ``codec``.
+
+    ``shape`` is always the whole tensor's shape. ``offset`` and ``count`` select the elements
+    ``[offset, offset + count)`` of the flattened (C order) tensor that ``data`` carries; a chunk
+    of a large update carries a range, an unchunked one the whole tensor (``count`` None).
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     codec: str
     data: bytes
+    offset: int = 0
+    count: int | None = None
+    #: int8 (and topk with int8 values): values per float32 scale.
+    block: int = 0
+    #: int8 / topk-int8: little-endian float32 scales, one per block.
+    scales: bytes = b""
+    #: topk: little-endian uint32 positions, strictly increasing, relative to ``offset``.
+    indices: bytes = b""
+    #: topk: how the kept values are encoded, "int8" or "fp16".
+    values: str = ""
 
     @property
     def size(self) -> int:
-        """Number of elements the tensor declares."""
+        """Number of elements of the whole tensor."""
         n = 1
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def span(self) -> int:
+        """Number of elements this entry covers (``count``, or the rest of the tensor)."""
+        return self.size - self.offset if self.count is None else self.count
+
+    @property
+    def nnz(self) -> int:
+        """Number of values carried: ``span``, or the number of indices for topk."""
+        return len(self.indices) // 4 if self.codec == "topk" else self.span
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +177,8 @@ def model_digest(tensors: Iterable[Tensor]) -> str:
         h.update(b"\0")
         h.update(t.data)
     return h.hexdigest()
+
+
+def blocks(n: int, block: int) -> int:
+    """Number of scale blocks for ``n`` values in blocks of ``block``."""
+    return -(-n // block) if n else 0
