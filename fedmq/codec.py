@@ -19,9 +19,9 @@ import msgpack
 from fedmq.errors import DecodeError
 from fedmq.wire import (
     CODECS,
-    TOPK_VALUES,
     DEVICE_STATES,
     SCHEMA_VERSION,
+    TOPK_VALUES,
     DeviceStatus,
     GlobalModel,
     Message,
