@@ -168,11 +168,15 @@ class AggregatorService:
             except queue.Empty:
                 msg = None
             try:
-                if msg is not None:
-                    self.handle_message(msg)
-                self._apply(self.machine.handle(Tick(self.clock())), None)
+                self.step(msg)
             except Exception:  # a bug must not silently end the federation: log and go on
                 log.exception("aggregator worker error (continuing)")
+
+    def step(self, msg: Message | None = None) -> None:
+        """One turn of the worker: handle ``msg`` (if any), then tick the round clock."""
+        if msg is not None:
+            self.handle_message(msg)
+        self._apply(self.machine.handle(Tick(self.clock())), None)
 
     def handle_message(self, msg: Message) -> None:
         """Process one inbound message (public so tests can drive the service directly)."""

@@ -81,20 +81,30 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "min_updates": msg.min_updates, "max_updates": msg.max_updates,
                 "train": dict(msg.train), "sample_seed": msg.sample_seed,
                 "sample_rate": float(msg.sample_rate), "codec": msg.codec, "open": msg.open,
-            }
+            } | ({"codec_params": dict(msg.codec_params)} if msg.codec_params else {}) | (
+                {"max_chunk_bytes": msg.max_chunk_bytes} if msg.max_chunk_bytes else {})
         case GlobalModel():
-            return head | {
+            m = head | {
                 "kind": "model", "version": msg.version, "round": msg.round,
                 "tensors": [_tensor_map(t) for t in msg.tensors], "sha256": msg.sha256,
                 "metrics": dict(msg.metrics), "created": float(msg.created),
             }
+            if msg.chunks != 1:  # only chunked models carry these (the manifest: no "chunk")
+                m["chunks"] = msg.chunks
+                if msg.chunk is not None:
+                    m["chunk"] = msg.chunk
+            return m
         case ModelUpdate():
-            return head | {
+            m = head | {
                 "kind": "update", "device": msg.device_id, "round": msg.round,
                 "base_version": msg.base_version, "update_id": msg.update_id,
                 "num_examples": msg.num_examples,
                 "tensors": [_tensor_map(t) for t in msg.tensors], "metrics": dict(msg.metrics),
             }
+            if msg.chunks != 1:
+                m["chunk"] = msg.chunk
+                m["chunks"] = msg.chunks
+            return m
         case DeviceStatus():
             return head | {
                 "kind": "status", "device": msg.device_id, "state": msg.state,
@@ -275,42 +285,57 @@ def _tensors(f: _Fields) -> tuple[Tensor, ...]:
     return tensors
 
 
-def _round(f: _Fields, fed: str) -> RoundAnnouncement:
-    train_raw: Mapping[str, Any] = f.optional("train", f.map_, {})
-    if len(train_raw) > f.limits.max_entries:
-        raise DecodeError("round: 'train' has too many entries")
-    train: dict[str, float | int | str] = {}
-    for k, v in train_raw.items():
+def _settings(f: _Fields, key: str) -> dict[str, float | int | str]:
+    """A small map of option name to number or string (``train``, ``codec_params``)."""
+    raw: Mapping[str, Any] = f.optional(key, f.map_, {})
+    if len(raw) > f.limits.max_entries:
+        raise DecodeError(f"{f.where}: {key!r} has too many entries")
+    out: dict[str, float | int | str] = {}
+    for k, v in raw.items():
         if not isinstance(k, str) or not (_is_number(v) or isinstance(v, str)):
-            raise DecodeError("round: 'train' must map strings to numbers or strings")
-        if _is_number(v) and not math.isfinite(v):
-            raise DecodeError(f"round: 'train' value {k!r} is not finite")
-        train[k] = v
+            raise DecodeError(f"{f.where}: {key!r} must map strings to numbers or strings")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DecodeError(f"{f.where}: {key!r}[{k!r}] is not finite")
+        out[k] = v
+    return out
+
+
+def _round(f: _Fields, fed: str) -> RoundAnnouncement:
     rate = f.optional("sample_rate", f.float_, 1.0)
     if not 0.0 <= rate <= 1.0:
         raise DecodeError(f"round: sample_rate {rate} is outside [0, 1]")
     return RoundAnnouncement(
         federation=fed, round=f.int_("round"), base_version=f.int_("base_version"),
         model_sha256=f.str_("model_sha256"), deadline=f.float_("deadline"),
-        min_updates=f.int_("min_updates"), max_updates=f.int_("max_updates"), train=train,
-        sample_seed=f.optional("sample_seed", f.int_, 0), sample_rate=rate,
-        codec=f.optional("codec", f.str_, "fp32"), open=f.optional("open", f.bool_, True),
+        min_updates=f.int_("min_updates"), max_updates=f.int_("max_updates"),
+        train=_settings(f, "train"), sample_seed=f.optional("sample_seed", f.int_, 0),
+        sample_rate=rate, codec=f.optional("codec", f.str_, "fp32"),
+        open=f.optional("open", f.bool_, True), codec_params=_settings(f, "codec_params"),
+        max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0),
     )
 
 
+#: Most chunks one update or model may be split into.
+MAX_CHUNKS = 1 << 16
+
+
 def _model(f: _Fields, fed: str) -> GlobalModel:
+    chunks = f.optional("chunks", lambda k: f.int_(k, 1, MAX_CHUNKS), 1)
+    chunk = f.optional("chunk", lambda k: f.int_(k, 0, chunks - 1), None)
     return GlobalModel(
         federation=fed, version=f.int_("version"), round=f.int_("round"), tensors=_tensors(f),
         sha256=f.str_("sha256"), metrics=f.scalars("metrics"),
-        created=f.optional("created", f.float_, 0.0),
+        created=f.optional("created", f.float_, 0.0), chunk=chunk, chunks=chunks,
     )
 
 
 def _update(f: _Fields, fed: str) -> ModelUpdate:
+    chunks = f.optional("chunks", lambda k: f.int_(k, 1, MAX_CHUNKS), 1)
     return ModelUpdate(
         federation=fed, device_id=f.str_("device"), round=f.int_("round"),
         base_version=f.int_("base_version"), update_id=f.str_("update_id"),
         num_examples=f.int_("num_examples"), tensors=_tensors(f), metrics=f.scalars("metrics"),
+        chunk=f.optional("chunk", lambda k: f.int_(k, 0, chunks - 1), 0), chunks=chunks,
     )
 
 

@@ -261,18 +261,45 @@ def _load(cls: type[C], path: str | Path) -> C:
     return cfg
 
 
+def _check_broker(path: str | Path, b: BrokerConfig) -> None:
+    if not 0 < b.reconnect_min_s <= b.reconnect_max_s:
+        raise ConfigError(f"{path}: need 0 < broker.reconnect_min_s <= broker.reconnect_max_s")
+    if not 0 < b.port < 65536:
+        raise ConfigError(f"{path}: broker.port {b.port} is not a TCP port")
+
+
 def load_aggregator(path: str | Path) -> AggregatorConfig:
     """Read and check an aggregator config file."""
     cfg = _load(AggregatorConfig, path)
+    check_aggregator(cfg, str(path))
+    return cfg
+
+
+def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
+    """Raise ConfigError for values that parse but cannot work together."""
     r = cfg.rounds
     if not 1 <= r.min_updates <= r.max_updates:
-        raise ConfigError(f"{path}: need 1 <= rounds.min_updates <= rounds.max_updates, got "
+        raise ConfigError(f"{where}: need 1 <= rounds.min_updates <= rounds.max_updates, got "
                           f"{r.min_updates} and {r.max_updates}")
-    return cfg
+    if not (0 < r.deadline_s < float("inf") and 0 <= r.grace_s < float("inf")):
+        raise ConfigError(f"{where}: need rounds.deadline_s > 0 and rounds.grace_s >= 0")
+    if r.max_extensions < 0 or (r.below_quorum == "reannounce" and r.max_extensions):
+        raise ConfigError(f"{where}: rounds.max_extensions must be >= 0, and is only meaningful "
+                          "with below_quorum = \"extend\"")
+    if r.max_rounds < 0:
+        raise ConfigError(f"{where}: rounds.max_rounds must be >= 0 (0 runs forever)")
+    if not 0.0 <= cfg.sampling.rate <= 1.0:
+        raise ConfigError(f"{where}: sampling.rate {cfg.sampling.rate} must be in [0, 1]")
+    if cfg.limits.max_update_bytes < 1 or cfg.limits.max_examples < 1:
+        raise ConfigError(f"{where}: limits must be positive")
+    _check_broker(where, cfg.broker)
 
 
 def load_agent(path: str | Path) -> AgentConfig:
     """Read and check a device agent config file (the device id is resolved too)."""
     cfg = _load(AgentConfig, path)
     cfg.device_id()
+    if cfg.data.num_shards < 1 or not 0 <= cfg.data.shard < cfg.data.num_shards:
+        raise ConfigError(f"{path}: need data.num_shards >= 1 and 0 <= data.shard < num_shards")
+    _check_broker(path, cfg.broker)
     return cfg

@@ -54,6 +54,7 @@ class Transport(Protocol):
     """What the services need from MQTT."""
 
     inbox: queue.Queue[Message]
+    max_packet_size: int | None
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -90,6 +91,8 @@ class PahoTransport:
                                 random.Random(seed))
         self.connects = 0
         self.last_error: str | None = None
+        #: The broker's Maximum Packet Size from CONNACK (MQTT 5), None when it sets none.
+        self.max_packet_size: int | None = None
 
         protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -113,6 +116,9 @@ class PahoTransport:
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.client_id, self.last_error)
             return
+        # paho does not enforce the broker's limit; an oversize publish is dropped or gets us
+        # disconnected, so remember it and let senders chunk below it.
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         with self._lock:
             subs = list(self._subscriptions.items())
         for topic, qos in subs:  # a clean session forgets subscriptions: renew them each time
@@ -183,18 +189,19 @@ class PahoTransport:
             self._client.subscribe(topic, qos)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Queue a publish; paho sends it when connected (QoS 1 is resent after a reconnect)."""
+        """Queue a publish; paho sends it when connected (QoS 1 is resent after a reconnect).
+
+        Raises ``BrokerError`` if the packet would exceed the broker's Maximum Packet Size.
+        """
+        self._check_size(topic, payload)
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
-    def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                         timeout: float = 30.0) -> bool:
-        """Publish and wait for the broker's acknowledgement. Never call from a callback."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):  # paho raises these when the queue is full / gone
-            return False
-        return info.is_published()
+    def _check_size(self, topic: str, payload: bytes) -> None:
+        limit = self.max_packet_size
+        # Fixed header (5) + topic (2 + len) + packet id (2) + properties (1): a safe upper bound.
+        if limit is not None and len(payload) + len(topic.encode()) + 10 > limit:
+            raise BrokerError(f"a {len(payload)}-byte publish on {topic} exceeds the broker's "
+                              f"maximum packet size of {limit} bytes; lower max_chunk_bytes")
 
     def stop(self) -> None:
         """Disconnect cleanly (so no last will is sent) and stop the network thread."""
@@ -218,6 +225,7 @@ class MemoryTransport:
         self.hub = hub or MemoryHub()
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.published: list[Message] = []
+        self.max_packet_size: int | None = None
 
     def start(self) -> None:
         self.hub.clients.append(self)

@@ -107,6 +107,10 @@ class RoundAnnouncement:
     sample_rate: float = 1.0
     codec: str = "fp32"
     open: bool = True
+    #: Codec options: ``block`` (int8), ``fraction`` and ``values`` (topk).
+    codec_params: Mapping[str, float | int | str] = field(default_factory=dict)
+    #: Devices split updates larger than this into chunks (0: no limit from the aggregator).
+    max_chunk_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,11 @@ class GlobalModel:
     sha256: str
     metrics: Metrics = field(default_factory=dict)
     created: float = 0.0
+    #: A model too large for one message is published as a manifest (``chunks`` > 1, ``chunk``
+    #: None, no tensors) on the model topic and ``chunks`` parts (``chunk`` = 0..chunks-1, tensor
+    #: ranges) on ``model/part/{i}``; ``sha256`` is the whole model's in all of them.
+    chunk: int | None = None
+    chunks: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +143,10 @@ class ModelUpdate:
     num_examples: int
     tensors: tuple[Tensor, ...]
     metrics: Metrics = field(default_factory=dict)
+    #: An update too large for one message travels as ``chunks`` messages (``chunk`` =
+    #: 0..chunks-1), each with the full header and some tensor ranges.
+    chunk: int = 0
+    chunks: int = 1
 
 
 @dataclass(frozen=True, slots=True)

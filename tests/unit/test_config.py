@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,7 @@ def test_unknown_agent_key_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_key_message_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="known: .*max_updates.*min_updates"):
+    with pytest.raises(ConfigError, match=r"known: .*max_updates.*min_updates"):
         load_aggregator(write(tmp_path, "[rounds]\nmin_update = 2"))
 
 
@@ -206,7 +207,7 @@ def test_agent_literal_fields_reject_other_values(tmp_path: Path, text: str) -> 
     ("lo", "hi"), [(3, 2), (0, 5), (-1, 5)], ids=["min-above-max", "min-zero", "min-negative"]
 )
 def test_bad_quorum_bounds(tmp_path: Path, lo: int, hi: int) -> None:
-    with pytest.raises(ConfigError, match="min_updates <= rounds.max_updates"):
+    with pytest.raises(ConfigError, match=r"min_updates <= rounds\.max_updates"):
         load_aggregator(write(tmp_path, f"[rounds]\nmin_updates = {lo}\nmax_updates = {hi}"))
 
 
@@ -276,16 +277,43 @@ def test_bad_federation_name(tmp_path: Path, name: str) -> None:
         load_agent(agent_file(tmp_path, text))
 
 
+SHARD_ENV = "FEDMQ_TEST_CONFIG_SHARD"
+
+
+def shard_config(tmp_path: Path, device_id: str, num_shards: int = 5) -> AgentConfig:
+    return load_agent(agent_file(
+        tmp_path, f'[data]\nshard = 1\nnum_shards = {num_shards}\nshard_from_env = "{SHARD_ENV}"',
+        device=f'id = "{device_id}"'))
+
+
 def test_shard_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FEDMQ_TEST_CONFIG_SHARD", "2")
-    cfg = load_agent(agent_file(tmp_path, '[data]\nshard = 0\nshard_from_env = '
-                                          '"FEDMQ_TEST_CONFIG_SHARD"'))
+    monkeypatch.setenv(SHARD_ENV, "2")
+    cfg = shard_config(tmp_path, "dev-1")
     assert cfg.shard() == 2
-    monkeypatch.setenv("FEDMQ_TEST_CONFIG_SHARD", "two")
+    monkeypatch.setenv(SHARD_ENV, "two")
     with pytest.raises(ConfigError, match="not an integer"):
         cfg.shard()
-    monkeypatch.delenv("FEDMQ_TEST_CONFIG_SHARD")
-    assert cfg.shard() == 0
+
+
+def test_shard_without_its_variable_comes_from_the_device_id_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SHARD_ENV, raising=False)
+    shards = {}
+    for i in range(40):
+        device_id = f"replica-{i}"
+        digest = hashlib.sha256(device_id.encode()).digest()
+        expected = int.from_bytes(digest[:8], "big") % 5
+        cfg = shard_config(tmp_path, device_id)
+        assert cfg.shard() == expected
+        assert cfg.shard() == expected  # stable
+        shards[device_id] = expected
+    assert set(shards.values()) == set(range(5))  # replicas spread over every shard
+
+
+def test_shard_without_environment_variable_uses_shard(tmp_path: Path) -> None:
+    cfg = load_agent(agent_file(tmp_path, "[data]\nshard = 3\nnum_shards = 4"))
+    assert cfg.shard() == 3
 
 
 # ---------------------------------------------------------------- files

@@ -155,7 +155,7 @@ def _toml(name: str) -> dict[str, Any]:
 def test_configs_point_at_the_compose_broker(name: str) -> None:
     config = _toml(name)
     assert config["broker"] == {"host": "broker", "port": 1883}
-    assert config["federation"]["name"] == "demo"
+    assert config["federation"] == "demo"
 
 
 def test_aggregator_quorum_fits_the_agent_count() -> None:
