@@ -1,15 +1,31 @@
 """Numba kernels that work directly on a tensor's encoded bytes, each behind a checked wrapper.
 
 Every private ``_kernel`` is ``njit(**FLAGS)`` (see ``aggregator.kernel_config``) and trusts its
-arguments; its public wrapper checks dtype, shape, contiguity and length and raises a
-``ValueError`` that says what was wrong. Wrappers turn every input into one kind of array (1-D,
-C-contiguous, aligned, read-only, native float32) so each kernel has a single specialization and
-``warmup()`` compiles everything a round will use.
+arguments; its public wrapper checks the tensor's fields and byte lengths, the accumulator and the
+weight, and raises a ``ValueError`` that says what was wrong. Wrappers turn every buffer into one
+kind of array (1-D, C-contiguous, aligned, read-only, native byte order) so each kernel has a
+single specialization and ``warmup()`` compiles everything a round will use.
 
-``KERNELS`` maps a codec name (``Tensor.codec``) to its ``(fold, all_finite, sq_norm)`` wrappers.
-A new codec (fp16, block-wise int8, top-k) adds one entry whose kernels decode in the same pass;
-the contract is the same: ``data`` is the tensor's encoded bytes and it decodes to
-``acc.size`` values.
+``KERNELS`` maps a codec name (``Tensor.codec``) to its ``CodecKernels(fold, check, sq_norm)``:
+
+``fold(acc_segment, t, weight)``
+    ``acc_segment += weight * decode_range(t)`` in one pass over the encoded bytes: decode,
+    dequantize, weight and add per element, with no temporary of the tensor's size. ``acc_segment``
+    is the float64 slice of the accumulator for ``[offset, offset + span)`` of that tensor. The
+    result has the same bits as the numpy reference ``acc + w * float64(decode_range(t))``
+    (``fastmath`` is off). ``topk`` touches only its k positions and validates its indices first,
+    so a bad one raises before anything is added.
+``check(t)``
+    True iff every decoded value is finite and the encoding is structurally valid (byte lengths,
+    topk indices strictly increasing and below ``span``, int8 scales finite).
+``sq_norm(t)``
+    the squared L2 norm of the decoded values, accumulated in float64 (for clipping).
+
+The codecs are specified in docs/protocol.md ("Codecs"); ``fedmq.compression`` holds the
+encoders and the reference decoder. ``fp16`` is decoded from its uint16 bits (numba has no float16
+type on the CPU): with the hardware conversion where the CPU has one (``fpext half``: F16C on x86,
+AArch64), else by splitting sign, exponent and mantissa and rebuilding the value exactly in
+float64, subnormals, infinities and NaN included. Both are exact: the same values as numpy's cast.
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import platform
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -24,17 +41,33 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+from llvmlite import binding as llvm_binding  # type: ignore[import-untyped]
+from llvmlite import ir
+from numba import config as numba_config
+from numba import njit, types
+from numba.extending import intrinsic
 
 from aggregator.kernel_config import FLAGS, JitFlags
+from fedmq.compression import encode
+from fedmq.wire import TOPK_VALUES, Tensor, blocks
 
 __all__ = [
     "KERNELS",
     "Buffer",
     "CodecKernels",
     "all_finite_fp32",
+    "check_fp16",
+    "check_fp32",
+    "check_int8",
+    "check_topk",
+    "fold_fp16",
     "fold_fp32",
+    "fold_int8",
+    "fold_topk",
+    "sq_norm_fp16",
     "sq_norm_fp32",
+    "sq_norm_int8",
+    "sq_norm_topk",
     "warmup",
 ]
 
@@ -42,15 +75,25 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
-#: What an encoded tensor may arrive as: its bytes, or an array over them.
-Buffer = bytes | bytearray | memoryview | npt.NDArray[np.float32] | npt.NDArray[np.uint8]
+I8 = npt.NDArray[np.int8]
+U16 = npt.NDArray[np.uint16]
+U32 = npt.NDArray[np.uint32]
+#: What encoded bytes may arrive as: bytes, or an array over them.
+Buffer = bytes | bytearray | memoryview | npt.NDArray[Any]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 # Bit pattern of a float32 whose exponent is all ones: inf or NaN, whatever the sign and payload.
 _EXP_MASK = np.uint32(0x7F800000)
+# The same for IEEE binary16.
+_EXP_MASK16 = np.uint16(0x7C00)
 # Elements checked between early exits: large enough to vectorize, small enough to stop soon.
 _FINITE_BLOCK = 4096
+# Exact products at or above this round to inf in float32: FLT_MAX = 2**128 - 2**104, and the
+# midpoint to 2**128 rounds to even, which is 2**128.
+_F32_OVERFLOW = 2.0**128 - 2.0**103
+# 2**-25: a binary16 value is (mantissa with its implicit bit) << exponent, times this.
+_HALF_UNIT = 2.0**-25
 
 
 @functools.cache
@@ -69,7 +112,77 @@ def _jit(fn: _F) -> _F:
         return cast(_F, njit(**uncached)(fn))
 
 
-# ---------------------------------------------------------------- kernels
+# ---------------------------------------------------------------- kernels: helpers
+
+
+@_jit
+def _half_sw(bits: np.uint16) -> float:
+    """The binary16 value with these bits, exactly, as float64, by integer arithmetic."""
+    h = np.int64(bits)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    # Normal: (1024 + m) * 2**(e - 25); subnormal (e == 0): m * 2**-24 = (m << 1) * 2**-25.
+    # The integer is below 2**41 and the scaling is a power of two, so every step is exact.
+    sig = m + 0x400 if e != 0 else m
+    shift = e if e != 0 else 1
+    v = np.float64(sig << shift) * _HALF_UNIT
+    if e == 0x1F:
+        v = np.float64(np.inf) if m == 0 else np.float64(np.nan)
+    return -v if h & 0x8000 else v
+
+
+@intrinsic
+def _half_hw(typingctx: object, bits: object) -> object:
+    """The same in one instruction: LLVM's ``fpext half to double`` (vcvtph2pd / F16C on x86,
+    fcvt on AArch64), which also vectorizes. Only used where the JIT target has it."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context: object, builder: ir.IRBuilder, signature: object,
+                args: list[ir.Value]) -> ir.Value:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+
+    return types.float64(types.uint16), codegen
+
+
+def _hardware_half() -> bool:
+    """True when the JIT target converts binary16 in hardware (x86 with F16C, AArch64).
+
+    Elsewhere LLVM would call a runtime helper numba does not link; a fixed ``NUMBA_CPU_NAME`` /
+    ``NUMBA_CPU_FEATURES`` (portable caches) and ``NUMBA_DISABLE_JIT`` use the integer version too.
+    """
+    # (numba.config sets these attributes at import, from the environment.)
+    if any(getattr(numba_config, k, None) for k in ("DISABLE_JIT", "CPU_NAME", "CPU_FEATURES")):
+        return False
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine in ("x86_64", "amd64"):
+        try:
+            return "+f16c" in llvm_binding.get_host_cpu_features().flatten().split(",")
+        except RuntimeError:
+            return False
+    return False
+
+
+#: binary16 bits → exact float64, for the kernels (both versions give the same values).
+_half: Callable[[np.uint16], float] = cast(
+    Callable[[np.uint16], float], _half_hw if _hardware_half() else _half_sw)
+
+
+@_jit
+def _first_bad_index(idx: U32, span: int) -> int:
+    """Position of the first index not above its predecessor or not below ``span``; -1 if none."""
+    prev = np.int64(-1)
+    for j in range(idx.size):
+        i = np.int64(idx[j])
+        if i <= prev or i >= span:
+            return j
+        prev = i
+    return -1
+
+
+# ---------------------------------------------------------------- kernels: fold
 
 
 @_jit
@@ -79,7 +192,55 @@ def _fold_fp32(acc: F64, x: F32, w: float) -> None:
 
 
 @_jit
-def _all_finite_fp32(bits: npt.NDArray[np.uint32]) -> bool:
+def _fold_fp16(acc: F64, h: U16, w: float) -> None:
+    for i in range(acc.size):
+        acc[i] += w * _half(h[i])
+
+
+@_jit
+def _fold_int8(acc: F64, q: I8, scales: F32, block: int, w: float) -> None:
+    # Block by block with the scale hoisted; value = float32(q) * scale rounded to float32 (the
+    # codec's definition), then widened. Each block is a slice indexed from 0 so LLVM can prove
+    # the index non-negative, drop numba's wraparound select and vectorize the inner loop.
+    n = acc.size
+    for b in range(scales.size):
+        start = b * block
+        stop = min(start + block, n)
+        a = acc[start:stop]
+        v = q[start:stop]
+        s = scales[b]
+        for i in range(a.size):
+            a[i] += w * np.float64(np.float32(v[i]) * s)
+
+
+@_jit  # (numba kernels take plain positional arguments)
+def _fold_topk_int8(acc: F64, idx: U32, q: I8, scales: F32, block: int, w: float) -> int:  # noqa: PLR0917
+    bad = _first_bad_index(idx, acc.size)
+    if bad >= 0:
+        return bad
+    k = idx.size
+    for b in range(scales.size):
+        s = scales[b]
+        for j in range(b * block, min(b * block + block, k)):
+            acc[idx[j]] += w * np.float64(np.float32(q[j]) * s)
+    return -1
+
+
+@_jit
+def _fold_topk_fp16(acc: F64, idx: U32, h: U16, w: float) -> int:
+    bad = _first_bad_index(idx, acc.size)
+    if bad >= 0:
+        return bad
+    for j in range(idx.size):
+        acc[idx[j]] += w * _half(h[j])
+    return -1
+
+
+# ---------------------------------------------------------------- kernels: finiteness
+
+
+@_jit
+def _all_finite_fp32(bits: U32) -> bool:
     # Counting exponent-all-ones words is an integer reduction, which vectorizes without fastmath;
     # the inner loop has a constant trip count (LLVM does not vectorize a min()-bounded one) and
     # the early exit is per block, so a bad value near the start is found quickly.
@@ -98,6 +259,49 @@ def _all_finite_fp32(bits: npt.NDArray[np.uint32]) -> bool:
 
 
 @_jit
+def _all_finite_fp16(bits: U16) -> bool:
+    # As _all_finite_fp32, on binary16 bit patterns.
+    n_blocks = bits.size // _FINITE_BLOCK
+    for b in range(n_blocks):
+        start = b * _FINITE_BLOCK
+        bad = 0
+        for j in range(_FINITE_BLOCK):
+            bad += (bits[start + j] & _EXP_MASK16) == _EXP_MASK16
+        if bad:
+            return False
+    bad = 0
+    for i in range(n_blocks * _FINITE_BLOCK, bits.size):
+        bad += (bits[i] & _EXP_MASK16) == _EXP_MASK16
+    return bad == 0
+
+
+@_jit
+def _all_finite_int8(q: I8, scales: F32, block: int) -> bool:
+    # A value is float32(q) * scale: finite iff the scale is finite and the product does not
+    # overflow, i.e. the exact product (exact in float64: 8 bits times 24) is below the float32
+    # overflow threshold. |q| <= 128, so for most scales the block's bytes need not be read;
+    # otherwise the largest |q| decides. (No float32 overflow is computed: no warnings either.)
+    n = q.size
+    for b in range(scales.size):
+        s = abs(np.float64(scales[b]))
+        if not np.isfinite(s):
+            return False
+        if 128.0 * s < _F32_OVERFLOW:
+            continue
+        top = np.int64(0)
+        v = q[b * block:min(b * block + block, n)]
+        for i in range(v.size):
+            x = np.int64(v[i])  # widened first: in numba abs() of int8 -128 stays -128
+            top = max(top, -x if x < 0 else x)
+        if np.float64(top) * s >= _F32_OVERFLOW:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- kernels: squared norm
+
+
+@_jit
 def _sq_norm_fp32(x: F32) -> float:
     # One serial float64 chain: without fastmath LLVM keeps it scalar anyway (split accumulators
     # measured no faster), and the fixed order gives the same bits on every machine.
@@ -108,39 +312,73 @@ def _sq_norm_fp32(x: F32) -> float:
     return s
 
 
+@_jit
+def _sq_norm_fp16(h: U16) -> float:
+    s = 0.0
+    for i in range(h.size):
+        v = _half(h[i])
+        s += v * v
+    return s
+
+
+@_jit
+def _sq_norm_int8(q: I8, scales: F32, block: int) -> float:
+    n = q.size
+    t = 0.0
+    for b in range(scales.size):
+        s = scales[b]
+        v = q[b * block:min(b * block + block, n)]
+        for i in range(v.size):
+            x = np.float64(np.float32(v[i]) * s)
+            t += x * x
+    return t
+
+
 # ---------------------------------------------------------------- argument checks
 
 
-def _as_fp32(data: Buffer) -> F32:
-    """View ``data`` as the kernels' one array type; copies only unaligned or big-endian input."""
-    if isinstance(data, np.ndarray):
-        if data.dtype not in (np.float32, np.uint8):
+def _native(dtype: str) -> np.dtype[Any]:
+    return np.dtype(dtype).newbyteorder("=")
+
+
+def _as_wire(buf: Buffer, dtype: str, what: str, name: str) -> npt.NDArray[Any]:
+    """View encoded bytes as the kernels' array type for the wire ``dtype`` (e.g. ``"<f4"``).
+
+    Accepts bytes, bytearray, a contiguous memoryview, or a C-contiguous numpy array holding the
+    raw bytes (uint8) or the values (the wire dtype in native byte order). Copies only unaligned
+    input (or on a big-endian host); the result is 1-D and read-only.
+    """
+    wire = np.dtype(dtype)
+    native = _native(dtype)
+    where = f"tensor {name!r}: {what}" if name else what
+    if isinstance(buf, np.ndarray):
+        if buf.dtype not in (native, np.uint8) or not buf.dtype.isnative:
             raise ValueError(
-                f"data has dtype {data.dtype.str}; expected float32 (native byte order) or uint8 "
-                "(raw little-endian float32 bytes)"
+                f"{where} has dtype {buf.dtype.str}; expected {native.name} "
+                f"(native byte order) or uint8 (raw little-endian {native.name} bytes)"
             )
-        if not data.flags.c_contiguous:
-            raise ValueError(
-                f"data is not C-contiguous (shape {data.shape}, strides {data.strides})"
-            )
-        if data.dtype == np.uint8 and data.size % 4:
-            raise ValueError(f"data has {data.size} bytes, not a whole number of float32 values")
-        # uint8 holds the wire bytes (little-endian); a float32 array holds values (native order).
-        a: F32 = data.reshape(-1).view(np.float32 if data.dtype == np.float32 else "<f4")
+        if not buf.flags.c_contiguous:
+            raise ValueError(f"{where} is not C-contiguous (shape {buf.shape}, strides "
+                             f"{buf.strides})")
+        if buf.dtype == np.uint8 and buf.size % wire.itemsize:
+            raise ValueError(f"{where} has {buf.size} bytes, not a whole number "
+                             f"of {native.name} values")
+        # uint8 holds the wire bytes (little-endian); a typed array holds values (native order).
+        a: npt.NDArray[Any] = buf.reshape(-1).view(native if buf.dtype == native else wire)
     else:
         try:
-            mv = memoryview(data)
+            mv = memoryview(buf)
         except TypeError:
-            raise TypeError(
-                f"data must be bytes, a memoryview or a numpy array, not {type(data).__name__}"
-            ) from None
+            raise TypeError(f"{where} must be bytes, a memoryview or a numpy "
+                            f"array, not {type(buf).__name__}") from None
         if not mv.c_contiguous:
-            raise ValueError("data buffer is not C-contiguous")
-        if mv.nbytes % 4:
-            raise ValueError(f"data has {mv.nbytes} bytes, not a whole number of float32 values")
-        a = np.frombuffer(mv.cast("B"), dtype="<f4")
+            raise ValueError(f"{where} buffer is not C-contiguous")
+        if mv.nbytes % wire.itemsize:
+            raise ValueError(f"{where} has {mv.nbytes} bytes, not a whole number "
+                             f"of {native.name} values")
+        a = np.frombuffer(mv.cast("B"), dtype=wire)
     if not a.dtype.isnative:
-        a = a.astype(np.float32)  # big-endian hosts only
+        a = a.astype(native)  # big-endian hosts only
     if not a.flags.aligned:
         # numba types every array as aligned; a buffer sliced at an odd offset is copied instead.
         a = a.copy()
@@ -153,7 +391,7 @@ def _as_fp32(data: Buffer) -> F32:
 def _check_acc(acc: F64) -> None:
     if not isinstance(acc, np.ndarray):
         raise TypeError(f"acc must be a numpy array, not {type(acc).__name__}")
-    if acc.dtype != np.float64:
+    if acc.dtype != np.float64 or not acc.dtype.isnative:
         raise ValueError(f"acc has dtype {acc.dtype.str}; expected float64 (native byte order)")
     if acc.ndim != 1:
         raise ValueError(f"acc must be 1-D; got shape {acc.shape}")
@@ -172,57 +410,266 @@ def _check_weight(weight: float) -> float:
     return w
 
 
-# ---------------------------------------------------------------- public wrappers
+def _check_tensor(t: Tensor, codec: str) -> None:
+    """The fields every codec shares: the right codec, dtype float32, a range inside the shape."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"expected a fedmq.wire.Tensor, not {type(t).__name__}")
+    if t.codec != codec:
+        raise ValueError(f"tensor {t.name!r} has codec {t.codec!r}; this is the {codec} kernel")
+    if t.dtype != "float32":
+        raise ValueError(f"tensor {t.name!r} has dtype {t.dtype!r}; expected 'float32'")
+    if t.offset < 0 or t.span < 0 or t.offset + t.span > t.size:
+        raise ValueError(f"tensor {t.name!r}: range [{t.offset}, {t.offset + t.span}) is outside "
+                         f"its {t.size} elements")
 
 
-def fold_fp32(acc: F64, data: Buffer, weight: float) -> None:
-    """``acc += weight * float64(x)`` in one pass, ``x`` being ``data`` as little-endian float32.
-
-    Zero-copy for aligned input; ``data`` must decode to exactly ``acc.size`` values.
-    """
+def _check_segment(acc: F64, t: Tensor) -> None:
     _check_acc(acc)
-    w = _check_weight(weight)
-    x = _as_fp32(data)
-    if x.size != acc.size:
-        raise ValueError(f"data holds {x.size} float32 values but acc has {acc.size}")
-    _fold_fp32(acc, x, w)
+    if acc.size != t.span:
+        raise ValueError(f"acc has {acc.size} elements; tensor {t.name!r} covers {t.span} "
+                         f"([{t.offset}, {t.offset + t.span}))")
+
+
+def _count(a: npt.NDArray[Any], n: int, what: str, unit: str, name: str) -> None:
+    if a.size != n:
+        raise ValueError(f"tensor {name!r}: {what} holds {a.size} {unit} values; expected {n}")
+
+
+def _no_scales(t: Tensor, what: str) -> None:
+    if t.block or len(t.scales):
+        raise ValueError(f"tensor {t.name!r}: block and scales are only for int8 values, not "
+                         f"{what}")
+
+
+def _int8_parts(t: Tensor, n: int) -> tuple[I8, F32, int]:
+    """The int8 values and scales of ``n`` values in blocks of ``t.block``."""
+    if isinstance(t.block, bool) or not isinstance(t.block, int) or t.block < 1:
+        raise ValueError(f"tensor {t.name!r}: int8 values need a block size >= 1; got "
+                         f"{t.block!r}")
+    q = _as_wire(t.data, "i1", "data", t.name)
+    _count(q, n, "data", "int8", t.name)
+    scales = _as_wire(t.scales, "<f4", "scales", t.name)
+    _count(scales, blocks(n, t.block), "scales", "float32", t.name)
+    return q, scales, t.block
+
+
+def _fp32_parts(t: Tensor) -> F32:
+    _check_tensor(t, "fp32")
+    _no_scales(t, "fp32")
+    x = _as_wire(t.data, "<f4", "data", t.name)
+    _count(x, t.span, "data", "float32", t.name)
+    return x
+
+
+def _fp16_parts(t: Tensor) -> U16:
+    _check_tensor(t, "fp16")
+    _no_scales(t, "fp16")
+    h = _as_wire(t.data, "<u2", "data", t.name)
+    _count(h, t.span, "data", "fp16", t.name)
+    return h
+
+
+def _int8_tensor_parts(t: Tensor) -> tuple[I8, F32, int]:
+    _check_tensor(t, "int8")
+    return _int8_parts(t, t.span)
+
+
+class _TopK(NamedTuple):
+    idx: U32
+    values: npt.NDArray[Any]  # int8 or fp16 bits (uint16)
+    scales: F32  # empty for fp16 values
+    block: int  # 0 for fp16 values
+
+
+def _topk_parts(t: Tensor) -> _TopK:
+    _check_tensor(t, "topk")
+    if t.values not in TOPK_VALUES:
+        raise ValueError(f"tensor {t.name!r}: topk values {t.values!r} must be one of "
+                         f"{', '.join(TOPK_VALUES)}")
+    idx = _as_wire(t.indices, "<u4", "indices", t.name)
+    k = idx.size
+    if k > t.span:
+        raise ValueError(f"tensor {t.name!r}: {k} indices for a range of {t.span} elements")
+    if t.values == "int8":
+        q, scales, block = _int8_parts(t, k)
+        return _TopK(idx, q, scales, block)
+    _no_scales(t, "fp16 values")
+    h = _as_wire(t.data, "<u2", "data", t.name)
+    _count(h, k, "data", "fp16", t.name)
+    return _TopK(idx, h, np.zeros(0, np.float32), 0)
+
+
+# ---------------------------------------------------------------- public wrappers: fp32
+
+
+def fold_fp32(acc: F64, t: Tensor, weight: float) -> None:
+    """``acc += weight * float64(x)``, ``x`` the tensor's little-endian float32 values."""
+    x = _fp32_parts(t)
+    _check_segment(acc, t)
+    _fold_fp32(acc, x, _check_weight(weight))
+
+
+def check_fp32(t: Tensor) -> bool:
+    """True when ``t`` is well-formed and none of its values is NaN or ±inf."""
+    _check_tensor(t, "fp32")  # a wrong codec is the caller's mistake: it raises
+    try:
+        x = _fp32_parts(t)
+    except ValueError:
+        return False
+    return bool(_all_finite_fp32(x.view(np.uint32)))
+
+
+def sq_norm_fp32(t: Tensor) -> float:
+    """Sum of squares of the tensor's values, accumulated in float64."""
+    return float(_sq_norm_fp32(_fp32_parts(t)))
 
 
 def all_finite_fp32(data: Buffer) -> bool:
-    """True when no value of ``data`` (little-endian float32) is NaN or ±inf."""
-    return bool(_all_finite_fp32(_as_fp32(data).view(np.uint32)))
+    """True when no value of ``data`` (raw little-endian float32, or a float32 array) is NaN/inf.
+
+    The raw helper the strategies use on whole models; tensors go through ``check_fp32``.
+    """
+    return bool(_all_finite_fp32(_as_wire(data, "<f4", "data", "").view(np.uint32)))
 
 
-def sq_norm_fp32(data: Buffer) -> float:
-    """Sum of squares of ``data`` (little-endian float32), accumulated in float64."""
-    return float(_sq_norm_fp32(_as_fp32(data)))
+# ---------------------------------------------------------------- public wrappers: fp16
+
+
+def fold_fp16(acc: F64, t: Tensor, weight: float) -> None:
+    """``acc += weight * float64(h)``, ``h`` the tensor's little-endian IEEE binary16 values."""
+    h = _fp16_parts(t)
+    _check_segment(acc, t)
+    _fold_fp16(acc, h, _check_weight(weight))
+
+
+def check_fp16(t: Tensor) -> bool:
+    """True when ``t`` is well-formed and none of its values is NaN or ±inf."""
+    _check_tensor(t, "fp16")
+    try:
+        h = _fp16_parts(t)
+    except ValueError:
+        return False
+    return bool(_all_finite_fp16(h))
+
+
+def sq_norm_fp16(t: Tensor) -> float:
+    """Sum of squares of the tensor's values, accumulated in float64."""
+    return float(_sq_norm_fp16(_fp16_parts(t)))
+
+
+# ---------------------------------------------------------------- public wrappers: int8
+
+
+def fold_int8(acc: F64, t: Tensor, weight: float) -> None:
+    """``acc += weight * float64(float32(q) * scale)`` per value, one scale per block."""
+    q, scales, block = _int8_tensor_parts(t)
+    _check_segment(acc, t)
+    _fold_int8(acc, q, scales, block, _check_weight(weight))
+
+
+def check_int8(t: Tensor) -> bool:
+    """True when ``t`` is well-formed, its scales are finite and no value overflows float32."""
+    _check_tensor(t, "int8")
+    try:
+        q, scales, block = _int8_tensor_parts(t)
+    except ValueError:
+        return False
+    return bool(_all_finite_int8(q, scales, block))
+
+
+def sq_norm_int8(t: Tensor) -> float:
+    """Sum of squares of the tensor's decoded values, accumulated in float64."""
+    return float(_sq_norm_int8(*_int8_tensor_parts(t)))
+
+
+# ---------------------------------------------------------------- public wrappers: topk
+
+
+def fold_topk(acc: F64, t: Tensor, weight: float) -> None:
+    """``acc[i] += weight * value`` at each of the tensor's k indices; nothing else is touched.
+
+    The indices are checked (strictly increasing, below ``span``) before anything is added: a bad
+    one raises ``ValueError`` and leaves ``acc`` unchanged.
+    """
+    p = _topk_parts(t)
+    _check_segment(acc, t)
+    w = _check_weight(weight)
+    if t.values == "int8":
+        bad = _fold_topk_int8(acc, p.idx, p.values, p.scales, p.block, w)
+    else:
+        bad = _fold_topk_fp16(acc, p.idx, p.values, w)
+    if bad >= 0:
+        prev = f" after {int(p.idx[bad - 1])}" if bad else ""
+        raise ValueError(f"tensor {t.name!r}: topk index {bad} is {int(p.idx[bad])}{prev}; "
+                         f"indices must be strictly increasing and below {t.span}")
+
+
+def check_topk(t: Tensor) -> bool:
+    """True when ``t`` is well-formed, its indices strictly increase below ``span`` and every
+    kept value is finite."""
+    _check_tensor(t, "topk")
+    try:
+        p = _topk_parts(t)
+    except ValueError:
+        return False
+    if _first_bad_index(p.idx, t.span) >= 0:
+        return False
+    if t.values == "int8":
+        return bool(_all_finite_int8(p.values, p.scales, p.block))
+    return bool(_all_finite_fp16(p.values))
+
+
+def sq_norm_topk(t: Tensor) -> float:
+    """Sum of squares of the k kept values (the others are 0), accumulated in float64."""
+    p = _topk_parts(t)
+    if t.values == "int8":
+        return float(_sq_norm_int8(p.values, p.scales, p.block))
+    return float(_sq_norm_fp16(p.values))
+
+
+# ---------------------------------------------------------------- dispatch
 
 
 class CodecKernels(NamedTuple):
-    """The kernels a codec needs: fold into the accumulator, finiteness check, squared L2 norm."""
+    """What a codec needs: fold into an accumulator segment, the check, the squared L2 norm."""
 
-    fold: Callable[[F64, Buffer, float], None]
-    all_finite: Callable[[Buffer], bool]
-    sq_norm: Callable[[Buffer], float]
+    fold: Callable[[F64, Tensor, float], None]
+    check: Callable[[Tensor], bool]
+    sq_norm: Callable[[Tensor], float]
 
 
-KERNELS: Mapping[str, CodecKernels] = MappingProxyType(
-    {"fp32": CodecKernels(fold_fp32, all_finite_fp32, sq_norm_fp32)}
-)
+KERNELS: Mapping[str, CodecKernels] = MappingProxyType({
+    "fp32": CodecKernels(fold_fp32, check_fp32, sq_norm_fp32),
+    "fp16": CodecKernels(fold_fp16, check_fp16, sq_norm_fp16),
+    "int8": CodecKernels(fold_int8, check_int8, sq_norm_int8),
+    "topk": CodecKernels(fold_topk, check_topk, sq_norm_topk),
+})
+
+
+def _warmup_tensors() -> list[Tensor]:
+    x = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
+    return [
+        encode("fp32", x, "fp32"),
+        encode("fp16", x, "fp16"),
+        encode("int8", x, "int8", block=4),
+        encode("topk-int8", x, "topk", fraction=0.5, values="int8", block=2),
+        encode("topk-fp16", x, "topk", fraction=0.5, values="fp16"),
+    ]
 
 
 def warmup() -> None:
     """Compile (or load from the cache) every kernel for the types the wrappers pass at run time.
 
-    Call once at start-up so the first round does not pay for compilation.
+    Call once at start-up so the first round does not pay for compilation. Tensors carry bytes,
+    which give read-only arrays; writable buffers are made read-only by the wrappers, so these
+    calls cover every specialization a round can hit.
     """
     t0 = time.perf_counter()
     acc = np.zeros(8, dtype=np.float64)
-    # bytes give read-only arrays; writable ones are made read-only by the wrappers, so these
-    # calls cover every specialization a round can hit.
-    for data in (bytes(32), np.ones(8, dtype=np.float32)):
-        for k in KERNELS.values():
-            k.fold(acc, data, 1.0)
-            k.all_finite(data)
-            k.sq_norm(data)
+    for t in _warmup_tensors():
+        k = KERNELS[t.codec]
+        k.fold(acc, t, 1.0)
+        k.check(t)
+        k.sq_norm(t)
+    all_finite_fp32(bytes(32))
     log.debug("numba kernels ready in %.3f s", time.perf_counter() - t0)

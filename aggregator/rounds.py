@@ -281,6 +281,14 @@ class RoundMachine:
 
     # --- transitions ---
 
+    def check(self, offer: UpdateOffered) -> RejectReason | None:
+        """What ``handle(offer)`` would reject it for now, without changing anything.
+
+        Lets the caller admit the chunks of a large update before the update, complete, is
+        offered for real.
+        """
+        return self._verdict(offer)
+
     def handle(self, event: Event) -> list[Action]:
         """Apply ``event``; raise ProtocolError (state untouched) if it is illegal now."""
         trigger, reason = self._classify(event)

@@ -36,8 +36,9 @@ from aggregator.rounds import (
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg, Strategy
 from fedmq import codec
+from fedmq.chunking import split_model
 from fedmq.compression import encode_all
-from fedmq.config import AggregatorConfig
+from fedmq.config import AggregatorConfig, CompressionConfig
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
@@ -58,7 +59,20 @@ Weights = dict[str, npt.NDArray[np.float32]]
 REJECT_REASONS: tuple[str, ...] = (
     "malformed", "oversize", "wrong_federation", "wrong_device", "invalid_weight",
     "wrong_shape", "non_finite", "stale", "unknown_round", "duplicate", "round_closed",
+    "overload",
 )
+
+#: Chunked updates that may be in flight at once (each costs a few bytes of bookkeeping).
+MAX_PENDING_CHUNKED = 100_000
+
+
+@dataclass
+class _Pending:
+    """A chunked update being received."""
+
+    chunks: int
+    num_examples: int
+    received: set[int]
 
 
 @dataclass
@@ -70,6 +84,15 @@ class Stats:
     bytes_in: int = 0
     rounds_completed: int = 0
     fold_seconds: float = 0.0
+
+
+def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
+    """The options of the configured codec, as announced to devices."""
+    if c.codec == "int8":
+        return {"block": c.block}
+    if c.codec == "topk":
+        return {"fraction": c.fraction, "values": c.values, "block": c.block}
+    return {}
 
 
 def initial_weights(config: AggregatorConfig) -> Weights:
@@ -120,6 +143,9 @@ class AggregatorService:
         self.last_summary: RoundSummary | None = None
         self._model_sha = ""
         self._round_opened = 0.0
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending_devices: set[str] = set()
+        self._model_parts = 0
         self._round_rejected: Counter[str] = Counter()
         self._round_bytes = 0
         self._round_metrics: dict[str, float] = {}
@@ -192,10 +218,50 @@ class AggregatorService:
         if update is None:
             self._reject(device, "", reason)
             return
-        actions = self.machine.handle(UpdateOffered(
+        offer = UpdateOffered(
             device_id=update.device_id, round=update.round, base_version=update.base_version,
-            update_id=update.update_id, now=self.clock()))
-        self._apply(actions, update)
+            update_id=update.update_id, now=self.clock())
+        if update.chunks > 1:
+            self._handle_chunk(update, offer)
+        else:
+            self._apply(self.machine.handle(offer), update)
+
+    def _handle_chunk(self, update: ModelUpdate, offer: UpdateOffered) -> None:
+        """Fold one chunk now; offer the update to the round once its last chunk is in."""
+        key = (update.device_id, update.update_id)
+        pending = self._pending.get(key)
+        if pending is None:
+            reason: str | None = self.machine.check(offer)
+            if reason is None and update.device_id in self._pending_devices:
+                reason = "duplicate"  # a second chunked update from this device this round
+            if reason is None and len(self._pending) >= MAX_PENDING_CHUNKED:
+                reason = "overload"
+            if reason is not None:
+                self._reject(update.device_id, update.update_id, reason)
+                return
+            pending = _Pending(update.chunks, update.num_examples, set())
+        elif (update.chunks, update.num_examples) != (pending.chunks, pending.num_examples):
+            self._reject(update.device_id, update.update_id, "malformed")
+            return
+        if update.chunk in pending.received:
+            self._reject(update.device_id, update.update_id, "duplicate")
+            return
+        t0 = time.perf_counter()
+        self.strategy.fold_part(key, update.tensors, float(update.num_examples))
+        self.stats.fold_seconds += time.perf_counter() - t0
+        pending.received.add(update.chunk)
+        self._pending[key] = pending
+        self._pending_devices.add(update.device_id)
+        if len(pending.received) < pending.chunks:
+            return
+        del self._pending[key]
+        actions = self.machine.handle(offer)
+        for action in actions:
+            if isinstance(action, Accept):
+                self.strategy.settle(key)
+                self.stats.accepted += 1
+                self._add_metrics(update)
+        self._apply([a for a in actions if not isinstance(a, Accept)], update)
 
     def _check(self, device: str, payload: bytes) -> tuple[ModelUpdate | None, str]:
         """Decode and check an update; (update, "") or (None, reason)."""
@@ -212,11 +278,12 @@ class AggregatorService:
             return None, "wrong_device"
         if not 0 < update.num_examples <= self.config.limits.max_examples:
             return None, "invalid_weight"
-        problem = self.spec.check(update.tensors)
+        problem = (self.spec.check(update.tensors) if update.chunks == 1
+                   else self.spec.check_ranges(update.tensors))
         if problem is not None:
             log.debug("update from %s has the wrong shape: %s", device, problem)
             return None, "wrong_shape"
-        if not all(kernels.KERNELS[t.codec].all_finite(t.data) for t in update.tensors):
+        if not all(kernels.KERNELS[t.codec].check(t) for t in update.tensors):
             return None, "non_finite"
         return update, ""
 
@@ -265,6 +332,8 @@ class AggregatorService:
         self._round_metrics = {}
         self._round_metric_weight = 0.0
         self._round_opened = now
+        self._pending = {}
+        self._pending_devices = set()
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
         self._announce(now + self.config.rounds.deadline_s)
 
@@ -276,9 +345,15 @@ class AggregatorService:
             min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
             train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                    "lr": cfg.train.lr},
-            sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate, codec="fp32",
-            open=open_)
+            sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
+            codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
+            max_chunk_bytes=self._chunk_limit(), open=open_)
         self.transport.publish(self.topics.round, codec.encode(ann), qos=1, retain=True)
+
+    def _chunk_limit(self) -> int:
+        limit = self.config.compression.max_chunk_bytes
+        broker = self.transport.max_packet_size
+        return min(limit, broker - 1024) if broker else limit
 
     def _publish_model(self, metrics: Mapping[str, float]) -> None:
         tensors = encode_all(self.model)
@@ -286,10 +361,24 @@ class AggregatorService:
         model = GlobalModel(federation=self.config.federation, version=self.version,
                             round=self.round, tensors=tensors, sha256=self._model_sha,
                             metrics=dict(metrics), created=self.clock())
-        self.transport.publish(self.topics.model, codec.encode(model), qos=1, retain=True)
+        messages = split_model(model, self._chunk_limit())
+        # Parts first, manifest last: a subscriber that sees the manifest has the parts coming.
+        for part in messages[1:]:
+            assert part.chunk is not None
+            self.transport.publish(self.topics.model_part(part.chunk), codec.encode(part), qos=1,
+                                   retain=True)
+        for stale in range(len(messages) - 1, self._model_parts):
+            # Clear retained parts an earlier, larger split left behind.
+            self.transport.publish(self.topics.model_part(stale), b"", qos=1, retain=True)
+        self._model_parts = len(messages) - 1
+        self.transport.publish(self.topics.model, codec.encode(messages[0]), qos=1, retain=True)
 
     def _close_round(self, closed_by: str) -> None:
         now = self.clock()
+        incomplete = self.strategy.incomplete
+        if incomplete:
+            log.warning("round %d closed with %d chunked updates incomplete: they count on the "
+                        "parameters they delivered only", self.round, incomplete)
         self.model = self.strategy.finalize()
         self.version += 1
         weight = self._round_metric_weight
@@ -300,7 +389,8 @@ class AggregatorService:
             federation=self.config.federation, round=self.round, version=self.version,
             participants=participants, closed_by=closed_by,
             accepted=self.machine.accepted_ids, rejected=dict(self._round_rejected),
-            bytes_in=self._round_bytes, duration_s=now - self._round_opened, metrics=metrics)
+            bytes_in=self._round_bytes, duration_s=now - self._round_opened,
+            metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {}))
         self.transport.publish(self.topics.metrics, codec.encode(summary), qos=1)
         self.last_summary = summary
         self.stats.rounds_completed += 1

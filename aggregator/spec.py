@@ -102,6 +102,29 @@ class ModelSpec:
             for (name, sl), shape in zip(self.slices().items(), self.shapes, strict=True)
         }
 
+    def check_ranges(self, tensors: Sequence[Tensor],
+                     codecs: Collection[str] = CODECS) -> str | None:
+        """None if every tensor range is a known tensor with its shape, else a reason.
+
+        A chunk carries ranges of some tensors; each tensor at most once per chunk.
+        """
+        seen: set[str] = set()
+        for t in tensors:
+            i = self._index.get(t.name)
+            if i is None:
+                return f"unexpected tensor {t.name!r}"
+            if t.name in seen:
+                return f"tensor {t.name!r} appears more than once"
+            seen.add(t.name)
+            if tuple(t.shape) != self.shapes[i]:
+                return (f"tensor {t.name!r} has shape {tuple(t.shape)}; the model has "
+                        f"{self.shapes[i]}")
+            if t.dtype != "float32" or t.codec not in codecs:
+                return f"tensor {t.name!r} has dtype {t.dtype!r} / codec {t.codec!r}"
+            if t.offset + t.span > math.prod(self.shapes[i]):
+                return f"tensor {t.name!r} range ends past its {math.prod(self.shapes[i])} elements"
+        return None
+
     def check(self, tensors: Sequence[Tensor], codecs: Collection[str] = CODECS) -> str | None:
         """None if ``tensors`` match the model exactly, else a short reason it does not.
 

@@ -12,7 +12,7 @@ value lies within that margin of a float32 rounding boundary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +87,19 @@ class Strategy(Protocol):
         """The new model, by tensor name in the spec's order."""
         ...
 
+    def fold_part(self, key: Hashable, tensors: Sequence[Tensor], weight: float) -> None:
+        """Fold one chunk (tensor ranges) of a large update as it arrives."""
+        ...
+
+    def settle(self, key: Hashable) -> None:
+        """All chunks of ``key`` are in: count it as one whole update."""
+        ...
+
+    @property
+    def incomplete(self) -> int:
+        """Chunked updates folded in part and not settled."""
+        ...
+
     def partial(self) -> PartialSum:
         """A copy of this round's state, to merge elsewhere or snapshot."""
         ...
@@ -133,6 +146,9 @@ class FedAvg(Strategy):
         self._total_weight = 0.0
         self._contributors = 0
         self._started = False
+        # Chunked updates still missing chunks: key -> (weight, [(start, stop), ...]) of the
+        # accumulator ranges already folded in. Small: a few ranges per in-flight update.
+        self._open_parts: dict[Hashable, tuple[float, list[tuple[int, int]]]] = {}
 
     @property
     def contributors(self) -> int:
@@ -162,6 +178,7 @@ class FedAvg(Strategy):
         self._acc.fill(0.0)
         self._total_weight = 0.0
         self._contributors = 0
+        self._open_parts = {}
         self._started = True
 
     def fold(self, tensors: Sequence[Tensor], weight: float) -> None:
@@ -175,16 +192,67 @@ class FedAvg(Strategy):
         if not math.isfinite(total):
             raise ValueError("total weight overflowed")
         for t in tensors:
-            KERNELS[t.codec].fold(self._acc[self._slices[self.spec.index(t.name)]], t.data, w)
+            start = self.spec.offsets[self.spec.index(t.name)] + t.offset
+            KERNELS[t.codec].fold(self._acc[start:start + t.span], t, w)
         self._total_weight = total
         self._contributors += 1
 
+    def fold_part(self, key: Hashable, tensors: Sequence[Tensor], weight: float) -> None:
+        """Fold one chunk (tensor ranges) of the update ``key`` as it arrives.
+
+        Until ``settle(key)`` the update counts only on the ranges it delivered: each coordinate
+        of the mean is divided by the weight of the contributions that covered it, so a chunked
+        update that never completes neither scales nor shifts any other coordinate.
+        """
+        self._require_started("fold_part")
+        w = _positive_weight(weight)
+        problem = self.spec.check_ranges(tensors, codecs=KERNELS.keys())
+        if problem is not None:
+            raise ValueError(f"chunk does not match the model: {problem}")
+        known = self._open_parts.get(key)
+        if known is not None and known[0] != w:
+            raise ValueError(f"chunk of {key!r} has weight {w}, earlier chunks {known[0]}")
+        ranges = known[1] if known is not None else []
+        for t in tensors:
+            start = self.spec.offsets[self.spec.index(t.name)] + t.offset
+            KERNELS[t.codec].fold(self._acc[start:start + t.span], t, w)
+            ranges.append((start, start + t.span))
+        self._open_parts[key] = (w, ranges)
+
+    def settle(self, key: Hashable) -> None:
+        """Every chunk of ``key`` is in: it now counts as one whole update."""
+        self._require_started("settle")
+        w, ranges = self._open_parts.pop(key)
+        covered = sum(b - a for a, b in ranges)
+        if covered != self.spec.total:
+            raise ValueError(f"update {key!r} covers {covered} of {self.spec.total} parameters")
+        total = self._total_weight + w
+        if not math.isfinite(total):
+            raise ValueError("total weight overflowed")
+        self._total_weight = total
+        self._contributors += 1
+
+    @property
+    def incomplete(self) -> int:
+        """Chunked updates folded in part and not settled."""
+        return len(self._open_parts)
+
     def mean_delta(self) -> F64:
-        """``Σ w·Δ / Σ w`` over the flat model, as a new float64 array."""
+        """``Σ w·Δ / Σ w`` over the flat model, as a new float64 array.
+
+        Coordinates reached by unsettled chunked updates are divided by their own weight sum.
+        """
         self._require_started("mean_delta")
-        if self._contributors == 0:
+        if self._contributors == 0 and not self._open_parts:
             raise ProtocolError("no updates in this round: there is nothing to average")
-        mean: F64 = self._acc / self._total_weight
+        if not self._open_parts:
+            mean: F64 = self._acc / self._total_weight
+            return mean
+        denom = np.full(self.spec.total, self._total_weight, dtype=np.float64)
+        for w, ranges in self._open_parts.values():
+            for a, b in ranges:
+                denom[a:b] += w
+        mean = np.divide(self._acc, denom, out=np.zeros_like(self._acc), where=denom > 0)
         return mean
 
     def finalize(self) -> dict[str, F32]:
@@ -207,6 +275,8 @@ class FedAvg(Strategy):
     def partial(self) -> PartialSum:
         """A copy of the accumulator, total weight and contributor count."""
         self._require_started("partial")
+        if self._open_parts:
+            raise ProtocolError("partial() with chunked updates still open: settle them first")
         return PartialSum(self._acc.copy(), self._total_weight, self._contributors)
 
     def merge(self, p: PartialSum) -> None:

@@ -7,6 +7,7 @@ the broker flips it to ``offline`` through the last will if the device vanishes.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import queue
@@ -14,21 +15,34 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.trainers import MLPTrainer, SoftmaxTrainer, TrainConfig, Trainer
-from fedmq import __version__, codec
-from fedmq.compression import encode_all
+from fedmq import __version__, codec, compression
+from fedmq.chunking import ModelAssembler, place, split_update
 from fedmq.config import AgentConfig, BrokerConfig
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport, Will
-from fedmq.wire import CODECS, DeviceStatus, GlobalModel, ModelUpdate, RoundAnnouncement
+from fedmq.wire import (
+    CODECS,
+    TOPK_VALUES,
+    DeviceStatus,
+    GlobalModel,
+    ModelUpdate,
+    RoundAnnouncement,
+    Tensor,
+)
 
 log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
 
 
 class AgentService:
@@ -42,6 +56,7 @@ class AgentService:
         transport: Transport,
         *,
         clock: Callable[[], float] = time.time,
+        feedback: compression.ErrorFeedback | None = None,
     ) -> None:
         self.topics = Topics(federation)
         self.federation = federation
@@ -50,35 +65,42 @@ class AgentService:
         self.transport = transport
         self.clock = clock
         self.machine = AgentMachine(federation, device_id)
+        self.assembler = ModelAssembler()
         self.ignored: Counter[str] = Counter()
         self.updates_sent = 0
         self.bytes_sent = 0
+        self.feedback = feedback or compression.ErrorFeedback(None)
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
 
     @classmethod
     def over_mqtt(cls, federation: str, device_id: str, trainer: Trainer,
-                  broker: BrokerConfig) -> AgentService:
+                  broker: BrokerConfig,
+                  feedback: compression.ErrorFeedback | None = None) -> AgentService:
         """A service on a real broker, with a last will that marks the device offline."""
         service: AgentService
         will = Will(Topics(federation).status(device_id),
                     codec.encode(_status(federation, device_id, "offline", 0.0)))
         transport = PahoTransport(broker, client_id=f"fedmq-device-{device_id}", will=will,
                                   on_connect=lambda: service.publish_status("online"))
-        service = cls(federation, device_id, trainer, transport)
+        service = cls(federation, device_id, trainer, transport, feedback=feedback)
         return service
 
     @classmethod
     def from_config(cls, config: AgentConfig, trainer: Trainer | None = None) -> AgentService:
         """Build a service from an agent config (its data and trainer included)."""
-        return cls.over_mqtt(config.federation, config.device_id(),
-                             trainer or build_trainer(config), config.broker)
+        device_id = config.device_id()
+        state = config.device.state_dir
+        path = Path(state) / f"feedback-{config.federation}.npz" if state else None
+        return cls.over_mqtt(config.federation, device_id, trainer or build_trainer(config),
+                             config.broker, compression.ErrorFeedback(path))
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Subscribe to the round and model topics and start the worker."""
         self.transport.subscribe(self.topics.model, qos=1)
+        self.transport.subscribe(self.topics.model_parts, qos=1)
         self.transport.subscribe(self.topics.round, qos=1)
         self.transport.start()
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}",
@@ -124,8 +146,11 @@ class AgentService:
             log.warning("device %s: ignoring a bad message on %s: %s", self.device_id,
                         msg.topic, exc)
             return
-        if msg.topic == self.topics.model and isinstance(decoded, GlobalModel):
-            actions = self.machine.on_model(decoded)
+        if isinstance(decoded, GlobalModel) and msg.topic.startswith(self.topics.model):
+            whole = self.assembler.add(decoded)
+            if whole is None:
+                return  # a part of a chunked model; the rest is on its way
+            actions = self.machine.on_model(whole)
         elif msg.topic == self.topics.round and isinstance(decoded, RoundAnnouncement):
             actions = self.machine.on_round(decoded)
         else:
@@ -151,20 +176,62 @@ class AgentService:
         before = self.trainer.evaluate(job.weights)
         delta = {name: np.subtract(result.weights[name], base, dtype=np.float32)
                  for name, base in job.weights.items()}
-        codec_name = ann.codec if ann.codec in CODECS else "fp32"
         update = ModelUpdate(
             federation=self.federation, device_id=self.device_id, round=ann.round,
             base_version=job.version, update_id=uuid.uuid4().hex,
-            num_examples=result.num_examples, tensors=encode_all(delta, codec_name),
+            num_examples=result.num_examples, tensors=(),
             metrics={"loss": before.loss, "accuracy": before.accuracy,
-                     **{f"train_{k}": v for k, v in result.metrics.items()}})
-        payload = codec.encode(update)
-        self.transport.publish(self.topics.update(self.device_id), payload, qos=1)
+                     **result.metrics})
+        messages = self.encode_update(update, delta, ann)
+        sent = 0
+        for message in messages:
+            payload = codec.encode(message)
+            self.transport.publish(self.topics.update(self.device_id), payload, qos=1)
+            sent += len(payload)
         self.updates_sent += 1
-        self.bytes_sent += len(payload)
+        self.bytes_sent += sent
         self.publish_status("online")
-        log.info("device %s: sent update for round %d (%d bytes)", self.device_id, ann.round,
-                 len(payload))
+        log.info("device %s: sent update for round %d (%d bytes in %d messages)", self.device_id,
+                 ann.round, sent, len(messages))
+
+    def encode_update(self, update: ModelUpdate, delta: dict[str, F32],
+                      ann: RoundAnnouncement) -> list[ModelUpdate]:
+        """Compress ``delta`` as the announcement asks and cut it into chunks that fit.
+
+        With a lossy codec the error-feedback residual is added first, and what the chunks
+        really carry is subtracted back out and kept for the next round.
+        """
+        codec_name = ann.codec if ann.codec in CODECS else "fp32"
+        opts = codec_options(ann.codec_params)
+        lossy = codec_name != "fp32"
+        intended = self.feedback.compensate(delta) if lossy else delta
+
+        def encoder(name: str, values: F32) -> Tensor:
+            return compression.encode(name, values, codec_name, **opts)
+
+        whole = dataclasses.replace(update, tensors=tuple(
+            dataclasses.replace(encoder(n, a.reshape(-1)), shape=a.shape)
+            for n, a in intended.items()))
+        limits = [x for x in (ann.max_chunk_bytes, self.transport.max_packet_size) if x]
+        messages = (split_update(whole, intended, encoder, min(limits)) if limits else [whole])
+        if lossy:
+            sent = place(((t, compression.decode_range(t)) for m in messages for t in m.tensors),
+                         {n: a.shape for n, a in intended.items()})
+            self.feedback.record(sent, intended)
+            self.feedback.save()
+        return messages
+
+
+def codec_options(params: Mapping[str, float | int | str]) -> dict[str, Any]:
+    """The encoder keyword arguments an announcement's ``codec_params`` name (others ignored)."""
+    opts: dict[str, Any] = {}
+    if isinstance(params.get("block"), int):
+        opts["block"] = params["block"]
+    if isinstance(params.get("fraction"), int | float):
+        opts["fraction"] = float(params["fraction"])
+    if params.get("values") in TOPK_VALUES:
+        opts["values"] = params["values"]
+    return opts
 
 
 def _status(federation: str, device_id: str, state: str, ts: float) -> DeviceStatus:

@@ -103,6 +103,22 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """How devices encode updates (sent in each announcement) and how big a message may be."""
+
+    codec: Literal["fp32", "fp16", "int8", "topk"] = "fp32"
+    #: int8 (and topk with int8 values): values per float32 scale.
+    block: int = 256
+    #: topk: fraction of entries kept.
+    fraction: float = 0.01
+    #: topk: how kept values are encoded.
+    values: Literal["int8", "fp16"] = "int8"
+    #: Larger updates and models are split into chunks (also never above the broker's
+    #: Maximum Packet Size from CONNACK).
+    max_chunk_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """``fedmq aggregator --config aggregator.toml``."""
 
@@ -114,6 +130,7 @@ class AggregatorConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,9 @@ class DeviceConfig:
     id: str | None = None
     #: Read the id from this environment variable when ``id`` is not set (e.g. HOSTNAME).
     id_from_env: str | None = None
+    #: Where the agent keeps state that must survive a restart (the compression residual).
+    #: Unset: kept in memory only.
+    state_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +310,10 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: rounds.max_rounds must be >= 0 (0 runs forever)")
     if not 0.0 <= cfg.sampling.rate <= 1.0:
         raise ConfigError(f"{where}: sampling.rate {cfg.sampling.rate} must be in [0, 1]")
+    c = cfg.compression
+    if not (1 <= c.block <= 1 << 24 and 0.0 < c.fraction <= 1.0 and c.max_chunk_bytes >= 4096):
+        raise ConfigError(f"{where}: need 1 <= compression.block <= 2**24, 0 < "
+                          "compression.fraction <= 1 and compression.max_chunk_bytes >= 4096")
     if cfg.limits.max_update_bytes < 1 or cfg.limits.max_examples < 1:
         raise ConfigError(f"{where}: limits must be positive")
     _check_broker(where, cfg.broker)

@@ -11,28 +11,25 @@ import argparse
 import contextlib
 import json
 import logging
-import queue
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmq import codec
 from fedmq.broker import BrokerHandle, start_broker
 from fedmq.compression import decode_all
 from fedmq.config import (
     AggregatorConfig,
     BrokerConfig,
+    CompressionConfig,
     ModelConfig,
     RoundsConfig,
     TrainSettings,
 )
-from fedmq.errors import DecodeError
 from fedmq.models import DEFAULT_LAYER_SIZES
-from fedmq.topics import Topics
-from fedmq.transport import PahoTransport
-from fedmq.wire import GlobalModel, RoundSummary
+from fedmq.subscriber import ModelSubscriber
+from fedmq.wire import GlobalModel
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +47,11 @@ class DemoResult:
     final_accuracy: float = 0.0
     wall_s: float = 0.0
 
+    codec: str = "fp32"
+
     def as_json(self) -> dict[str, Any]:
         return {"broker": self.broker, "partition": self.partition, "devices": self.devices,
+                "codec": self.codec,
                 "rounds": self.rounds, "final_accuracy": self.final_accuracy,
                 "wall_s": self.wall_s}
 
@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="local epochs per round")
     p.add_argument("--lr", type=float, default=None, help="local learning rate")
     p.add_argument("--batch-size", type=int, default=None, help="local minibatch size")
+    p.add_argument("--codec", choices=("fp32", "fp16", "int8", "topk"), default="fp32",
+                   help="how devices compress updates (default fp32)")
+    p.add_argument("--topk-fraction", type=float, default=0.1,
+                   help="topk: fraction of entries each update keeps (default 0.1)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the per-round results as JSON here")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -106,14 +110,13 @@ def run(args: argparse.Namespace) -> int:
             return 1
         _say_broker(handle)
         broker_cfg = BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
-        topics = Topics(FEDERATION)
-        result = DemoResult(broker=handle.kind, partition=args.partition, devices=args.devices)
+        result = DemoResult(broker=handle.kind, partition=args.partition, devices=args.devices,
+                            codec=args.codec)
 
         # The watcher subscribes before anything is published, like any app on the model topic.
-        watcher = PahoTransport(broker_cfg, client_id="fedmq-demo-watcher")
-        watcher.subscribe(topics.model)
-        watcher.subscribe(topics.metrics)
-        watcher.start()
+        models: dict[int, GlobalModel] = {}
+        watcher = ModelSubscriber(broker_cfg, FEDERATION, summaries=True,
+                                  on_model=lambda m: models.__setitem__(m.version, m)).start()
         stack.callback(watcher.stop)
 
         config = AggregatorConfig(
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
             # deadline only matters if a device is lost.
             rounds=RoundsConfig(min_updates=args.devices, max_updates=args.devices,
                                 deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds),
-            train=_train_settings(args, TrainConfig()))
+            train=_train_settings(args, TrainConfig()),
+            compression=CompressionConfig(codec=args.codec, fraction=args.topk_fraction))
         agg = AggregatorService(config)
         agents = []
         for i, idx in enumerate(shards):
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         agg.start()
         stack.callback(agg.stop)
 
-        if not _follow_rounds(watcher, args, scorer, result):
+        if not _follow_rounds(watcher, models, args, scorer, result):
             print(f"fedmq demo: timed out after {args.timeout:.0f} s with "
                   f"{len(result.rounds)}/{args.rounds} rounds done", file=sys.stderr)
             return 1
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         rejected = sum(agg.stats.rejected.values())
     result.wall_s = round(time.monotonic() - started, 2)
     print(f"final held-out accuracy {result.final_accuracy:.4f} after {args.rounds} rounds "
-          f"({args.partition}, {args.devices} devices, {result.broker} broker, "
+          f"({args.partition}, {args.devices} devices, {args.codec}, {result.broker} broker, "
           f"{result.wall_s:.1f} s, {rejected} updates rejected)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -161,32 +165,19 @@ def _train_settings(args: argparse.Namespace, defaults: Any) -> TrainSettings:
         lr=args.lr if args.lr is not None else defaults.lr)
 
 
-def _follow_rounds(watcher: PahoTransport, args: argparse.Namespace, scorer: Any,
-                   result: DemoResult) -> bool:
+def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],
+                   args: argparse.Namespace, scorer: Any, result: DemoResult) -> bool:
     """Score each new model as it arrives on the model topic; False on timeout."""
     deadline = time.monotonic() + args.timeout
-    summaries: dict[int, RoundSummary] = {}
-    models: dict[int, GlobalModel] = {}
     round_started = time.monotonic()
     while len(result.rounds) < args.rounds:
         if time.monotonic() > deadline:
             return False
-        try:
-            msg = watcher.inbox.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        try:
-            decoded = codec.decode(msg.payload)
-        except DecodeError:
-            continue
-        if isinstance(decoded, RoundSummary):
-            summaries[decoded.version] = decoded
-        elif isinstance(decoded, GlobalModel) and decoded.version > 0:
-            models[decoded.version] = decoded
+        watcher.poll(0.2)
         # A round is reported once both its model and its summary are in (either order).
         version = len(result.rounds) + 1
-        if version in models and version in summaries:
-            model, s = models.pop(version), summaries.pop(version)
+        while version in models and version in watcher.summaries:
+            model, s = models.pop(version), watcher.summaries.pop(version)
             ev = scorer.evaluate(decode_all(model.tensors))
             entry = {"round": s.round, "version": version, "participants": s.participants,
                      "accuracy": ev.accuracy, "loss": ev.loss, "bytes_in": s.bytes_in,
@@ -196,6 +187,7 @@ def _follow_rounds(watcher: PahoTransport, args: argparse.Namespace, scorer: Any
             print(f"round {version:3d}/{args.rounds}  participants {s.participants:3d}  "
                   f"accuracy {ev.accuracy:.4f}  loss {ev.loss:.4f}  "
                   f"received {_mb(s.bytes_in)}  ({entry['seconds']:.2f} s)", flush=True)
+            version += 1
     return True
 
 

@@ -41,6 +41,14 @@ class Topics:
         return f"{self.base}/model"
 
     @property
+    def model_parts(self) -> str:
+        """Subscription filter for the parts of a chunked model."""
+        return f"{self.base}/model/part/+"
+
+    def model_part(self, index: int) -> str:
+        return f"{self.base}/model/part/{index}"
+
+    @property
     def metrics(self) -> str:
         return f"{self.base}/metrics"
 

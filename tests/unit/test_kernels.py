@@ -1,9 +1,13 @@
-"""The fp32 kernels against the numpy references in ``naive``, and the wrappers' argument checks."""
+"""The fp32 kernels against the numpy references in ``naive``, and the wrappers' argument checks.
+
+The other codecs' kernels are tested against the reference decoder in ``test_codecs``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -12,8 +16,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import kernels
-from aggregator.kernels import KERNELS, Buffer, all_finite_fp32, fold_fp32, sq_norm_fp32, warmup
-from fedmq.wire import CODECS
+from aggregator.kernels import (
+    KERNELS,
+    Buffer,
+    all_finite_fp32,
+    check_fp16,
+    check_fp32,
+    check_int8,
+    check_topk,
+    fold_fp16,
+    fold_fp32,
+    fold_int8,
+    fold_topk,
+    sq_norm_fp16,
+    sq_norm_fp32,
+    sq_norm_int8,
+    sq_norm_topk,
+    warmup,
+)
+from fedmq.compression import encode
+from fedmq.wire import CODECS, Tensor
 
 import naive
 
@@ -34,6 +56,15 @@ FORMS: dict[str, Callable[[F32], Buffer]] = {
     # A tensor sliced out of a larger payload at an odd offset.
     "unaligned": lambda x: memoryview(b"\0" + x.tobytes())[1:],
 }
+
+
+
+def fp32(data: Buffer, size: int | None = None) -> Tensor:
+    """An fp32 tensor of shape ``(size,)`` (by default: as many values as ``data`` holds) whose
+    ``data`` is any buffer form: wrappers accept them all, not only the ``bytes`` of the wire."""
+    n = memoryview(cast(bytes, data)).nbytes // 4 if size is None else size
+    return Tensor(name="x", dtype="float32", shape=(n,), codec="fp32", data=cast(bytes, data))
+
 
 weights = st.one_of(st.integers(1, 10**6), st.floats(1e-3, 1e6))
 
@@ -72,7 +103,7 @@ def test_folding_one_at_a_time_in_any_order_equals_np_average(
     updates, ws, order = r
     acc = np.zeros(updates[0].size, dtype=np.float64)
     for i in order:
-        fold_fp32(acc, FORMS[form](updates[i]), ws[i])
+        fold_fp32(acc, fp32(FORMS[form](updates[i])), ws[i])
     expected = naive.weighted_mean(updates, ws)
     # Each add rounds at 2**-53 of the running |sum| <= scale * sum(w): with cancellation the
     # result can be far smaller than its terms, hence an absolute bound on that scale.
@@ -86,37 +117,38 @@ def test_fold_is_exactly_acc_plus_w_times_x(seed: int, size: int, w: float) -> N
     x = random_finite(seed, size)
     acc = np.random.default_rng(seed).standard_normal(size) * 1e30
     expected = acc + float(w) * x.astype(np.float64)
-    fold_fp32(acc, x.tobytes(), w)
+    fold_fp32(acc, fp32(x.tobytes()), w)
     np.testing.assert_array_equal(acc, expected)
 
 
 def test_fold_reads_bytes_without_copying_or_modifying_them() -> None:
     data = np.arange(5, dtype=np.float32).tobytes()
     acc = np.zeros(5)
-    fold_fp32(acc, data, 2)
-    fold_fp32(acc, data, 0.5)
+    fold_fp32(acc, fp32(data), 2)
+    fold_fp32(acc, fp32(data), 0.5)
     np.testing.assert_array_equal(acc, 2.5 * np.arange(5))
     assert data == np.arange(5, dtype=np.float32).tobytes()
 
 
 def test_fold_into_a_slice_of_a_larger_accumulator() -> None:
     acc = np.zeros(10)
-    fold_fp32(acc[3:7], np.ones(4, dtype=np.float32), 3.0)
+    fold_fp32(acc[3:7], fp32(np.ones(4, dtype=np.float32)), 3.0)
     np.testing.assert_array_equal(acc, [0, 0, 0, 3, 3, 3, 3, 0, 0, 0])
 
 
 def test_fold_reads_little_endian_bytes() -> None:
     acc = np.zeros(1)
-    fold_fp32(acc, b"\x00\x00\x80\x3f", 1.0)  # 1.0f little-endian
+    fold_fp32(acc, fp32(b"\x00\x00\x80\x3f"), 1.0)  # 1.0f little-endian
     assert acc[0] == 1.0
 
 
 def _fold_with(
-    acc: Any = None, data: Any = None, weight: Any = 1.0
+    acc: Any = None, data: Any = None, weight: Any = 1.0, **fields: Any
 ) -> Callable[[], None]:
     acc = np.zeros(4) if acc is None else acc
     data = np.ones(4, dtype=np.float32) if data is None else data
-    return lambda: fold_fp32(acc, data, weight)
+    t = dataclasses.replace(fp32(data, 4), **fields)
+    return lambda: fold_fp32(acc, t, weight)
 
 
 @pytest.mark.parametrize(
@@ -138,9 +170,22 @@ def _fold_with(
         pytest.param(_fold_with(data=memoryview(bytes(32))[::2]),
                      "data buffer is not C-contiguous", id="memoryview-strided"),
         pytest.param(_fold_with(data=np.ones(3, np.float32)),
-                     "data holds 3 float32 values but acc has 4", id="data-short"),
-        pytest.param(_fold_with(data=bytes(20)), "data holds 5 float32 values but acc has 4",
+                     "data holds 3 float32 values; expected 4", id="data-short"),
+        pytest.param(_fold_with(data=bytes(20)), "data holds 5 float32 values; expected 4",
                      id="data-long"),
+        pytest.param(_fold_with(acc=np.zeros(5)), r"acc has 5 elements; tensor 'x' covers 4",
+                     id="acc-long"),
+        pytest.param(_fold_with(acc=np.zeros(8)[4:6], data=bytes(12), shape=(8,), offset=4,
+                                count=3),
+                     r"acc has 2 elements; tensor 'x' covers 3 \(\[4, 7\)\)", id="acc-range"),
+        pytest.param(_fold_with(offset=2, count=3), r"range \[2, 5\) is outside its 4",
+                     id="range-outside"),
+        pytest.param(_fold_with(codec="fp16"), "has codec 'fp16'; this is the fp32 kernel",
+                     id="wrong-codec"),
+        pytest.param(_fold_with(dtype="float16"), "has dtype 'float16'; expected 'float32'",
+                     id="wrong-dtype"),
+        pytest.param(_fold_with(block=4, scales=bytes(4)), "block and scales are only for int8",
+                     id="fp32-with-scales"),
         pytest.param(_fold_with(data=bytes(15)), "15 bytes, not a whole number", id="bytes-odd"),
         pytest.param(_fold_with(data=np.zeros(15, np.uint8)), "15 bytes, not a whole number",
                      id="uint8-odd"),
@@ -159,15 +204,17 @@ def test_fold_rejects_bad_arguments_saying_what_is_wrong(
 
 def test_fold_rejects_non_buffers_with_type_error() -> None:
     with pytest.raises(TypeError, match="not list"):
-        fold_fp32(np.zeros(1), [1.0], 1.0)  # type: ignore[arg-type]
+        fold_fp32(np.zeros(1), fp32(cast(Buffer, [1.0]), 1), 1.0)
     with pytest.raises(TypeError, match="acc must be a numpy array"):
-        fold_fp32([0.0], bytes(4), 1.0)  # type: ignore[arg-type]
+        fold_fp32([0.0], fp32(bytes(4)), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected a fedmq\.wire\.Tensor, not bytes"):
+        fold_fp32(np.zeros(1), bytes(4), 1.0)  # type: ignore[arg-type]
 
 
 def test_a_rejected_fold_leaves_the_accumulator_unchanged() -> None:
     acc = np.ones(4)
     with pytest.raises(ValueError, match="data holds 3"):
-        fold_fp32(acc, bytes(12), 1.0)
+        fold_fp32(acc, fp32(bytes(12), 4), 1.0)
     np.testing.assert_array_equal(acc, np.ones(4))
 
 
@@ -187,6 +234,7 @@ def test_all_finite_finds_a_nonfinite_value_anywhere(size: int, where: str, bad:
     x[{"first": 0, "middle": size // 2, "last": size - 1}[where]] = NONFINITE[bad]
     assert not all_finite_fp32(x.tobytes())
     assert not all_finite_fp32(x)
+    assert not check_fp32(fp32(x.tobytes()))
 
 
 @SETTINGS
@@ -194,10 +242,12 @@ def test_all_finite_finds_a_nonfinite_value_anywhere(size: int, where: str, bad:
 def test_all_finite_agrees_with_numpy(seed: int, size: int, form: str) -> None:
     x = random_finite(seed, size)
     assert all_finite_fp32(FORMS[form](x)) is True
+    assert check_fp32(fp32(FORMS[form](x))) is True
     if size:
         i = seed % size
         x[i] = NONFINITE[sorted(NONFINITE)[seed % len(NONFINITE)]]
         assert all_finite_fp32(FORMS[form](x)) is naive.all_finite(x) is False
+        assert check_fp32(fp32(FORMS[form](x))) is False
 
 
 def test_all_finite_accepts_extremes_and_empty_input() -> None:
@@ -205,6 +255,15 @@ def test_all_finite_accepts_extremes_and_empty_input() -> None:
     extremes = np.array([info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0], np.float32)
     assert all_finite_fp32(extremes)
     assert all_finite_fp32(b"")
+    assert check_fp32(fp32(extremes.tobytes()))
+    assert check_fp32(fp32(b""))
+
+
+def test_check_is_false_for_a_malformed_tensor_and_raises_only_for_a_wrong_codec() -> None:
+    assert not check_fp32(fp32(bytes(12), 4))  # too short
+    assert not check_fp32(dataclasses.replace(fp32(bytes(16)), offset=1))  # range outside
+    with pytest.raises(ValueError, match="has codec 'int8'; this is the fp32 kernel"):
+        check_fp32(dataclasses.replace(fp32(bytes(16)), codec="int8"))
 
 
 @SETTINGS
@@ -212,20 +271,35 @@ def test_all_finite_accepts_extremes_and_empty_input() -> None:
 def test_sq_norm_matches_numpy_in_float64(seed: int, size: int, form: str) -> None:
     x = random_finite(seed, size)
     # float32 max squared is about 1e77: no overflow in float64, which is why it sums there.
-    assert sq_norm_fp32(FORMS[form](x)) == pytest.approx(naive.sq_norm(x), rel=1e-12)
+    assert sq_norm_fp32(fp32(FORMS[form](x))) == pytest.approx(naive.sq_norm(x), rel=1e-12)
 
 
 def test_sq_norm_small_cases() -> None:
-    assert sq_norm_fp32(b"") == 0.0
-    assert sq_norm_fp32(np.array([3, 4], np.float32)) == 25.0
-    assert sq_norm_fp32(np.array([1e-30], np.float32)) > 0.0  # not flushed to zero
+    assert sq_norm_fp32(fp32(b"")) == 0.0
+    assert sq_norm_fp32(fp32(np.array([3, 4], np.float32))) == 25.0
+    assert sq_norm_fp32(fp32(np.array([1e-30], np.float32))) > 0.0  # not flushed to zero
 
 
 def test_codec_dispatch_table() -> None:
-    assert set(KERNELS) <= set(CODECS)
-    fp32 = KERNELS["fp32"]
-    assert (fp32.fold, fp32.all_finite, fp32.sq_norm) == (fold_fp32, all_finite_fp32,
-                                                          sq_norm_fp32)
+    assert set(KERNELS) == set(CODECS)
+    expected = {
+        "fp32": (fold_fp32, check_fp32, sq_norm_fp32),
+        "fp16": (fold_fp16, check_fp16, sq_norm_fp16),
+        "int8": (fold_int8, check_int8, sq_norm_int8),
+        "topk": (fold_topk, check_topk, sq_norm_topk),
+    }
+    for codec, (fold, check, sq_norm) in expected.items():
+        k = KERNELS[codec]
+        assert (k.fold, k.check, k.sq_norm) == (fold, check, sq_norm)
+
+
+PRIVATE_KERNELS = (
+    kernels._first_bad_index,
+    kernels._fold_fp32, kernels._fold_fp16, kernels._fold_int8, kernels._fold_topk_int8,
+    kernels._fold_topk_fp16,
+    kernels._all_finite_fp32, kernels._all_finite_fp16, kernels._all_finite_int8,
+    kernels._sq_norm_fp32, kernels._sq_norm_fp16, kernels._sq_norm_int8,
+)
 
 
 def test_warmup_compiles_the_only_specialization_each_kernel_needs() -> None:
@@ -234,13 +308,27 @@ def test_warmup_compiles_the_only_specialization_each_kernel_needs() -> None:
     acc = np.zeros(3)
     x = np.array([1, 2, 3], np.float32)
     for make in FORMS.values():
-        fold_fp32(acc, make(x), 1.0)
+        fold_fp32(acc, fp32(make(x)), 1.0)
         all_finite_fp32(make(x))
-        sq_norm_fp32(make(x))
-    for k in (kernels._fold_fp32, kernels._all_finite_fp32, kernels._sq_norm_fp32):
+        check_fp32(fp32(make(x)))
+        sq_norm_fp32(fp32(make(x)))
+    byte_forms: list[Callable[[bytes], Buffer]] = [
+        bytearray, lambda b: memoryview(b"\0" + b)[1:], lambda b: np.frombuffer(b, np.uint8).copy()]
+    for codec, values in [("fp16", "int8"), ("int8", "int8"), ("topk", "int8"), ("topk", "fp16")]:
+        t = encode("x", x, codec, block=2, fraction=0.5, values=values)
+        for form in byte_forms:
+            u = dataclasses.replace(t, data=cast(bytes, form(t.data)),
+                                    scales=cast(bytes, form(t.scales)),
+                                    indices=cast(bytes, form(t.indices)))
+            KERNELS[codec].fold(acc, u, 1.0)
+            KERNELS[codec].check(u)
+            KERNELS[codec].sq_norm(u)
+    for k in PRIVATE_KERNELS:
         signatures = getattr(k, "signatures", None)
         if signatures is not None:  # None when NUMBA_DISABLE_JIT=1
-            assert len(signatures) == 1, signatures
+            assert len(signatures) == 1, (k, signatures)
+    # Called only from other kernels: compiled for one type, or (loaded from the cache) none.
+    assert len(getattr(kernels._half, "signatures", None) or []) <= 1
 
 
 def test_jit_compiles_without_cache_when_no_cache_dir_is_writable(

@@ -1,0 +1,171 @@
+"""End-to-end ingest: the aggregator against a bare subscriber, over a real Mosquitto.
+
+P publisher processes send int8 updates of 1M parameters (QoS 1) through a Mosquitto on
+loopback. Side "bare" is a paho subscriber that only counts the messages; side "ours" is the
+aggregator service (decode, checks, fused int8 fold). Each side's rate is updates per second from
+the first publish to the last update handled; the two sides alternate and the medians are
+compared: ``ingest_ratio_ours_over_bare`` (1.0 = the aggregator keeps pace with the broker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.service import AggregatorService
+from fedmq import codec, compression
+from fedmq.broker import MosquittoBroker, default_config_dir
+from fedmq.config import AggregatorConfig, BrokerConfig, LimitsConfig, RoundsConfig
+from fedmq.topics import Topics
+from fedmq.transport import PahoTransport
+from fedmq.wire import ModelUpdate
+
+SHAPE = (1000, 1000)
+
+
+def _payloads(federation: str, publisher: int, count: int, params: int) -> list[bytes]:
+    rng = np.random.default_rng(publisher)
+    delta = (rng.standard_normal(params) * 0.01).astype(np.float32).reshape(SHAPE[0], -1)
+    tensor = compression.encode("w", delta, "int8", block=256)
+    return [codec.encode(ModelUpdate(
+        federation=federation, device_id=f"p{publisher}-{i}", round=1, base_version=0,
+        update_id=uuid.uuid4().hex, num_examples=10 + i, tensors=(tensor,)))
+        for i in range(count)]
+
+
+def _publish(host: str, port: int, federation: str, publisher: int, count: int,  # noqa: PLR0917
+             params: int, go: Any) -> None:  # (a process target takes positional arguments)
+    """One publisher process: connect, wait for the start signal, send ``count`` updates."""
+    payloads = _payloads(federation, publisher, count, params)
+    topics = Topics(federation)
+    t = PahoTransport(BrokerConfig(host=host, port=port), client_id=f"pub-{uuid.uuid4().hex}")
+    t.start()
+    if not t.wait_connected(10):
+        raise SystemExit("publisher could not connect")
+    go.wait()
+    for i, payload in enumerate(payloads):
+        t.publish(topics.update(f"p{publisher}-{i}"), payload, qos=1)
+    time.sleep(1.0)  # let paho flush the queue and collect the acks before disconnecting
+    t.stop()
+
+
+def _run_publishers(broker: MosquittoBroker, federation: str, publishers: int, count: int,
+                    params: int) -> tuple[list[Any], Any]:
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_publish,
+                         args=(broker.host, broker.port, federation, p, count, params, go))
+             for p in range(publishers)]
+    for p in procs:
+        p.start()
+    return procs, go
+
+
+def _wait_done(procs: list[Any]) -> None:
+    for p in procs:
+        p.join(timeout=120)
+        if p.exitcode != 0:
+            raise RuntimeError(f"publisher exited with {p.exitcode}")
+
+
+def run_bare(broker: MosquittoBroker, publishers: int, count: int, params: int) -> float:
+    """Updates per second seen by a subscriber that only counts them."""
+    fed = f"bare-{uuid.uuid4().hex[:8]}"
+    topics = Topics(fed)
+    sub = PahoTransport(BrokerConfig(host=broker.host, port=broker.port),
+                        client_id=f"bare-{uuid.uuid4().hex}")
+    sub.subscribe(topics.updates)
+    sub.start()
+    assert sub.wait_connected(10)
+    time.sleep(0.3)
+    total = publishers * count
+    procs, go = _run_publishers(broker, fed, publishers, count, params)
+    time.sleep(2.0 + 0.5 * publishers)  # publishers connect and build their payloads
+    got = 0
+    t0 = time.perf_counter()
+    go.set()
+    while got < total:
+        sub.inbox.get(timeout=60)
+        got += 1
+    elapsed = time.perf_counter() - t0
+    _wait_done(procs)
+    sub.stop()
+    return total / elapsed
+
+
+def run_ours(broker: MosquittoBroker, publishers: int, count: int, params: int) -> float:
+    """Updates per second decoded, checked and folded by the aggregator service."""
+    fed = f"ours-{uuid.uuid4().hex[:8]}"
+    total = publishers * count
+    config = AggregatorConfig(
+        federation=fed, broker=BrokerConfig(host=broker.host, port=broker.port),
+        rounds=RoundsConfig(min_updates=total, max_updates=total, deadline_s=600.0,
+                            max_rounds=1),
+        limits=LimitsConfig(max_update_bytes=8 * params))
+    agg = AggregatorService(config, weights={"w": np.zeros(SHAPE, np.float32)})
+    agg.start()
+    procs, go = _run_publishers(broker, fed, publishers, count, params)
+    time.sleep(2.0 + 0.5 * publishers)
+    t0 = time.perf_counter()
+    go.set()
+    while True:
+        handled = agg.stats.accepted + sum(agg.stats.rejected.values())
+        if handled >= total:
+            break
+        if time.perf_counter() - t0 > 120:
+            raise RuntimeError(f"aggregator handled {handled} of {total} updates")
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - t0
+    rejected = dict(agg.stats.rejected)
+    _wait_done(procs)
+    agg.stop()
+    if rejected:
+        raise RuntimeError(f"updates were rejected: {rejected}")
+    return total / elapsed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer, smaller updates")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--publishers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    params = SHAPE[0] * SHAPE[1]
+    count = 25 if args.quick else 100
+    repeats = 1 if args.quick else args.repeats
+    bare: list[float] = []
+    ours: list[float] = []
+    with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
+        for r in range(repeats):
+            # Alternate which side goes first: the first run of a series is often slower.
+            order = (run_bare, run_ours) if r % 2 == 0 else (run_ours, run_bare)
+            for fn in order:
+                rate = fn(broker, args.publishers, count, params)
+                (bare if fn is run_bare else ours).append(rate)
+                print(f"  {fn.__name__[4:]:>5}: {rate:8.1f} updates/s "
+                      f"({rate * params * 1.0 / 1e6:7.1f} MB/s of int8)", flush=True)
+    ratio = statistics.median(ours) / statistics.median(bare)
+    result = {"ingest_ratio_ours_over_bare": round(ratio, 3),
+              "bare_updates_per_s": round(statistics.median(bare), 1),
+              "ours_updates_per_s": round(statistics.median(ours), 1),
+              "publishers": args.publishers, "updates_per_run": args.publishers * count,
+              "params": params, "codec": "int8", "repeats": repeats}
+    print(f"ingest_ratio_ours_over_bare = {ratio:.3f} (median of {repeats}; target >= 0.8)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

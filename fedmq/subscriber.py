@@ -1,0 +1,112 @@
+"""``ModelSubscriber``: the latest global model, for apps (numpy, msgpack and paho only).
+
+Subscribes to a federation's model topic (and the parts of a chunked model), checks each model's
+sha256 and keeps the newest version. Any MQTT client can do the same by following
+docs/protocol.md; this is the convenient way from Python.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmq import codec
+from fedmq.chunking import ModelAssembler
+from fedmq.compression import decode_all
+from fedmq.config import BrokerConfig
+from fedmq.errors import DecodeError
+from fedmq.topics import Topics
+from fedmq.transport import Message, PahoTransport, Transport
+from fedmq.wire import GlobalModel, RoundSummary, model_digest
+
+F32 = npt.NDArray[np.float32]
+
+
+class ModelSubscriber:
+    """Follows a federation's model topic; ``latest`` / ``wait_for_version`` return models."""
+
+    def __init__(self, broker: BrokerConfig, federation: str, *,
+                 transport: Transport | None = None, summaries: bool = False,
+                 on_model: Callable[[GlobalModel], None] | None = None) -> None:
+        self.topics = Topics(federation)
+        self.federation = federation
+        self.transport: Transport = transport or PahoTransport(
+            broker, client_id=f"fedmq-app-{federation}-{id(self):x}")
+        self.transport.subscribe(self.topics.model)
+        self.transport.subscribe(self.topics.model_parts)
+        if summaries:
+            self.transport.subscribe(self.topics.metrics)
+        self._assembler = ModelAssembler()
+        self._latest: GlobalModel | None = None
+        self.summaries: dict[int, RoundSummary] = {}
+        self.rejected = 0
+        self.on_model = on_model
+
+    def start(self) -> ModelSubscriber:
+        self.transport.start()
+        return self
+
+    def stop(self) -> None:
+        self.transport.stop()
+
+    def poll(self, timeout: float = 0.0) -> GlobalModel | None:
+        """Handle what has arrived (waiting up to ``timeout`` for one message); the latest."""
+        try:
+            msg = self.transport.inbox.get(timeout=timeout) if timeout else \
+                self.transport.inbox.get_nowait()
+        except queue.Empty:
+            return self._latest
+        self._handle(msg)
+        while True:
+            try:
+                self._handle(self.transport.inbox.get_nowait())
+            except queue.Empty:
+                return self._latest
+
+    def _handle(self, msg: Message) -> None:
+        if not msg.payload:
+            return
+        try:
+            decoded = codec.decode(msg.payload)
+        except DecodeError:
+            self.rejected += 1
+            return
+        if isinstance(decoded, RoundSummary):
+            self.summaries[decoded.version] = decoded
+            return
+        if not isinstance(decoded, GlobalModel) or decoded.federation != self.federation:
+            return
+        whole = self._assembler.add(decoded)
+        if whole is None:
+            return
+        if model_digest(whole.tensors) != whole.sha256:
+            self.rejected += 1
+            return
+        if self._latest is None or whole.version > self._latest.version:
+            self._latest = whole
+            if self.on_model is not None:
+                self.on_model(whole)
+
+    @property
+    def latest(self) -> GlobalModel | None:
+        """The newest verified model received so far."""
+        return self._latest
+
+    def wait_for_version(self, version: int, timeout: float) -> GlobalModel | None:
+        """Block until a model of at least ``version`` arrived (None on timeout)."""
+        end = time.monotonic() + timeout
+        while self._latest is None or self._latest.version < version:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            self.poll(min(left, 0.2))
+        return self._latest
+
+    @staticmethod
+    def weights(model: GlobalModel) -> dict[str, F32]:
+        """The model's tensors as float32 arrays."""
+        return decode_all(model.tensors)
