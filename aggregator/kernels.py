@@ -33,9 +33,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -502,11 +504,75 @@ def _topk_parts(t: Tensor) -> _TopK:
 # ---------------------------------------------------------------- public wrappers: fp32
 
 
+# ---------------------------------------------------------------- threads
+
+#: Dense folds at least this long are split across ``fold_threads`` threads; below it the
+#: hand-off costs more than the second core saves.
+PARALLEL_MIN = 1 << 18
+
+
+class _FoldThreads:
+    """The process-wide fold thread pool (one per process: kernels are shared code)."""
+
+    def __init__(self) -> None:
+        self.threads = 1
+        self.pool: ThreadPoolExecutor | None = None
+
+    def set(self, n: int) -> None:
+        want = n or os.cpu_count() or 1
+        if want != self.threads:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            self.pool = (ThreadPoolExecutor(want - 1, thread_name_prefix="fold") if want > 1
+                         else None)
+            self.threads = want
+
+
+_FOLD = _FoldThreads()
+
+
+def set_fold_threads(n: int) -> None:
+    """Fold dense tensors with ``n`` threads (the kernels release the GIL); 0 = every core.
+
+    One thread is the default: on a small aggregator host the broker and paho's network thread
+    need the other core (notes/mqtt.md). A dedicated host folds large models faster with more.
+    """
+    if n < 0:
+        raise ValueError(f"fold threads must be >= 0 (0 = every core); got {n}")
+    _FOLD.set(n)
+
+
+def fold_threads() -> int:
+    """How many threads a large dense fold uses."""
+    return _FOLD.threads
+
+
+def _pieces(n: int, align: int, parts: int) -> list[tuple[int, int]]:
+    """Cut ``range(n)`` into ``parts`` contiguous pieces starting on multiples of ``align``."""
+    step = -(-n // parts)
+    step = -(-step // align) * align
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _split_fold(n: int, align: int, fold: Callable[[int, int], None]) -> None:
+    """Run ``fold(start, stop)`` over pieces of ``range(n)``: in threads when it pays."""
+    pool = _FOLD.pool
+    if pool is None or n < PARALLEL_MIN:
+        fold(0, n)
+        return
+    first, *rest = _pieces(n, align, _FOLD.threads)
+    futures = [pool.submit(fold, a, b) for a, b in rest]
+    fold(*first)  # the calling thread takes a piece too
+    for f in futures:
+        f.result()
+
+
 def fold_fp32(acc: F64, t: Tensor, weight: float) -> None:
     """``acc += weight * float64(x)``, ``x`` the tensor's little-endian float32 values."""
     x = _fp32_parts(t)
     _check_segment(acc, t)
-    _fold_fp32(acc, x, _check_weight(weight))
+    w = _check_weight(weight)
+    _split_fold(acc.size, 1, lambda a, b: _fold_fp32(acc[a:b], x[a:b], w))
 
 
 def check_fp32(t: Tensor) -> bool:
@@ -539,7 +605,8 @@ def fold_fp16(acc: F64, t: Tensor, weight: float) -> None:
     """``acc += weight * float64(h)``, ``h`` the tensor's little-endian IEEE binary16 values."""
     h = _fp16_parts(t)
     _check_segment(acc, t)
-    _fold_fp16(acc, h, _check_weight(weight))
+    w = _check_weight(weight)
+    _split_fold(acc.size, 1, lambda a, b: _fold_fp16(acc[a:b], h[a:b], w))
 
 
 def check_fp16(t: Tensor) -> bool:
@@ -564,7 +631,10 @@ def fold_int8(acc: F64, t: Tensor, weight: float) -> None:
     """``acc += weight * float64(float32(q) * scale)`` per value, one scale per block."""
     q, scales, block = _int8_tensor_parts(t)
     _check_segment(acc, t)
-    _fold_int8(acc, q, scales, block, _check_weight(weight))
+    w = _check_weight(weight)
+    # Pieces start on block boundaries so each keeps whole blocks and their scales.
+    _split_fold(acc.size, block, lambda a, b: _fold_int8(
+        acc[a:b], q[a:b], scales[a // block:-(-b // block)], block, w))
 
 
 def check_int8(t: Tensor) -> bool:
@@ -644,6 +714,58 @@ KERNELS: Mapping[str, CodecKernels] = MappingProxyType({
     "int8": CodecKernels(fold_int8, check_int8, sq_norm_int8),
     "topk": CodecKernels(fold_topk, check_topk, sq_norm_topk),
 })
+
+
+#: Accumulator elements per cache block in ``fold_many`` (1 MiB of float64: fits in L2).
+CACHE_BLOCK = 1 << 17
+
+
+def _ranged_fold(acc: F64, t: Tensor, w: float) -> Callable[[int, int], None] | None:
+    """``fold(start, stop)`` adding ``t``'s values for ``[start, stop)`` to ``acc``.
+
+    ``start`` is rounded down to the tensor's int8 block so every call keeps whole blocks; None
+    for sparse codecs, which touch too little of ``acc`` to gain from blocking.
+    """
+    if t.codec == "fp32":
+        x = _fp32_parts(t)
+        return lambda a, b: _fold_fp32(acc[a:b], x[a:b], w)
+    if t.codec == "fp16":
+        h = _fp16_parts(t)
+        return lambda a, b: _fold_fp16(acc[a:b], h[a:b], w)
+    if t.codec == "int8":
+        q, scales, block = _int8_tensor_parts(t)
+
+        def fold(a: int, b: int) -> None:
+            a -= a % block
+            b = min(b - b % block, acc.size) if b < acc.size else acc.size
+            _fold_int8(acc[a:b], q[a:b], scales[a // block:-(-b // block)], block, w)
+        return fold
+    return None
+
+
+def fold_many(acc: F64, items: Sequence[tuple[Tensor, float]]) -> None:
+    """Fold several updates' tensors for the same ``acc`` range, one cache block at a time.
+
+    Each block of the accumulator is read from memory once for all ``items`` instead of once
+    per update: when updates queue up faster than they fold, this cuts the accumulator's memory
+    traffic by the batch size. Same result as folding them one by one in order.
+    """
+    _check_acc(acc)
+    folds = []
+    for t, weight in items:
+        _check_segment(acc, t)
+        w = _check_weight(weight)
+        fold = _ranged_fold(acc, t, w)
+        if fold is None:
+            KERNELS[t.codec].fold(acc, t, w)
+        else:
+            folds.append(fold)
+    if len(folds) == 1:
+        folds[0](0, acc.size)
+        return
+    for a in range(0, acc.size, CACHE_BLOCK):
+        for fold in folds:
+            fold(a, a + CACHE_BLOCK)
 
 
 def _warmup_tensors() -> list[Tensor]:

@@ -62,6 +62,9 @@ REJECT_REASONS: tuple[str, ...] = (
     "overload",
 )
 
+#: Most queued updates folded in one pass over the accumulator.
+FOLD_BATCH = 8
+
 #: Chunked updates that may be in flight at once (each costs a few bytes of bookkeeping).
 MAX_PENDING_CHUNKED = 100_000
 
@@ -146,6 +149,7 @@ class AggregatorService:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._pending_devices: set[str] = set()
         self._model_parts = 0
+        self._deferred: list[ModelUpdate] = []
         self._round_rejected: Counter[str] = Counter()
         self._round_bytes = 0
         self._round_metrics: dict[str, float] = {}
@@ -188,24 +192,48 @@ class AggregatorService:
     # ---------------------------------------------------------------- worker
 
     def _work(self) -> None:
+        inbox = self.transport.inbox
         while not self._stopping.is_set():
+            msgs = []
             try:
-                msg = self.transport.inbox.get(timeout=0.05)
+                msgs.append(inbox.get(timeout=0.05))
+                # Whatever else is already queued is folded in the same pass over the
+                # accumulator (bounded: the queue holds these messages anyway).
+                while len(msgs) < FOLD_BATCH:
+                    msgs.append(inbox.get_nowait())
             except queue.Empty:
-                msg = None
+                pass
             try:
-                self.step(msg)
+                self.step(*msgs)
             except Exception:  # a bug must not silently end the federation: log and go on
                 log.exception("aggregator worker error (continuing)")
 
-    def step(self, msg: Message | None = None) -> None:
-        """One turn of the worker: handle ``msg`` (if any), then tick the round clock."""
-        if msg is not None:
-            self.handle_message(msg)
+    def step(self, *msgs: Message) -> None:
+        """One turn of the worker: handle ``msgs``, fold what was accepted, tick the clock."""
+        for msg in msgs:
+            self._handle(msg)
+        self._flush()
         self._apply(self.machine.handle(Tick(self.clock())), None)
 
     def handle_message(self, msg: Message) -> None:
-        """Process one inbound message (public so tests can drive the service directly)."""
+        """Process one inbound message now (folding it if accepted), without a tick."""
+        self._handle(msg)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Fold the accepted updates waiting in this batch."""
+        if not self._deferred:
+            return
+        t0 = time.perf_counter()
+        if len(self._deferred) == 1:
+            u = self._deferred[0]
+            self.strategy.fold(u.tensors, float(u.num_examples))
+        else:
+            self.strategy.fold_many([(u.tensors, float(u.num_examples)) for u in self._deferred])
+        self.stats.fold_seconds += time.perf_counter() - t0
+        self._deferred = []
+
+    def _handle(self, msg: Message) -> None:
         if not msg.topic.startswith(f"{self.topics.base}/update/"):
             return
         self.stats.bytes_in += len(msg.payload)
@@ -297,9 +325,7 @@ class AggregatorService:
             match action:
                 case Accept():
                     assert update is not None
-                    t0 = time.perf_counter()
-                    self.strategy.fold(update.tensors, float(update.num_examples))
-                    self.stats.fold_seconds += time.perf_counter() - t0
+                    self._deferred.append(update)  # folded by _flush, with its batch
                     self.stats.accepted += 1
                     self._add_metrics(update)
                 case Reject(device_id=dev, update_id=uid, reason=reason):
@@ -326,6 +352,7 @@ class AggregatorService:
 
     def _open_round(self, now: float) -> None:
         self.round += 1
+        self._deferred = []  # an abandoned round's accepted updates are dropped with it
         self.strategy.init(self.model)
         self._round_rejected = Counter()
         self._round_bytes = 0
@@ -374,6 +401,7 @@ class AggregatorService:
         self.transport.publish(self.topics.model, codec.encode(messages[0]), qos=1, retain=True)
 
     def _close_round(self, closed_by: str) -> None:
+        self._flush()
         now = self.clock()
         incomplete = self.strategy.incomplete
         if incomplete:

@@ -1,0 +1,100 @@
+"""Batched (cache-blocked) and threaded folds give exactly the sequential result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aggregator import kernels
+from aggregator.spec import ModelSpec
+from aggregator.strategies import FedAvg
+from fedmq import compression
+from fedmq.wire import Tensor
+
+CODEC_OPTS: list[tuple[str, dict[str, object]]] = [
+    ("fp32", {}), ("fp16", {}), ("int8", {"block": 256}), ("int8", {"block": 100}),
+    ("topk", {"fraction": 0.05}),
+]
+
+
+def _tensor(rng: np.random.Generator, n: int, which: int) -> Tensor:
+    codec, opts = CODEC_OPTS[which]
+    return compression.encode("w", rng.standard_normal(n).astype(np.float32), codec,
+                              **opts)  # type: ignore[arg-type]
+
+
+# The fixture only sets a module constant that no example changes.
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 3 * 4096 + 7), seed=st.integers(0, 2**32 - 1),
+       kinds=st.lists(st.integers(0, len(CODEC_OPTS) - 1), min_size=1, max_size=6))
+def test_fold_many_equals_folding_one_by_one(n: int, seed: int, kinds: list[int],
+                                             monkeypatch_block: None) -> None:
+    rng = np.random.default_rng(seed)
+    items = [(_tensor(rng, n, k), float(rng.integers(1, 100))) for k in kinds]
+    one_by_one = np.zeros(n)
+    for t, w in items:
+        kernels.KERNELS[t.codec].fold(one_by_one, t, w)
+    batched = np.zeros(n)
+    kernels.fold_many(batched, items)
+    np.testing.assert_array_equal(batched, one_by_one)
+
+
+@pytest.fixture
+def monkeypatch_block() -> Iterator[None]:
+    # Small cache blocks so that short tensors still cross several block boundaries.
+    saved = kernels.CACHE_BLOCK
+    kernels.CACHE_BLOCK = 4096
+    yield
+    kernels.CACHE_BLOCK = saved
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    saved = kernels.PARALLEL_MIN
+    kernels.PARALLEL_MIN = 1000
+    kernels.set_fold_threads(2)
+    yield
+    kernels.set_fold_threads(1)
+    kernels.PARALLEL_MIN = saved
+
+
+@pytest.mark.parametrize("which", range(len(CODEC_OPTS)))
+def test_threaded_fold_equals_serial(which: int, two_threads: None) -> None:
+    rng = np.random.default_rng(which)
+    t = _tensor(rng, 5001, which)
+    assert kernels.fold_threads() == 2
+    threaded = np.zeros(5001)
+    kernels.KERNELS[t.codec].fold(threaded, t, 3.0)
+    kernels.set_fold_threads(1)
+    serial = np.zeros(5001)
+    kernels.KERNELS[t.codec].fold(serial, t, 3.0)
+    np.testing.assert_array_equal(threaded, serial)
+
+
+def test_fold_threads_rejects_negative() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        kernels.set_fold_threads(-1)
+
+
+def test_strategy_fold_many_matches_fold() -> None:
+    rng = np.random.default_rng(7)
+    base = {"a": rng.standard_normal((30, 20)).astype(np.float32),
+            "b": rng.standard_normal(20).astype(np.float32)}
+    spec = ModelSpec.from_weights(base)
+    updates = [(compression.encode_all({k: rng.standard_normal(v.shape) for k, v in base.items()},
+                                       codec), float(n))
+               for codec, n in (("fp32", 3), ("int8", 5), ("fp16", 7), ("topk", 2))]
+    one, many = FedAvg(spec), FedAvg(spec)
+    one.init(base)
+    many.init(base)
+    for tensors, w in updates:
+        one.fold(tensors, w)
+    many.fold_many(updates)
+    assert (many.contributors, many.total_weight) == (one.contributors, one.total_weight)
+    for name, value in one.finalize().items():
+        np.testing.assert_array_equal(many.finalize()[name], value)
