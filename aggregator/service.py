@@ -87,6 +87,8 @@ class Stats:
     bytes_in: int = 0
     rounds_completed: int = 0
     fold_seconds: float = 0.0
+    #: The latest rejection, with what was wrong (for logs and operators).
+    last_rejection: str = ""
 
 
 def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
@@ -298,6 +300,7 @@ class AggregatorService:
         try:
             update = codec.decode_as(payload, ModelUpdate, self.limits)
         except DecodeError as exc:
+            self.stats.last_rejection = f"{device}: {exc}"
             log.debug("update from %s rejected: %s", device, exc)
             return None, exc.reason
         if update.federation != self.config.federation:

@@ -1,10 +1,10 @@
 """The MQTT seam: the only module that imports paho.
 
-``PahoTransport`` owns one paho client and one network thread of its own. The thread connects,
-runs paho's loop, and on a lost connection waits a jittered exponential back-off before trying
-again (paho's built-in reconnect doubles without jitter, so a fleet that lost its broker would
-come back in lockstep). Paho callbacks only convert the message to our ``Message`` and put it on
-``inbox``; all real work happens on the caller's threads. ``MemoryTransport`` is an in-process
+``PahoTransport`` owns one paho client and its network thread (``loop_start``). Before each
+reconnect attempt paho waits the delay we set: a jittered exponential back-off (paho's own
+doubles without jitter, so a fleet that lost its broker would come back in lockstep). Paho
+callbacks only convert the message to our ``Message`` and put it on ``inbox``; all real work
+happens on the caller's threads. ``MemoryTransport`` is an in-process
 fake with the same surface for logic tests.
 """
 
@@ -17,7 +17,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -86,7 +86,7 @@ class PahoTransport:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s,
                                 random.Random(seed))
         self.connects = 0
@@ -105,6 +105,7 @@ class PahoTransport:
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client.on_connect = self._handle_connect
+        self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
 
@@ -134,44 +135,36 @@ class PahoTransport:
         self._connected.clear()
         if not self._stopping.is_set():
             log.info("%s: disconnected (%s)", self.client_id, reason)
+            self._jitter_next_delay()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:
         self.inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
 
-    # ---- network thread
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.last_error = f"cannot reach {self.broker.host}:{self.broker.port}"
+        self._jitter_next_delay()
 
-    def _run(self) -> None:
-        socket_open = False
-        while True:
-            stopping = self._stopping.is_set()
-            if stopping and not self._connected.is_set():
-                break
-            if not socket_open:
-                try:
-                    self._client.connect(self.broker.host, self.broker.port,
-                                         keepalive=self.broker.keepalive)
-                    socket_open = True
-                except (OSError, ssl.SSLError) as exc:
-                    self.last_error = f"cannot reach {self.broker.host}:{self.broker.port}: {exc}"
-                    self._stopping.wait(self._backoff.next_delay())
-                    continue
-            rc = self._client.loop(timeout=0.05)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                socket_open = False
-                self._connected.clear()
-                if not stopping:
-                    self._stopping.wait(self._backoff.next_delay())
+    def _jitter_next_delay(self) -> None:
+        # paho waits min_delay before its next attempt (reconnect_delay_set resets its own
+        # doubling); setting both bounds to our jittered delay makes that wait ours. paho
+        # annotates the bounds as int but sleeps on floats.
+        delay = cast(int, max(self._backoff.next_delay(), 0.05))
+        self._client.reconnect_delay_set(delay, delay)
 
     # ---- public surface
 
     def start(self) -> None:
-        """Start the network thread; it connects (and reconnects) in the background."""
-        if self._thread is not None:
+        """Start paho's network thread; it connects (and reconnects) in the background."""
+        if self._started:
             raise BrokerError("transport already started")
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._started = True
+        self._jitter_next_delay()
+        # All socket writes happen on paho's own thread (loop_start): publishing from another
+        # thread while a hand-rolled loop() also writes interleaved packets on the wire.
+        self._client.connect_async(self.broker.host, self.broker.port,
+                                   keepalive=self.broker.keepalive)
+        self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (or ``timeout`` seconds); True if connected."""
@@ -206,15 +199,10 @@ class PahoTransport:
     def stop(self) -> None:
         """Disconnect cleanly (so no last will is sent) and stop the network thread."""
         self._stopping.set()
-        if self._connected.is_set():
-            # The network thread flushes the DISCONNECT, sees the link closed and exits.
+        if self._started:
             self._client.disconnect()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._client.socket() is not None:  # caught mid-handshake: close it ourselves
-            self._client.disconnect()
-            self._client.loop(timeout=0.01)
+            self._client.loop_stop()
+            self._started = False
         self._connected.clear()
 
 
