@@ -164,6 +164,7 @@ class AggregatorService:
     def start(self, connect_timeout: float = 30.0) -> None:
         """Connect, publish model version 0, open round 1 and start the worker thread."""
         kernels.warmup()  # compile now, not inside the first round
+        kernels.set_fold_threads(self.config.strategy.fold_threads)
         self.transport.subscribe(self.topics.updates, qos=1)
         self.transport.start()
         if not self.transport.wait_connected(connect_timeout):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.kernels import KERNELS, warmup
+from aggregator.kernels import KERNELS, set_fold_threads, warmup
 from fedmq.compression import decode, encode
 from fedmq.wire import Tensor
 
@@ -171,8 +172,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"timed runs per side (default {FULL_REPEAT}, --quick {QUICK_REPEAT})")
     args = p.parse_args(argv)
     repeat = args.repeat or (QUICK_REPEAT if args.quick else FULL_REPEAT)
-    result = measure(QUICK_PARAMS if args.quick else FULL_PARAMS, repeat)
+    params = QUICK_PARAMS if args.quick else FULL_PARAMS
+    # The aggregator folds with one thread by default ([strategy] fold_threads = 1); a host that
+    # has cores to spare can fold dense updates on all of them. Both are measured and reported.
+    set_fold_threads(1)
+    result = measure(params, repeat)
+    print("fold_threads = 1 (the default)")
     print(report(result), flush=True)
+    set_fold_threads(0)
+    threaded = measure(params, repeat)
+    set_fold_threads(1)
+    print(f"\nfold_threads = 0 (all {os.cpu_count()} cores)")
+    print(report(threaded), flush=True)
+    for key, value in threaded.items():
+        if key.startswith("fold_") and ("_vs_" in key or key.endswith("_ms")):
+            result[f"{key}_all_cores"] = value
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -100,6 +100,9 @@ class StrategyConfig:
 
     name: Literal["fedavg"] = "fedavg"
     server_lr: float = 1.0
+    #: Threads for folding large dense tensors (0 = every core). One by default: on a small
+    #: host the broker and the network thread need the other cores (notes on ingest).
+    fold_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,8 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: rounds.max_rounds must be >= 0 (0 runs forever)")
     if not 0.0 <= cfg.sampling.rate <= 1.0:
         raise ConfigError(f"{where}: sampling.rate {cfg.sampling.rate} must be in [0, 1]")
+    if cfg.strategy.fold_threads < 0:
+        raise ConfigError(f"{where}: strategy.fold_threads must be >= 0 (0 = every core)")
     c = cfg.compression
     if not (1 <= c.block <= 1 << 24 and 0.0 < c.fraction <= 1.0 and c.max_chunk_bytes >= 4096):
         raise ConfigError(f"{where}: need 1 <= compression.block <= 2**24, 0 < "
