@@ -3,7 +3,8 @@
 P publisher processes send int8 updates of 1M parameters (QoS 1) through a Mosquitto on
 loopback. The headline uses one publisher: on this 2-core machine one already saturates the
 broker-to-subscriber path (the bare rate is the same with two), and a second publisher process
-only adds CPU contention that remote devices would not cause; P=2 is measured and reported too. Side "bare" is a paho subscriber that only counts the messages; side "ours" is the
+only adds CPU contention that remote devices would not cause; P=2 is measured and reported too.
+Side "bare" is a paho subscriber that only counts the messages; side "ours" is the
 aggregator service (decode, checks, fused int8 fold). Each side's rate is updates per second from
 the first publish to the last update handled; the two sides alternate and the medians are
 compared: ``ingest_ratio_ours_over_bare`` (1.0 = the aggregator keeps pace with the broker).
