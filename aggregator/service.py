@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator import kernels
+from aggregator.history import ModelHistory
 from aggregator.rounds import (
     AbandonRound,
     Accept,
@@ -35,6 +36,7 @@ from aggregator.rounds import (
 )
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg, Strategy
+from aggregator.wal import TICK, UPDATE, Snapshot, WriteAheadLog, read_records
 from fedmq import codec
 from fedmq.chunking import split_model
 from fedmq.compression import encode_all
@@ -127,8 +129,20 @@ class AggregatorService:
         self.config = config
         self.topics = Topics(config.federation)
         self.clock = clock
+        durable = config.durability.state_dir is not None
+        # With a state directory: acknowledge updates only once they are in the log, and keep
+        # a persistent session so the broker queues updates while the aggregator is down.
         self.transport: Transport = transport or PahoTransport(
-            config.broker, client_id=f"fedmq-aggregator-{config.federation}")
+            config.broker, client_id=f"fedmq-aggregator-{config.federation}",
+            manual_ack=durable,
+            session_expiry_s=config.durability.session_expiry_s if durable else 0)
+        state = config.durability.state_dir
+        self.state_dir = Path(state) if state is not None else None
+        self.wal: WriteAheadLog | None = None
+        self.history = (ModelHistory(self.state_dir / "models", config.durability.history_keep)
+                        if self.state_dir is not None else None)
+        self._replay_now: float | None = None
+        self._current: Message | None = None
         base = dict(weights) if weights is not None else initial_weights(config)
         self.model: Weights = {k: np.ascontiguousarray(v, dtype=np.float32)
                                for k, v in base.items()}
@@ -173,8 +187,9 @@ class AggregatorService:
             raise ConnectionError(f"aggregator could not connect to the broker at "
                                   f"{b.host}:{b.port} within {connect_timeout:.0f} s; check "
                                   "[broker] in the config and that the broker runs")
-        self._publish_model(metrics={})
-        self._open_round(self.clock())
+        if not self._recover():
+            self._publish_model(metrics={})
+            self._open_round(self._now())
         self._worker = threading.Thread(target=self._work, name="aggregator-worker", daemon=True)
         self._worker.start()
         log.info("aggregator for federation %r started (%d parameters)",
@@ -187,6 +202,51 @@ class AggregatorService:
             self._worker.join(timeout=10)
             self._worker = None
         self.transport.stop()
+        if self.wal is not None:
+            self.wal.close()
+
+    def _now(self) -> float:
+        # While replaying the log, time is the time each record was first handled.
+        return self._replay_now if self._replay_now is not None else self.clock()
+
+    def _recover(self) -> bool:
+        """Restore the last snapshot and replay the log; False if there is nothing to restore."""
+        if self.state_dir is None:
+            return False
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        snap = Snapshot.load(self.state_dir)
+        if snap is None:
+            self.wal = WriteAheadLog(self.state_dir, segment=0)
+            return False
+        meta = snap.meta
+        if list(snap.model) != list(self.spec.names) or any(
+                snap.model[n].shape != s for n, s in zip(self.spec.names, self.spec.shapes,
+                                                          strict=True)):
+            raise ConfigError(f"{self.state_dir}: the saved model does not match [model] in the "
+                              "config; point durability.state_dir elsewhere or restore the model")
+        self.model = dict(snap.model)
+        self.version = int(meta["version"])
+        self.round = int(meta["round"]) - 1
+        self.stats.rounds_completed = int(meta["rounds_completed"])
+        self._model_parts = int(meta["model_parts"])
+        records = list(read_records(self.state_dir, int(meta["wal_segment"])))
+        self.wal = None  # nothing is logged while the log itself is replayed
+        self._replay_now = float(meta["opened_at"])
+        try:
+            self._publish_model(metrics={})
+            self._open_round(float(meta["opened_at"]), snapshot=False)
+            for rec in records:
+                self._replay_now = rec.now
+                if rec.kind == UPDATE:
+                    self.handle_message(Message(rec.topic, rec.payload, qos=0))
+                elif rec.kind == TICK:
+                    self._tick()
+        finally:
+            self._replay_now = None
+        self.wal = WriteAheadLog(self.state_dir, segment=int(meta["wal_segment"]))
+        log.warning("recovered round %d on model version %d from %s: replayed %d logged events",
+                    self.round, self.version, self.state_dir, len(records))
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until ``max_rounds`` rounds are done; True if they are."""
@@ -212,11 +272,24 @@ class AggregatorService:
                 log.exception("aggregator worker error (continuing)")
 
     def step(self, *msgs: Message) -> None:
-        """One turn of the worker: handle ``msgs``, fold what was accepted, tick the clock."""
+        """One turn of the worker: handle ``msgs``, fold what was accepted, make it durable,
+        acknowledge the messages, then tick the clock."""
         for msg in msgs:
             self._handle(msg)
         self._flush()
-        self._apply(self.machine.handle(Tick(self.clock())), None)
+        if self.wal is not None:
+            self.wal.sync()
+        for msg in msgs:
+            self.transport.ack(msg)  # after the sync: an acked update is never lost
+        self._tick()
+
+    def _tick(self) -> None:
+        actions = self.machine.handle(Tick(self._now()))
+        if actions and self.wal is not None:
+            # A tick that changes the round is logged too, so replay reaches the same state.
+            self.wal.append(TICK, self._now())
+            self.wal.sync()
+        self._apply(actions, None)
 
     def handle_message(self, msg: Message) -> None:
         """Process one inbound message now (folding it if accepted), without a tick."""
@@ -236,7 +309,13 @@ class AggregatorService:
         self.stats.fold_seconds += time.perf_counter() - t0
         self._deferred = []
 
+    def _log(self) -> None:
+        """Append the message being handled to the log (it was accepted or folded)."""
+        if self.wal is not None and self._current is not None:
+            self.wal.append(UPDATE, self._now(), self._current.topic, self._current.payload)
+
     def _handle(self, msg: Message) -> None:
+        self._current = msg
         if not msg.topic.startswith(f"{self.topics.base}/update/"):
             return
         self.stats.bytes_in += len(msg.payload)
@@ -251,7 +330,7 @@ class AggregatorService:
             return
         offer = UpdateOffered(
             device_id=update.device_id, round=update.round, base_version=update.base_version,
-            update_id=update.update_id, now=self.clock())
+            update_id=update.update_id, now=self._now())
         if update.chunks > 1:
             self._handle_chunk(update, offer)
         else:
@@ -279,6 +358,7 @@ class AggregatorService:
             return
         t0 = time.perf_counter()
         self.strategy.fold_part(key, update.tensors, float(update.num_examples))
+        self._log()
         self.stats.fold_seconds += time.perf_counter() - t0
         pending.received.add(update.chunk)
         self._pending[key] = pending
@@ -330,6 +410,7 @@ class AggregatorService:
                 case Accept():
                     assert update is not None
                     self._deferred.append(update)  # folded by _flush, with its batch
+                    self._log()
                     self.stats.accepted += 1
                     self._add_metrics(update)
                 case Reject(device_id=dev, update_id=uid, reason=reason):
@@ -344,7 +425,7 @@ class AggregatorService:
                     log.warning("round %d abandoned below quorum (%d updates discarded); "
                                 "re-announcing on model version %d", self.round, accepted,
                                 self.version)
-                    self._open_round(self.clock())
+                    self._open_round(self._now())
 
     def _add_metrics(self, update: ModelUpdate) -> None:
         w = float(update.num_examples)
@@ -354,7 +435,7 @@ class AggregatorService:
 
     # ---------------------------------------------------------------- rounds
 
-    def _open_round(self, now: float) -> None:
+    def _open_round(self, now: float, snapshot: bool = True) -> None:
         self.round += 1
         self._deferred = []  # an abandoned round's accepted updates are dropped with it
         self.strategy.init(self.model)
@@ -366,7 +447,22 @@ class AggregatorService:
         self._pending = {}
         self._pending_devices = set()
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
+        if snapshot and self.state_dir is not None and self.wal is not None:
+            self._snapshot(now)
         self._announce(now + self.config.rounds.deadline_s)
+
+    def _snapshot(self, opened_at: float) -> None:
+        """Save the state at this round opening and start a new log segment."""
+        assert self.state_dir is not None
+        assert self.wal is not None
+        self.wal.sync()
+        segment = self.wal.segment + 1
+        Snapshot(self.model, {
+            "version": self.version, "round": self.round, "opened_at": opened_at,
+            "rounds_completed": self.stats.rounds_completed, "model_parts": self._model_parts,
+            "wal_segment": segment, "federation": self.config.federation,
+        }).save(self.state_dir)
+        self.wal.rotate(segment)
 
     def _announce(self, deadline: float, open_: bool = True) -> None:
         cfg = self.config
@@ -391,7 +487,9 @@ class AggregatorService:
         self._model_sha = model_digest(tensors)
         model = GlobalModel(federation=self.config.federation, version=self.version,
                             round=self.round, tensors=tensors, sha256=self._model_sha,
-                            metrics=dict(metrics), created=self.clock())
+                            metrics=dict(metrics), created=self._now())
+        if self.history is not None:
+            self.history.save(model)  # the whole model, before it is split for the wire
         messages = split_model(model, self._chunk_limit())
         # Parts first, manifest last: a subscriber that sees the manifest has the parts coming.
         for part in messages[1:]:
@@ -406,7 +504,7 @@ class AggregatorService:
 
     def _close_round(self, closed_by: str) -> None:
         self._flush()
-        now = self.clock()
+        now = self._now()
         incomplete = self.strategy.incomplete
         if incomplete:
             log.warning("round %d closed with %d chunked updates incomplete: they count on the "

@@ -76,6 +76,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    """``fedmq history list|export --dir DIR …`` (aggregator.history)."""
+    from aggregator.history import main as history_main
+
+    code: int = history_main(args.args)
+    return code
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmq import demo
 
@@ -104,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=1883)
     b.add_argument("--host", default="127.0.0.1")
     b.set_defaults(func=cmd_broker, log_default="warning")
+
+    h = sub.add_parser("history", help="list or export the aggregator's saved models",
+                       add_help=False)
+    h.add_argument("args", nargs=argparse.REMAINDER)
+    h.set_defaults(func=cmd_history, log_default="warning")
 
     d = sub.add_parser("demo", help="run a whole federation on the digits data set")
     from fedmq import demo

@@ -122,6 +122,18 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True)
+class DurabilityConfig:
+    """Crash safety (docs/operations.md): write-ahead log, snapshots, persistent session."""
+
+    #: Directory for the log and snapshots; unset = nothing survives a restart.
+    state_dir: str | None = None
+    #: How long the broker keeps the aggregator's session (and queues updates) while it is down.
+    session_expiry_s: int = 86_400
+    #: Published models kept in ``state_dir``/models for rollback (docs/operations.md).
+    history_keep: int = 10
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """``fedmq aggregator --config aggregator.toml``."""
 
@@ -134,6 +146,7 @@ class AggregatorConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    durability: DurabilityConfig = field(default_factory=DurabilityConfig)
 
 
 @dataclass(frozen=True)
@@ -143,9 +156,17 @@ class DeviceConfig:
     id: str | None = None
     #: Read the id from this environment variable when ``id`` is not set (e.g. HOSTNAME).
     id_from_env: str | None = None
-    #: Where the agent keeps state that must survive a restart (the compression residual).
-    #: Unset: kept in memory only.
+    #: Where the agent keeps state that must survive a restart (the compression residual and
+    #: the outbox of unacknowledged updates). Unset: kept in memory only.
     state_dir: str | None = None
+    #: Bounds of the outbox (``state_dir``/outbox): when a new update does not fit, the oldest
+    #: whole updates are dropped (device_agent/outbox.py).
+    outbox_max_bytes: int = 64 * 1024 * 1024
+    outbox_max_messages: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.outbox_max_bytes < 1 or self.outbox_max_messages < 1:
+            raise ValueError("outbox_max_bytes and outbox_max_messages must be positive")
 
 
 @dataclass(frozen=True)
@@ -313,6 +334,9 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: rounds.max_rounds must be >= 0 (0 runs forever)")
     if not 0.0 <= cfg.sampling.rate <= 1.0:
         raise ConfigError(f"{where}: sampling.rate {cfg.sampling.rate} must be in [0, 1]")
+    if cfg.durability.history_keep < 1 or cfg.durability.session_expiry_s < 0:
+        raise ConfigError(f"{where}: need durability.history_keep >= 1 and "
+                          "durability.session_expiry_s >= 0")
     if cfg.strategy.fold_threads < 0:
         raise ConfigError(f"{where}: strategy.fold_threads must be >= 0 (0 = every core)")
     c = cfg.compression

@@ -17,10 +17,12 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedmq.backoff import Backoff
@@ -38,6 +40,8 @@ class Message:
     payload: bytes
     qos: int = 0
     retain: bool = False
+    #: paho's message id, for ``ack`` when the transport acknowledges manually.
+    mid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,35 @@ class Will:
     retain: bool = True
 
 
+class Delivery:
+    """What became of one publish: ``done()`` once the broker acknowledged it (QoS 1 PUBACK).
+
+    Wraps paho's ``MQTTMessageInfo`` (``Delivery(None)`` is already done: ``MemoryTransport``).
+    Not done yet is not failed: paho keeps an unacknowledged QoS 1 message in memory and
+    resends it after a reconnect, within this process only. An MQTT 5 PUBACK that carries an
+    error reason code counts as done too (paho reports no reason code here).
+    """
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: mqtt.MQTTMessageInfo | None) -> None:
+        self._info = info
+
+    def done(self) -> bool:
+        """True once the broker acknowledged the message (for QoS 0: once it was written)."""
+        info = self._info
+        if info is None:
+            return True
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # Published while disconnected: paho queued it and sends it on connect, but its
+            # is_published() raises for this rc even after the PUBACK; read the flag itself.
+            return bool(info._published)
+        try:
+            return info.is_published()
+        except (ValueError, RuntimeError):  # paho refused it (queue full, ...): never sent
+            return False
+
+
 class Transport(Protocol):
     """What the services need from MQTT."""
 
@@ -59,8 +92,10 @@ class Transport(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def subscribe(self, topic: str, qos: int = 1) -> None: ...
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int = 1,
+                retain: bool = False) -> Delivery: ...
     def wait_connected(self, timeout: float) -> bool: ...
+    def ack(self, msg: Message) -> None: ...
 
 
 class PahoTransport:
@@ -75,9 +110,16 @@ class PahoTransport:
         on_connect: Callable[[], None] | None = None,
         inbox_size: int = 10_000,
         seed: int | None = None,
+        manual_ack: bool = False,
+        session_expiry_s: int = 0,
     ) -> None:
         self.broker = broker
         self.client_id = broker.client_id or client_id
+        # manual_ack: QoS 1 messages are acknowledged only by ack(), i.e. once the consumer has
+        # made them durable; session_expiry_s > 0: a persistent session, so the broker queues
+        # messages while this client is away (both for the aggregator, see docs/operations.md).
+        self.manual_ack = manual_ack
+        self.session_expiry_s = session_expiry_s
         # Bounded: when the consumer falls behind, the network thread blocks and TCP pushes back
         # on the broker instead of this process growing without limit.
         self.inbox: queue.Queue[Message] = queue.Queue(maxsize=inbox_size)
@@ -95,8 +137,10 @@ class PahoTransport:
         self.max_packet_size: int | None = None
 
         protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
+        persistent = session_expiry_s > 0
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                   protocol=protocol)
+                                   protocol=protocol, manual_ack=manual_ack,
+                                   clean_session=None if broker.mqtt5 else not persistent)
         if broker.username is not None:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls:
@@ -139,7 +183,8 @@ class PahoTransport:
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+        self.inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
+                               msg.mid))
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self.last_error = f"cannot reach {self.broker.host}:{self.broker.port}"
@@ -162,9 +207,21 @@ class PahoTransport:
         self._jitter_next_delay()
         # All socket writes happen on paho's own thread (loop_start): publishing from another
         # thread while a hand-rolled loop() also writes interleaved packets on the wire.
+        properties = None
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if self.broker.mqtt5 and self.session_expiry_s > 0:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.session_expiry_s
+            clean_start = False
         self._client.connect_async(self.broker.host, self.broker.port,
-                                   keepalive=self.broker.keepalive)
+                                   keepalive=self.broker.keepalive, clean_start=clean_start,
+                                   properties=properties)
         self._client.loop_start()
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge a QoS 1 message received with ``manual_ack`` (after it is durable)."""
+        if self.manual_ack and msg.qos > 0:
+            self._client.ack(msg.mid, msg.qos)
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (or ``timeout`` seconds); True if connected."""
@@ -181,13 +238,14 @@ class PahoTransport:
         if self._connected.is_set():
             self._client.subscribe(topic, qos)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         """Queue a publish; paho sends it when connected (QoS 1 is resent after a reconnect).
 
+        Returns a ``Delivery`` whose ``done()`` turns true once the broker acknowledged it.
         Raises ``BrokerError`` if the packet would exceed the broker's Maximum Packet Size.
         """
         self._check_size(topic, payload)
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+        return Delivery(self._client.publish(topic, payload, qos=qos, retain=retain))
 
     def _check_size(self, topic: str, payload: bytes) -> None:
         limit = self.max_packet_size
@@ -213,6 +271,7 @@ class MemoryTransport:
         self.hub = hub or MemoryHub()
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.published: list[Message] = []
+        self.acked: list[Message] = []
         self.max_packet_size: int | None = None
 
     def start(self) -> None:
@@ -225,13 +284,17 @@ class MemoryTransport:
     def wait_connected(self, timeout: float) -> bool:
         return self in self.hub.clients
 
+    def ack(self, msg: Message) -> None:
+        self.acked.append(msg)
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self.hub.subscribe(self, topic)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         msg = Message(topic, payload, qos, retain)
         self.published.append(msg)
         self.hub.route(msg)
+        return Delivery(None)  # delivered on the spot
 
 
 class MemoryHub:
