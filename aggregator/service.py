@@ -129,13 +129,18 @@ class AggregatorService:
         self.config = config
         self.topics = Topics(config.federation)
         self.clock = clock
+        # Set on every (re)connect; the worker then republishes the retained model and round,
+        # which a broker restarted without persistence has forgotten.
+        self._reconnected = threading.Event()
+        self._retained: list[tuple[str, bytes]] = []
         durable = config.durability.state_dir is not None
         # With a state directory: acknowledge updates only once they are in the log, and keep
         # a persistent session so the broker queues updates while the aggregator is down.
         self.transport: Transport = transport or PahoTransport(
             config.broker, client_id=f"fedmq-aggregator-{config.federation}",
             manual_ack=durable,
-            session_expiry_s=config.durability.session_expiry_s if durable else 0)
+            session_expiry_s=config.durability.session_expiry_s if durable else 0,
+            on_connect=self._reconnected.set)
         state = config.durability.state_dir
         self.state_dir = Path(state) if state is not None else None
         self.wal: WriteAheadLog | None = None
@@ -190,6 +195,7 @@ class AggregatorService:
         if not self._recover():
             self._publish_model(metrics={})
             self._open_round(self._now())
+        self._reconnected.clear()  # this connection's state was just published
         self._worker = threading.Thread(target=self._work, name="aggregator-worker", daemon=True)
         self._worker.start()
         log.info("aggregator for federation %r started (%d parameters)",
@@ -284,6 +290,9 @@ class AggregatorService:
         self._tick()
 
     def _tick(self) -> None:
+        if self._reconnected.is_set() and self._worker is not None:
+            self._reconnected.clear()
+            self._republish()
         actions = self.machine.handle(Tick(self._now()))
         if actions and self.wal is not None:
             # A tick that changes the round is logged too, so replay reaches the same state.
@@ -451,6 +460,11 @@ class AggregatorService:
             self._snapshot(now)
         self._announce(now + self.config.rounds.deadline_s)
 
+    def _republish(self) -> None:
+        """Publish the retained model and round again, byte for byte (receivers dedupe)."""
+        for topic, payload in self._retained:
+            self.transport.publish(topic, payload, qos=1, retain=True)
+
     def _snapshot(self, opened_at: float) -> None:
         """Save the state at this round opening and start a new log segment."""
         assert self.state_dir is not None
@@ -475,7 +489,10 @@ class AggregatorService:
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
             max_chunk_bytes=self._chunk_limit(), open=open_)
-        self.transport.publish(self.topics.round, codec.encode(ann), qos=1, retain=True)
+        payload = codec.encode(ann)
+        self.transport.publish(self.topics.round, payload, qos=1, retain=True)
+        self._retained = [r for r in self._retained if r[0] != self.topics.round]
+        self._retained.append((self.topics.round, payload))
 
     def _chunk_limit(self) -> int:
         limit = self.config.compression.max_chunk_bytes
@@ -492,15 +509,16 @@ class AggregatorService:
             self.history.save(model)  # the whole model, before it is split for the wire
         messages = split_model(model, self._chunk_limit())
         # Parts first, manifest last: a subscriber that sees the manifest has the parts coming.
-        for part in messages[1:]:
-            assert part.chunk is not None
-            self.transport.publish(self.topics.model_part(part.chunk), codec.encode(part), qos=1,
-                                   retain=True)
+        out = [(self.topics.model_part(m.chunk), codec.encode(m))
+               for m in messages[1:] if m.chunk is not None]
+        out.append((self.topics.model, codec.encode(messages[0])))
         for stale in range(len(messages) - 1, self._model_parts):
             # Clear retained parts an earlier, larger split left behind.
             self.transport.publish(self.topics.model_part(stale), b"", qos=1, retain=True)
         self._model_parts = len(messages) - 1
-        self.transport.publish(self.topics.model, codec.encode(messages[0]), qos=1, retain=True)
+        for topic, payload in out:
+            self.transport.publish(topic, payload, qos=1, retain=True)
+        self._retained = out
 
     def _close_round(self, closed_by: str) -> None:
         self._flush()
