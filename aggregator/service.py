@@ -7,6 +7,7 @@ routed to a counted rejection reason; nothing a device sends can stop the worker
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -75,9 +76,9 @@ MAX_PENDING_CHUNKED = 100_000
 class _Pending:
     """A chunked update being received."""
 
-    chunks: int
-    num_examples: int
+    header: tuple[int, int, int, int]  # round, base_version, chunks, num_examples
     received: set[int]
+    covered: list[tuple[int, int]]  # flat [start, stop) ranges folded so far
 
 
 @dataclass
@@ -91,6 +92,11 @@ class Stats:
     fold_seconds: float = 0.0
     #: The latest rejection, with what was wrong (for logs and operators).
     last_rejection: str = ""
+
+
+def _overlaps(ranges: list[tuple[int, int]]) -> bool:
+    """Whether any two of the sorted [start, stop) ranges share a coordinate."""
+    return any(b[0] < a[1] for a, b in itertools.pairwise(ranges))
 
 
 def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
@@ -169,6 +175,7 @@ class AggregatorService:
         self._round_opened = 0.0
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._pending_devices: set[str] = set()
+        self._pending_ids: set[str] = set()
         self._model_parts = 0
         self._deferred: list[ModelUpdate] = []
         self._round_rejected: Counter[str] = Counter()
@@ -342,39 +349,64 @@ class AggregatorService:
             update_id=update.update_id, now=self._now())
         if update.chunks > 1:
             self._handle_chunk(update, offer)
+        elif (update.device_id in self._pending_devices
+              or update.update_id in self._pending_ids):
+            # The device (or this id) has a chunked update in flight: that one came first.
+            self._reject(update.device_id, update.update_id, "duplicate")
         else:
             self._apply(self.machine.handle(offer), update)
 
     def _handle_chunk(self, update: ModelUpdate, offer: UpdateOffered) -> None:
-        """Fold one chunk now; offer the update to the round once its last chunk is in."""
+        """Fold one chunk now; offer the update to the round once its last chunk is in.
+
+        Everything that would make the completed update unacceptable (its round, base,
+        device or id) is checked on the first chunk, and every later chunk must repeat the
+        same header and cover new coordinates only: a folded chunk cannot be taken back, so
+        a chunk is folded only if the update can still complete and count.
+        """
         key = (update.device_id, update.update_id)
+        header = (update.round, update.base_version, update.chunks, update.num_examples)
         pending = self._pending.get(key)
         if pending is None:
             reason: str | None = self.machine.check(offer)
-            if reason is None and update.device_id in self._pending_devices:
-                reason = "duplicate"  # a second chunked update from this device this round
+            if reason is None and (update.device_id in self._pending_devices
+                                   or update.update_id in self._pending_ids):
+                reason = "duplicate"  # one update in flight per device, ids unique per round
             if reason is None and len(self._pending) >= MAX_PENDING_CHUNKED:
                 reason = "overload"
             if reason is not None:
                 self._reject(update.device_id, update.update_id, reason)
                 return
-            pending = _Pending(update.chunks, update.num_examples, set())
-        elif (update.chunks, update.num_examples) != (pending.chunks, pending.num_examples):
+            pending = _Pending(header, set(), [])
+        elif header != pending.header:
             self._reject(update.device_id, update.update_id, "malformed")
             return
         if update.chunk in pending.received:
             self._reject(update.device_id, update.update_id, "duplicate")
+            return
+        ranges = sorted((self.spec.offsets[self.spec.index(t.name)] + t.offset,
+                         self.spec.offsets[self.spec.index(t.name)] + t.offset + t.span)
+                        for t in update.tensors)
+        if _overlaps(sorted(pending.covered + ranges)):
+            self._reject(update.device_id, update.update_id, "malformed")
             return
         t0 = time.perf_counter()
         self.strategy.fold_part(key, update.tensors, float(update.num_examples))
         self._log()
         self.stats.fold_seconds += time.perf_counter() - t0
         pending.received.add(update.chunk)
+        pending.covered.extend(ranges)
         self._pending[key] = pending
         self._pending_devices.add(update.device_id)
-        if len(pending.received) < pending.chunks:
+        self._pending_ids.add(update.update_id)
+        if len(pending.received) < update.chunks:
             return
         del self._pending[key]
+        if sum(b - a for a, b in pending.covered) != self.spec.total:
+            # All chunks are in but leave coordinates out: it stays an incomplete update (it
+            # counts where it delivered, like one whose chunks were lost) and is rejected.
+            self._reject(update.device_id, update.update_id, "malformed")
+            return
         actions = self.machine.handle(offer)
         for action in actions:
             if isinstance(action, Accept):
@@ -455,6 +487,7 @@ class AggregatorService:
         self._round_opened = now
         self._pending = {}
         self._pending_devices = set()
+        self._pending_ids = set()
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
         if snapshot and self.state_dir is not None and self.wal is not None:
             self._snapshot(now)
