@@ -3,6 +3,14 @@
 The paho network thread only enqueues; the worker decodes, asks the ``AgentMachine`` what to do,
 trains, and publishes the update (a float32 delta from the base model). Status is retained, and
 the broker flips it to ``offline`` through the last will if the device vanishes.
+
+Every update message (each chunk) is written to the ``Outbox`` before it is published and
+removed once the broker acknowledged it (its ``Delivery`` is done; the worker checks every
+turn). What is still there is published again: at start-up (left by an earlier process) and
+after every (re)connect. On a reconnect, messages never handed to paho go at once; those paho
+holds (it resends unacknowledged QoS 1 messages itself after a reconnect, in this process) are
+published again only if still unacknowledged ``RESEND_GRACE_S`` later, which spares a duplicate
+in the common case. Duplicates are harmless: the aggregator rejects them as ``duplicate``.
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ import numpy as np
 import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
+from device_agent.outbox import Outbox, OutboxFullError
 from device_agent.trainers import MLPTrainer, SoftmaxTrainer, TrainConfig, Trainer
 from fedmq import __version__, codec, compression
 from fedmq.chunking import ModelAssembler, place, split_update
-from fedmq.config import AgentConfig, BrokerConfig
-from fedmq.errors import ConfigError, DecodeError
+from fedmq.config import AgentConfig, BrokerConfig, DeviceConfig
+from fedmq.errors import BrokerError, ConfigError, DecodeError
 from fedmq.topics import Topics
-from fedmq.transport import Message, PahoTransport, Transport, Will
+from fedmq.transport import Delivery, Message, PahoTransport, Transport, Will
 from fedmq.wire import (
     CODECS,
     TOPK_VALUES,
@@ -44,6 +53,9 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 
+#: After a reconnect, how long paho gets to resend what it holds before the outbox resends it.
+RESEND_GRACE_S = 5.0
+
 
 class AgentService:
     """One device: follows rounds, trains with ``trainer``, publishes updates."""
@@ -57,6 +69,7 @@ class AgentService:
         *,
         clock: Callable[[], float] = time.time,
         feedback: compression.ErrorFeedback | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.topics = Topics(federation)
         self.federation = federation
@@ -70,30 +83,50 @@ class AgentService:
         self.updates_sent = 0
         self.bytes_sent = 0
         self.feedback = feedback or compression.ErrorFeedback(None)
+        d = DeviceConfig()
+        self.outbox = (outbox if outbox is not None  # an empty Outbox is falsy
+                       else Outbox(None, d.outbox_max_bytes, d.outbox_max_messages))
+        #: Update messages the broker acknowledged, updates all of whose messages it did,
+        #: messages published from the outbox again (after a restart or a reconnect), and
+        #: updates sent without the outbox (larger than it, or a disk error).
+        self.messages_acked = 0
+        self.updates_acked = 0
+        self.messages_resent = 0
+        self.updates_unbuffered = 0
+        self._deliveries: dict[str, Delivery] = {}  # outbox key -> its latest publish
+        self._connected_again = threading.Event()  # set by the transport's connect hook
+        self._resend_due: float | None = None
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
 
     @classmethod
     def over_mqtt(cls, federation: str, device_id: str, trainer: Trainer,
-                  broker: BrokerConfig,
-                  feedback: compression.ErrorFeedback | None = None) -> AgentService:
+                  broker: BrokerConfig, *,
+                  feedback: compression.ErrorFeedback | None = None,
+                  outbox: Outbox | None = None) -> AgentService:
         """A service on a real broker, with a last will that marks the device offline."""
         service: AgentService
         will = Will(Topics(federation).status(device_id),
                     codec.encode(_status(federation, device_id, "offline", 0.0)))
         transport = PahoTransport(broker, client_id=f"fedmq-device-{device_id}", will=will,
-                                  on_connect=lambda: service.publish_status("online"))
-        service = cls(federation, device_id, trainer, transport, feedback=feedback)
+                                  # a lambda: `service` does not exist yet
+                                  on_connect=lambda: service.on_connected())  # noqa: PLW0108
+        service = cls(federation, device_id, trainer, transport, feedback=feedback,
+                      outbox=outbox)
         return service
 
     @classmethod
     def from_config(cls, config: AgentConfig, trainer: Trainer | None = None) -> AgentService:
         """Build a service from an agent config (its data and trainer included)."""
         device_id = config.device_id()
-        state = config.device.state_dir
+        d = config.device
+        state = d.state_dir
         path = Path(state) / f"feedback-{config.federation}.npz" if state else None
+        outbox = Outbox(Path(state) / "outbox" if state else None, d.outbox_max_bytes,
+                        d.outbox_max_messages)
         return cls.over_mqtt(config.federation, device_id, trainer or build_trainer(config),
-                             config.broker, compression.ErrorFeedback(path))
+                             config.broker, feedback=compression.ErrorFeedback(path),
+                             outbox=outbox)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -103,6 +136,7 @@ class AgentService:
         self.transport.subscribe(self.topics.model_parts, qos=1)
         self.transport.subscribe(self.topics.round, qos=1)
         self.transport.start()
+        self._connected_again.set()  # publish what an earlier process left in the outbox
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}",
                                         daemon=True)
         self._worker.start()
@@ -113,6 +147,7 @@ class AgentService:
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
+        self._sweep()  # what is left stays in the outbox for the next start
         self.publish_status("offline")
         self.transport.stop()
 
@@ -122,10 +157,87 @@ class AgentService:
         self.transport.publish(self.topics.status(self.device_id), codec.encode(status), qos=1,
                                retain=True)
 
+    def on_connected(self) -> None:
+        """The transport's connect hook (paho's network thread): only records and enqueues."""
+        self.publish_status("online")
+        self._connected_again.set()
+
+    # ---------------------------------------------------------------- outbox
+
+    def pump_outbox(self) -> None:
+        """Forget acknowledged messages; after a (re)connect, publish what is still unsent.
+
+        Called by the worker every turn (cheap when there is nothing to do).
+        """
+        self._sweep()
+        if not self.transport.wait_connected(0):
+            return  # the connect hook sets _connected_again: we come back then
+        if self._connected_again.is_set():
+            self._connected_again.clear()
+            self._resend_due = time.monotonic() + RESEND_GRACE_S
+            self._publish_pending(unsent_only=True)
+        if self._resend_due is not None and time.monotonic() >= self._resend_due:
+            self._resend_due = None
+            self._publish_pending(unsent_only=False)
+
+    def _sweep(self) -> None:
+        for key, delivery in list(self._deliveries.items()):
+            if key not in self.outbox:  # dropped to make room for a newer update
+                del self._deliveries[key]
+            elif delivery.done():
+                del self._deliveries[key]
+                self.messages_acked += 1
+                if self.outbox.remove(key):
+                    self.updates_acked += 1
+
+    def _publish_pending(self, *, unsent_only: bool) -> None:
+        """Publish the outbox's messages never handed to the transport (and, unless
+        ``unsent_only``, those handed to it but still not acknowledged), oldest first."""
+        todo = [k for k in self.outbox.pending_keys()
+                if k not in self._deliveries
+                or (not unsent_only and not self._deliveries[k].done())]
+        for key in todo:
+            item = self.outbox.get(key)
+            if item is None:
+                continue
+            self.messages_resent += 1
+            self._publish_entry(key, *item)
+        if todo:
+            log.info("device %s: published %d outbox messages again", self.device_id, len(todo))
+
+    def _publish_entry(self, key: str, topic: str, payload: bytes) -> None:
+        try:
+            self._deliveries[key] = self.transport.publish(topic, payload, qos=1)
+        except BrokerError as exc:  # too large for this broker: kept, tried again on connect
+            self._deliveries.pop(key, None)
+            log.warning("device %s: cannot publish outbox message %s: %s", self.device_id, key,
+                        exc)
+
+    def _send_update(self, update_id: str, messages: list[tuple[str, bytes]]) -> None:
+        """Store an update's messages in the outbox, then publish them (if connected)."""
+        try:
+            keys = self.outbox.put_update(update_id, messages)
+        except (OutboxFullError, OSError) as exc:  # larger than the outbox, or a disk error
+            self.updates_unbuffered += 1
+            log.warning("device %s: update %s sent without the outbox (not kept until "
+                        "acknowledged): %s", self.device_id, update_id, exc)
+            for topic, payload in messages:
+                self.transport.publish(topic, payload, qos=1)
+            return
+        if self.transport.wait_connected(0):
+            for key, (topic, payload) in zip(keys, messages, strict=True):
+                self._publish_entry(key, topic, payload)
+            self._sweep()
+        # else: published by pump_outbox once the transport (re)connects
+
     # ---------------------------------------------------------------- worker
 
     def _work(self) -> None:
         while not self._stopping.is_set():
+            try:
+                self.pump_outbox()
+            except Exception:  # e.g. a disk error: the device keeps following rounds
+                log.exception("device %s: outbox error", self.device_id)
             try:
                 msg = self.transport.inbox.get(timeout=0.1)
             except queue.Empty:
@@ -183,11 +295,10 @@ class AgentService:
             metrics={"loss": before.loss, "accuracy": before.accuracy,
                      **result.metrics})
         messages = self.encode_update(update, delta, ann)
-        sent = 0
-        for message in messages:
-            payload = codec.encode(message)
-            self.transport.publish(self.topics.update(self.device_id), payload, qos=1)
-            sent += len(payload)
+        topic = self.topics.update(self.device_id)
+        payloads = [codec.encode(message) for message in messages]
+        self._send_update(update.update_id, [(topic, payload) for payload in payloads])
+        sent = sum(len(payload) for payload in payloads)
         self.updates_sent += 1
         self.bytes_sent += sent
         self.publish_status("online")
