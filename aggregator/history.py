@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from fedmq import codec
 from fedmq.compression import decode_all
+from fedmq.durable import fsync_dir
 from fedmq.errors import DecodeError, FedmqError
 from fedmq.wire import GlobalModel, model_digest
 
@@ -59,19 +60,6 @@ class HistoryError(FedmqError):
     """A model version is missing from the history or its file is damaged."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and unlinks in ``directory`` durable (POSIX); a no-op where unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _write_durably(path: Path, data: bytes | None = None,
                    arrays: Mapping[str, F32] | None = None) -> None:
@@ -89,7 +77,7 @@ def _write_durably(path: Path, data: bytes | None = None,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_npz(f: BinaryIO, arrays: Mapping[str, F32]) -> None:
@@ -218,8 +206,8 @@ class ModelHistory:
         target = self._new_superseded_dir()
         for v in stale:
             os.replace(self.path(v), target / self.path(v).name)
-        _fsync_dir(target)
-        _fsync_dir(self.directory)
+        fsync_dir(target)
+        fsync_dir(self.directory)
         log.warning("model history %s: saving version %d, but versions %s of an earlier run were "
                     "there (a rollback or a fresh start restarted the numbering); moved them to %s",
                     self.directory, model.version, ", ".join(map(str, stale)), target)
@@ -263,7 +251,7 @@ class ModelHistory:
                 entry.unlink(missing_ok=True)
                 removed = True
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
 
 # ---------------------------------------------------------------- CLI

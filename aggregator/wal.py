@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.durable import fsync_dir
+
 UPDATE = 1  # an accepted update (or a folded chunk): replayed through the same checks
 TICK = 2  # a clock tick that changed the round (extend, abandon, close)
 
@@ -47,13 +49,6 @@ class Record:
     topic: str
     payload: bytes
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WriteAheadLog:
@@ -101,7 +96,7 @@ class WriteAheadLog:
             self._file.close()
         self.segment = segment
         self._file = self._open(segment)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         for old in self.segments():
             if old < segment:
                 self._path(old).unlink(missing_ok=True)
@@ -173,7 +168,7 @@ class Snapshot:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, directory / SNAPSHOT)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
     @classmethod
     def load(cls, directory: Path) -> Snapshot | None:

@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmq.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"FMQOUT1\n"
@@ -90,19 +92,6 @@ def _decode(data: bytes) -> tuple[str, str, int, int, bytes]:
     group = data[start + tlen:start + tlen + glen].decode()
     return topic, group, index, count, data[start + tlen + glen:]
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -285,7 +274,7 @@ class Outbox:
         # Renamed in order: a crash part-way leaves the group without its last message.
         for key, tmp in zip(keys, tmps, strict=True):
             os.replace(tmp, self.directory / f"{key}{_SUFFIX}")
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _read_payload(self, key: str) -> bytes | None:
         assert self.directory is not None

@@ -40,6 +40,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.durable import fsync_dir
 from fedmq.wire import CODECS, TOPK_VALUES, Tensor, blocks
 
 __all__ = [
@@ -424,7 +425,7 @@ class ErrorFeedback:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -441,15 +442,3 @@ class ErrorFeedback:
         self._residual = residual
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
