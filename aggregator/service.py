@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -176,6 +177,9 @@ class AggregatorService:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._pending_devices: set[str] = set()
         self._pending_ids: set[str] = set()
+        self._round_events: list[list[Any]] = []
+        self._since_snapshot = 0
+        self._snapshot_at = 0.0
         self._model_parts = 0
         self._deferred: list[ModelUpdate] = []
         self._round_rejected: Counter[str] = Counter()
@@ -248,6 +252,8 @@ class AggregatorService:
         try:
             self._publish_model(metrics={})
             self._open_round(float(meta["opened_at"]), snapshot=False)
+            if "mid" in meta and snap.acc is not None:
+                self._restore_mid(meta["mid"], snap.acc)
             for rec in records:
                 self._replay_now = rec.now
                 if rec.kind == UPDATE:
@@ -294,7 +300,18 @@ class AggregatorService:
             self.wal.sync()
         for msg in msgs:
             self.transport.ack(msg)  # after the sync: an acked update is never lost
+        if self._snapshot_due():
+            self._snapshot(self._round_opened, mid=True)
         self._tick()
+
+    def _snapshot_due(self) -> bool:
+        d = self.config.durability
+        if self.wal is None or self._replay_now is not None or not self._since_snapshot:
+            return False
+        return bool((d.snapshot_every_updates and self._since_snapshot
+                     >= d.snapshot_every_updates)
+                    or (d.snapshot_every_s and self.clock() - self._snapshot_at
+                        >= d.snapshot_every_s))
 
     def _tick(self) -> None:
         if self._reconnected.is_set() and self._worker is not None:
@@ -305,6 +322,8 @@ class AggregatorService:
             # A tick that changes the round is logged too, so replay reaches the same state.
             self.wal.append(TICK, self._now())
             self.wal.sync()
+        if any(isinstance(a, ExtendDeadline) for a in actions):
+            self._round_events.append(["t", self._now()])
         self._apply(actions, None)
 
     def handle_message(self, msg: Message) -> None:
@@ -411,8 +430,7 @@ class AggregatorService:
         for action in actions:
             if isinstance(action, Accept):
                 self.strategy.settle(key)
-                self.stats.accepted += 1
-                self._add_metrics(update)
+                self._accepted(update)
         self._apply([a for a in actions if not isinstance(a, Accept)], update)
 
     def _check(self, device: str, payload: bytes) -> tuple[ModelUpdate | None, str]:
@@ -452,8 +470,7 @@ class AggregatorService:
                     assert update is not None
                     self._deferred.append(update)  # folded by _flush, with its batch
                     self._log()
-                    self.stats.accepted += 1
-                    self._add_metrics(update)
+                    self._accepted(update)
                 case Reject(device_id=dev, update_id=uid, reason=reason):
                     self._reject(dev, uid, reason)
                 case CloseRound(closed_by=closed_by):
@@ -467,6 +484,13 @@ class AggregatorService:
                                 "re-announcing on model version %d", self.round, accepted,
                                 self.version)
                     self._open_round(self._now())
+
+    def _accepted(self, update: ModelUpdate) -> None:
+        self.stats.accepted += 1
+        self._since_snapshot += 1
+        # What the round machine saw, in order, so a mid-round snapshot can rebuild it.
+        self._round_events.append(["u", update.device_id, update.update_id, self._now()])
+        self._add_metrics(update)
 
     def _add_metrics(self, update: ModelUpdate) -> None:
         w = float(update.num_examples)
@@ -488,6 +512,7 @@ class AggregatorService:
         self._pending = {}
         self._pending_devices = set()
         self._pending_ids = set()
+        self._round_events = []
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
         if snapshot and self.state_dir is not None and self.wal is not None:
             self._snapshot(now)
@@ -498,18 +523,57 @@ class AggregatorService:
         for topic, payload in self._retained:
             self.transport.publish(topic, payload, qos=1, retain=True)
 
-    def _snapshot(self, opened_at: float) -> None:
-        """Save the state at this round opening and start a new log segment."""
+    def _snapshot(self, opened_at: float, mid: bool = False) -> None:
+        """Save the state (at the round opening, or ``mid`` round) and start a new log segment."""
         assert self.state_dir is not None
         assert self.wal is not None
         self.wal.sync()
         segment = self.wal.segment + 1
-        Snapshot(self.model, {
+        meta: dict[str, Any] = {
             "version": self.version, "round": self.round, "opened_at": opened_at,
             "rounds_completed": self.stats.rounds_completed, "model_parts": self._model_parts,
             "wal_segment": segment, "federation": self.config.federation,
-        }).save(self.state_dir)
+        }
+        acc = None
+        if mid:
+            acc, total_weight, contributors, parts = self.strategy.export_state()
+            meta["mid"] = {
+                "events": self._round_events, "total_weight": total_weight,
+                "contributors": contributors,
+                "open_parts": [[k[0], k[1], w, r] for k, w, r in parts],  # type: ignore[index]
+                "pending": [[k[0], k[1], list(p.header), sorted(p.received), p.covered]
+                            for k, p in self._pending.items()],
+                "metrics": self._round_metrics, "metric_weight": self._round_metric_weight,
+                "bytes": self._round_bytes, "rejected": dict(self._round_rejected),
+                "accepted": self.stats.accepted,
+            }
+        Snapshot(self.model, meta, acc).save(self.state_dir)
         self.wal.rotate(segment)
+        self._since_snapshot = 0
+        self._snapshot_at = self.clock()
+
+    def _restore_mid(self, mid: Mapping[str, Any], acc: npt.NDArray[np.float64]) -> None:
+        """Bring a just-reopened round to a mid-round snapshot's state."""
+        for ev in mid["events"]:
+            if ev[0] == "u":
+                self.machine.handle(UpdateOffered(
+                    device_id=ev[1], round=self.round, base_version=self.version,
+                    update_id=ev[2], now=ev[3]))
+            else:
+                self.machine.handle(Tick(ev[1]))
+        self._round_events = [list(ev) for ev in mid["events"]]
+        self.strategy.import_state(acc, mid["total_weight"], mid["contributors"],
+                                   [((d, u), w, r) for d, u, w, r in mid["open_parts"]])
+        for d, u, header, received, covered in mid["pending"]:
+            self._pending[(d, u)] = _Pending(tuple(header), set(received),
+                                             [(a, b) for a, b in covered])
+            self._pending_devices.add(d)
+            self._pending_ids.add(u)
+        self._round_metrics = dict(mid["metrics"])
+        self._round_metric_weight = float(mid["metric_weight"])
+        self._round_bytes = int(mid["bytes"])
+        self._round_rejected = Counter(mid["rejected"])
+        self.stats.accepted = int(mid["accepted"])
 
     def _announce(self, deadline: float, open_: bool = True) -> None:
         cfg = self.config

@@ -104,6 +104,16 @@ class Strategy(Protocol):
         """Chunked updates folded in part and not settled."""
         ...
 
+    def export_state(self) -> tuple[npt.NDArray[np.float64], float, int,
+                                    list[tuple[Hashable, float, list[tuple[int, int]]]]]:
+        """The round's running state, for a snapshot."""
+        ...
+
+    def import_state(self, acc: npt.NDArray[np.float64], total_weight: float, contributors: int,
+                     parts: Sequence[tuple[Hashable, float, Sequence[tuple[int, int]]]]) -> None:
+        """Restore a snapshot's running state after ``init`` on the same base."""
+        ...
+
     def partial(self) -> PartialSum:
         """A copy of this round's state, to merge elsewhere or snapshot."""
         ...
@@ -320,6 +330,25 @@ class FedAvg(Strategy):
         self._acc += p.weighted_sum
         self._total_weight = total
         self._contributors += p.contributors
+
+    def export_state(self) -> tuple[F64, float, int, list[tuple[Hashable, float,
+                                                               list[tuple[int, int]]]]]:
+        """(accumulator copy, total weight, contributors, open chunked updates) for snapshots."""
+        self._require_started("export_state")
+        parts = [(key, w, list(ranges)) for key, (w, ranges) in self._open_parts.items()]
+        return self._acc.copy(), self._total_weight, self._contributors, parts
+
+    def import_state(self, acc: F64, total_weight: float, contributors: int,
+                     parts: Sequence[tuple[Hashable, float, Sequence[tuple[int, int]]]]) -> None:
+        """Restore what ``export_state`` gave, after ``init`` on the same base."""
+        self._require_started("import_state")
+        if acc.shape != self._acc.shape:
+            raise ValueError(f"saved accumulator has {acc.size} values; the model {self._acc.size}")
+        self._acc[:] = acc
+        self._total_weight = float(total_weight)
+        self._contributors = int(contributors)
+        self._open_parts = {key: (float(w), [(int(a), int(b)) for a, b in ranges])
+                            for key, w, ranges in parts}
 
     def _require_started(self, what: str) -> None:
         if not self._started:

@@ -11,9 +11,10 @@ service acknowledges messages to the broker only after it: an update is either i
 still the broker's to redeliver. A crash can leave a torn last record; reading stops at the
 first record whose length or checksum does not hold, which is exactly the un-synced tail.
 
-A snapshot is written at each round opening (when the accumulator is empty, so it is small), then
-the log moves to a new segment and older segments are deleted: replay after a crash covers at most
-the current round.
+A snapshot is written at each round opening (when the accumulator is empty, so it is small) and,
+optionally, every so many updates or seconds within a round (then it carries the accumulator and
+the round's bookkeeping); each time the log moves to a new segment and older segments are
+deleted, so replay after a crash covers only what came after the last snapshot.
 """
 
 from __future__ import annotations
@@ -152,10 +153,12 @@ def read_segment(path: Path) -> Iterator[Record]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The aggregator's state at a round opening."""
+    """The aggregator's state at a round opening, or in the middle of a round (``acc`` set)."""
 
     model: Mapping[str, npt.NDArray[np.float32]]
     meta: Mapping[str, Any]
+    #: The running weighted sum, for a snapshot taken in the middle of a round.
+    acc: npt.NDArray[np.float64] | None = None
 
     def save(self, directory: Path) -> None:
         """Write atomically: a reader sees the old snapshot or the new one, never a mix."""
@@ -163,6 +166,8 @@ class Snapshot:
         meta = dict(self.meta) | {"names": list(self.model)}
         arrays: dict[str, Any] = {f"m{i}": a for i, a in enumerate(self.model.values())}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        if self.acc is not None:
+            arrays["acc"] = self.acc
         with tmp.open("wb") as fh:
             np.savez(fh, **arrays)
             fh.flush()
@@ -180,4 +185,5 @@ class Snapshot:
             meta = json.loads(bytes(f["meta"]).decode())
             model = {name: np.array(f[f"m{i}"], dtype=np.float32)
                      for i, name in enumerate(meta["names"])}
-        return cls(model, meta)
+            acc = np.array(f["acc"], dtype=np.float64) if "acc" in f.files else None
+        return cls(model, meta, acc)

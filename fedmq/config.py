@@ -131,6 +131,10 @@ class DurabilityConfig:
     session_expiry_s: int = 86_400
     #: Published models kept in ``state_dir``/models for rollback (docs/operations.md).
     history_keep: int = 10
+    #: Also snapshot within a round after this many accepted updates (0: never), or after
+    #: this many seconds with new updates (0: never); bounds the replay after a crash.
+    snapshot_every_updates: int = 1000
+    snapshot_every_s: float = 300.0
 
 
 @dataclass(frozen=True)

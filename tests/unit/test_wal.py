@@ -12,6 +12,7 @@ import pytest
 from aggregator.service import AggregatorService
 from aggregator.wal import TICK, UPDATE, Snapshot, WriteAheadLog, read_segment
 from fedmq import codec, compression
+from fedmq.chunking import split_update
 from fedmq.config import (
     AggregatorConfig,
     DurabilityConfig,
@@ -103,35 +104,39 @@ class Clock:
         return self.now
 
 
-def _config(state_dir: Path) -> AggregatorConfig:
+def _config(state_dir: Path, every: int = 0) -> AggregatorConfig:
     return AggregatorConfig(
         federation=FED, model=ModelConfig(layers=[6, 4, 3], seed=2),
         rounds=RoundsConfig(min_updates=DEVICES, max_updates=DEVICES, deadline_s=600.0,
                             max_rounds=0),
-        durability=DurabilityConfig(state_dir=str(state_dir)))
+        durability=DurabilityConfig(state_dir=str(state_dir), snapshot_every_updates=every,
+                                    snapshot_every_s=0))
 
 
-def _updates(rounds: int) -> list[list[Message]]:
+def _updates(rounds: int, chunked: bool = False) -> list[list[Message]]:
     """Deterministic updates whose weighted sums are exact in float64 (any order)."""
     rng = np.random.default_rng(0)
     shapes = {"dense0.weight": (6, 4), "dense0.bias": (4,), "dense1.weight": (4, 3),
               "dense1.bias": (3,)}
     out = []
     for r in range(1, rounds + 1):
-        msgs = []
+        msgs: list[Message] = []
         for d in range(DEVICES):
             delta = {k: (rng.integers(-64, 64, s) / 1024).astype(np.float32)
                      for k, s in shapes.items()}
             u = ModelUpdate(federation=FED, device_id=f"d{d}", round=r, base_version=r - 1,
                             update_id=uuid.UUID(int=r * 100 + d).hex, num_examples=1 + d,
                             tensors=compression.encode_all(delta))
-            msgs.append(Message(f"fedmq/v1/{FED}/update/d{d}", codec.encode(u), qos=1))
+            parts = (split_update(u, delta, compression.encode, 4096 + 100 * (d % 2))
+                     if chunked else [u])
+            msgs.extend(Message(f"fedmq/v1/{FED}/update/d{d}", codec.encode(p), qos=1)
+                        for p in parts)
         out.append(msgs)
     return out
 
 
-def _run(state_dir: Path, hub: MemoryHub, clock: Clock) -> AggregatorService:
-    agg = AggregatorService(_config(state_dir), MemoryTransport(hub), clock=clock)
+def _run(state_dir: Path, hub: MemoryHub, clock: Clock, every: int = 0) -> AggregatorService:
+    agg = AggregatorService(_config(state_dir, every), MemoryTransport(hub), clock=clock)
     agg.start()
     agg.stop()  # drive it by hand: step() below
     return agg
@@ -141,8 +146,12 @@ def _final_model(agg: AggregatorService) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in agg.model.items()}
 
 
-def test_crash_anywhere_gives_the_reference_model(tmp_path: Path) -> None:
-    rounds = _updates(3)
+@pytest.mark.parametrize(("every", "chunked"), [(0, False), (1, False), (3, False), (2, True)],
+                         ids=["round-snapshots", "snapshot-each-update", "snapshot-every-3",
+                              "chunked-snapshot-every-2"])
+def test_crash_anywhere_gives_the_reference_model(tmp_path: Path, every: int,
+                                                  chunked: bool) -> None:
+    rounds = _updates(3, chunked)
     reference = _run(tmp_path / "ref", MemoryHub(), Clock())
     for msgs in rounds:
         reference.step(*msgs)
@@ -152,22 +161,24 @@ def test_crash_anywhere_gives_the_reference_model(tmp_path: Path) -> None:
     for crash_after in range(1, len(flat)):
         state = tmp_path / f"s{crash_after}"
         hub, clock = MemoryHub(), Clock()
-        first = _run(state, hub, clock)
+        first = _run(state, hub, clock, every)
         for m in flat[:crash_after]:
             first.step(m)
         # kill -9: no stop(), no final snapshot; only what step() synced survives.
         assert first.wal is not None
         first.wal.drop()
-        second = _run(state, hub, clock)
-        assert second.version == crash_after // DEVICES
+        second = _run(state, hub, clock, every)
+        assert second.version == first.version
         # The broker redelivers what it was not sure we got: here, the last message again.
         second.step(flat[crash_after - 1])
         for m in flat[crash_after:]:
             second.step(m)
         assert second.version == 3
         # Mid-round it is a duplicate; if its round has closed since, it is stale. Never folded.
-        redelivered = "duplicate" if crash_after % DEVICES else "stale"
-        assert second.stats.rejected == {redelivered: 1}
+        assert sum(second.stats.rejected.values()) == 1
+        assert set(second.stats.rejected) <= {"duplicate", "stale"}
+        assert second.stats.rejected["stale"] == (first.version > 0 and not first.machine.accepted
+                                                  and not first._pending)
         for name, value in _final_model(reference).items():
             np.testing.assert_array_equal(second.model[name], value)
         summaries = [codec.decode(p.payload) for p in second.transport.published  # type: ignore[attr-defined]
