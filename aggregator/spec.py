@@ -108,29 +108,18 @@ class ModelSpec:
 
         A chunk carries ranges of some tensors; each tensor at most once per chunk.
         """
-        seen: set[str] = set()
-        for t in tensors:
-            i = self._index.get(t.name)
-            if i is None:
-                return f"unexpected tensor {t.name!r}"
-            if t.name in seen:
-                return f"tensor {t.name!r} appears more than once"
-            seen.add(t.name)
-            if tuple(t.shape) != self.shapes[i]:
-                return (f"tensor {t.name!r} has shape {tuple(t.shape)}; the model has "
-                        f"{self.shapes[i]}")
-            if t.dtype != "float32" or t.codec not in codecs:
-                return f"tensor {t.name!r} has dtype {t.dtype!r} / codec {t.codec!r}"
-            if t.offset + t.span > math.prod(self.shapes[i]):
-                return f"tensor {t.name!r} range ends past its {math.prod(self.shapes[i])} elements"
-        return None
+        return self._check(tensors, codecs, whole=False)
 
     def check(self, tensors: Sequence[Tensor], codecs: Collection[str] = CODECS) -> str | None:
         """None if ``tensors`` match the model exactly, else a short reason it does not.
 
         Every tensor must appear once (in any order) with its shape, dtype float32, a codec in
-        ``codecs`` and, for fixed-width codecs, exactly the bytes that shape needs.
+        ``codecs``, covering the whole tensor (byte lengths were checked by the decoder).
         """
+        return self._check(tensors, codecs, whole=True)
+
+    def _check(self, tensors: Sequence[Tensor], codecs: Collection[str],
+               whole: bool) -> str | None:
         seen: set[str] = set()
         for t in tensors:
             i = self._index.get(t.name)
@@ -147,11 +136,12 @@ class ModelSpec:
             if t.codec not in codecs:
                 return (f"tensor {t.name!r} uses codec {t.codec!r}; allowed: "
                         f"{', '.join(sorted(codecs))}")
-            # Byte lengths against offset/count were checked by the decoder; here the update
-            # must cover each whole tensor (chunks are checked range by range elsewhere).
-            if t.offset != 0 or t.span != math.prod(shape):
+            size = math.prod(shape)
+            if (t.offset != 0 or t.span != size) if whole else t.offset + t.span > size:
                 return (f"tensor {t.name!r} covers elements [{t.offset}, {t.offset + t.span}) "
-                        f"of {math.prod(shape)}")
+                        f"of {size}")
+        if not whole:
+            return None
         if len(seen) != len(self.names):
             missing = [n for n in self.names if n not in seen]
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
