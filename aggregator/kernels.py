@@ -534,8 +534,9 @@ _FOLD = _FoldThreads()
 def set_fold_threads(n: int) -> None:
     """Fold dense tensors with ``n`` threads (the kernels release the GIL); 0 = every core.
 
-    One thread is the default: on a small aggregator host the broker and paho's network thread
-    need the other core (notes/mqtt.md). A dedicated host folds large models faster with more.
+    The aggregator passes ``[strategy] fold_threads`` (default 0, every core); until then, and in
+    code that never calls this, folds use one thread. Tensors under ``PARALLEL_MIN`` elements
+    always fold on the calling thread.
     """
     if n < 0:
         raise ValueError(f"fold threads must be >= 0 (0 = every core); got {n}")
