@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from fedmq import codec
 from fedmq.compression import decode_all
-from fedmq.durable import fsync_dir
+from fedmq.durable import atomic_write, fsync_dir
 from fedmq.errors import DecodeError, FedmqError
 from fedmq.wire import GlobalModel, model_digest
 
@@ -63,21 +63,15 @@ class HistoryError(FedmqError):
 
 def _write_durably(path: Path, data: bytes | None = None,
                    arrays: Mapping[str, F32] | None = None) -> None:
-    """Write ``data`` (or an .npz of ``arrays``) to ``path``: temporary file, fsync, replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if data is not None:
-                f.write(data)
-            if arrays is not None:
-                _write_npz(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Write ``data`` (or an .npz of ``arrays``) to ``path`` atomically and durably."""
+
+    def write(f: BinaryIO) -> None:
+        if data is not None:
+            f.write(data)
+        if arrays is not None:
+            _write_npz(f, arrays)
+
+    atomic_write(path, write)
 
 
 def _write_npz(f: BinaryIO, arrays: Mapping[str, F32]) -> None:

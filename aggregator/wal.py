@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.durable import fsync_dir
+from fedmq.durable import atomic_write, fsync_dir
 
 UPDATE = 1  # an accepted update (or a folded chunk): replayed through the same checks
 TICK = 2  # a clock tick that changed the round (extend, abandon, close)
@@ -162,18 +162,12 @@ class Snapshot:
 
     def save(self, directory: Path) -> None:
         """Write atomically: a reader sees the old snapshot or the new one, never a mix."""
-        tmp = directory / (SNAPSHOT + ".tmp")
         meta = dict(self.meta) | {"names": list(self.model)}
         arrays: dict[str, Any] = {f"m{i}": a for i, a in enumerate(self.model.values())}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         if self.acc is not None:
             arrays["acc"] = self.acc
-        with tmp.open("wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, directory / SNAPSHOT)
-        fsync_dir(directory)
+        atomic_write(directory / SNAPSHOT, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, directory: Path) -> Snapshot | None:

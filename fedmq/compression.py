@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,7 +39,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.durable import fsync_dir
+from fedmq.durable import atomic_write
 from fedmq.wire import CODECS, TOPK_VALUES, Tensor, blocks
 
 __all__ = [
@@ -414,18 +413,9 @@ class ErrorFeedback:
         path.parent.mkdir(parents=True, exist_ok=True)
         names = list(self._residual)
         arrays = {f"r{i}": self._residual[n] for i, n in enumerate(names)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                # Names go in an array, not in the zip member names: any UTF-8 text is allowed.
-                np.savez(f, names=np.array(names, dtype=np.str_), **arrays)  # type: ignore[arg-type]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        # Names go in an array, not in the zip member names: any UTF-8 text is allowed.
+        atomic_write(path, lambda f: np.savez(
+            f, names=np.array(names, dtype=np.str_), **arrays))  # type: ignore[arg-type]
 
     def _load(self, path: Path) -> None:
         if not path.exists():
