@@ -187,3 +187,12 @@ def fedavg(base: Mapping[str, F32], updates: list[ModelUpdate]) -> dict[str, F32
         mean = np.average(np.stack(deltas), axis=0, weights=weights)
         out[name] = (b.astype(np.float64) + mean).astype(np.float32)
     return out
+
+
+def assert_fedavg(model: GlobalModel, base: GlobalModel, updates: list[ModelUpdate]) -> None:
+    """``model`` is ``base`` plus the FedAvg of exactly ``updates`` (float32 rounding aside)."""
+    expected = fedavg(weights_of(base), updates)
+    got = weights_of(model)
+    assert list(got) == list(expected)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-7)
