@@ -15,6 +15,7 @@ import queue
 import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
@@ -258,8 +259,18 @@ class PahoTransport:
         """Disconnect cleanly (so no last will is sent) and stop the network thread."""
         self._stopping.set()
         if self._started:
+            was_connected = self._connected.is_set()
             self._client.disconnect()
+            if was_connected:
+                # Let paho's thread send the DISCONNECT and close the socket before it stops.
+                deadline = time.monotonic() + 2.0
+                while self._client.socket() is not None and time.monotonic() < deadline:
+                    time.sleep(0.005)
             self._client.loop_stop()
+            # loop_start opened a loopback socket pair that paho closes only in __del__; when
+            # the client dies in a reference cycle the sockets may be finalised first and warn
+            # (ResourceWarning). Close them, and the connection if still open, now.
+            self._client._reset_sockets()
             self._started = False
         self._connected.clear()
 
