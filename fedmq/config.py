@@ -100,7 +100,7 @@ class StrategyConfig:
 
     name: Literal["fedavg"] = "fedavg"
     server_lr: float = 1.0
-    #: Threads for folding a dense tensor of at least 256K elements (0 = every core, the
+    #: Threads for folding a dense tensor of at least 2M elements (0 = every core, the
     #: default: the kernels release the GIL, and measured ingest over a broker on the same
     #: 2-core host was no worse for it). Set 1 to keep folding on one core.
     fold_threads: int = 0
