@@ -4,8 +4,10 @@ P publisher processes send int8 updates of 1M parameters (QoS 1) through a Mosqu
 loopback. The headline uses one publisher: on this 2-core machine one already saturates the
 broker-to-subscriber path (the bare rate is the same with two), and a second publisher process
 only adds CPU contention that remote devices would not cause; P=2 is measured and reported too.
-Side "bare" is a paho subscriber that only counts the messages; side "ours" is the
-aggregator service (decode, checks, fused int8 fold). Each side's rate is updates per second from
+Side "bare" is a stock paho client (``paho.mqtt.client.Client``, MQTT 5, QoS 1 subscription,
+the library's own receive path and automatic PUBACKs) whose ``on_message`` only counts; side "ours"
+is the aggregator service: our transport (paho with a receive path that copies each payload
+once), decode, checks, fused int8 fold. Each side's rate is updates per second from
 the first publish to the last update handled; the two sides alternate and the medians are
 compared: ``ingest_ratio_ours_over_bare`` (1.0 = the aggregator keeps pace with the broker).
 """
@@ -17,6 +19,7 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.service import AggregatorService
 from fedmq import codec, compression
@@ -82,27 +87,38 @@ def _wait_done(procs: list[Any]) -> None:
 
 
 def run_bare(broker: MosquittoBroker, publishers: int, count: int, params: int) -> float:
-    """Updates per second seen by a subscriber that only counts them."""
+    """Updates per second seen by a stock paho subscriber that only counts them."""
     fed = f"bare-{uuid.uuid4().hex[:8]}"
     topics = Topics(fed)
-    sub = PahoTransport(BrokerConfig(host=broker.host, port=broker.port),
-                        client_id=f"bare-{uuid.uuid4().hex}")
-    sub.subscribe(topics.updates)
-    sub.start()
-    assert sub.wait_connected(10)
-    time.sleep(0.3)
     total = publishers * count
+    received = 0
+    subscribed, finished = threading.Event(), threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        nonlocal received
+        received += 1
+        if received == total:
+            finished.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{uuid.uuid4().hex}",
+                      protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *args: subscribed.set()
+    sub.on_connect = lambda client, *args: client.subscribe(topics.updates, qos=1)
+    sub.connect(broker.host, broker.port)
+    sub.loop_start()
+    if not subscribed.wait(10):
+        raise RuntimeError("bare subscriber could not subscribe")
     procs, go = _run_publishers(broker, fed, publishers, count, params)
     time.sleep(2.0 + 0.5 * publishers)  # publishers connect and build their payloads
-    got = 0
     t0 = time.perf_counter()
     go.set()
-    while got < total:
-        sub.inbox.get(timeout=60)
-        got += 1
+    if not finished.wait(120):
+        raise RuntimeError(f"bare subscriber got {received} of {total} updates")
     elapsed = time.perf_counter() - t0
     _wait_done(procs)
-    sub.stop()
+    sub.disconnect()
+    sub.loop_stop()
     return total / elapsed
 
 
