@@ -61,9 +61,13 @@ def _publish(host: str, port: int, federation: str, publisher: int, count: int, 
     if not t.wait_connected(10):
         raise SystemExit("publisher could not connect")
     go.wait()
-    for i, payload in enumerate(payloads):
-        t.publish(topics.update(f"p{publisher}-{i}"), payload, qos=1)
-    time.sleep(1.0)  # let paho flush the queue and collect the acks before disconnecting
+    sent = [t.publish(topics.update(f"p{publisher}-{i}"), payload, qos=1)
+            for i, payload in enumerate(payloads)]
+    # Disconnect only once the broker has acknowledged every update: paho drops what it still
+    # queues at disconnect, and a slow run would otherwise lose updates instead of being slow.
+    deadline = time.monotonic() + 120
+    while not all(d.done() for d in sent) and time.monotonic() < deadline:
+        time.sleep(0.01)
     t.stop()
 
 
