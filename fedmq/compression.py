@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.durable import atomic_write
-from fedmq.wire import CODECS, TOPK_VALUES, Tensor, blocks
+from fedmq.wire import CODECS, TOPK_VALUES, Blob, Tensor, blocks
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -225,7 +225,7 @@ def encode_with_feedback(
 # ---------------------------------------------------------------- decoding
 
 
-def _half_to_float(data: bytes) -> F32:
+def _half_to_float(data: Blob) -> F32:
     with np.errstate(invalid="ignore"):  # numpy warns when casting a NaN; it stays NaN
         return np.frombuffer(data, dtype="<f2").astype(np.float32)
 
@@ -268,7 +268,7 @@ def _layout(t: Tensor) -> None:
         raise ValueError(f"tensor {t.name!r}: block and scales are only for int8 values")
 
 
-def dequantize(data: bytes, scales: bytes, block: int) -> F32:
+def dequantize(data: Blob, scales: Blob, block: int) -> F32:
     """int8 values times their block's float32 scale, each product rounded to float32."""
     q = np.frombuffer(data, dtype=np.int8)
     s = np.frombuffer(scales, dtype="<f4").astype(np.float32)

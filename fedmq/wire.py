@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 SCHEMA_VERSION = 1
 
@@ -35,6 +35,10 @@ SCHEMA_VERSION = 1
 #: ``fp32`` little-endian float32; ``fp16`` little-endian IEEE half; ``int8`` int8 values times a
 #: float32 scale per block of ``block`` values; ``topk`` a sparse subset: uint32 ``indices`` and
 #: their values as int8 (block-wise scales, like ``int8``) or fp16.
+#: Encoded tensor bytes: ``bytes`` when a device encodes them, a read-only ``memoryview`` into
+#: the received payload when ``codec.decode`` read them (large fields are not copied).
+Blob: TypeAlias = bytes | memoryview
+
 CODECS: tuple[str, ...] = ("fp32", "fp16", "int8", "topk")
 
 #: Value encodings of a ``topk`` tensor.
@@ -60,15 +64,15 @@ class Tensor:
     dtype: str
     shape: tuple[int, ...]
     codec: str
-    data: bytes
+    data: Blob
     offset: int = 0
     count: int | None = None
     #: int8 (and topk with int8 values): values per float32 scale.
     block: int = 0
     #: int8 / topk-int8: little-endian float32 scales, one per block.
-    scales: bytes = b""
+    scales: Blob = b""
     #: topk: little-endian uint32 positions, strictly increasing, relative to ``offset``.
-    indices: bytes = b""
+    indices: Blob = b""
     #: topk: how the kept values are encoded, "int8" or "fp16".
     values: str = ""
 

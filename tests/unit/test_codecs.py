@@ -36,7 +36,7 @@ from fedmq.compression import (
     encode_with_feedback,
     quantize,
 )
-from fedmq.wire import CODECS, ModelUpdate, Tensor, blocks
+from fedmq.wire import CODECS, Blob, ModelUpdate, Tensor, blocks
 
 import naive
 
@@ -165,7 +165,7 @@ def test_folding_in_any_order_equals_the_weighted_sum_of_decoded_updates(c: Case
     np.testing.assert_allclose(acc, expected, rtol=1e-9, atol=1e-13 * scale * sum(c.weights))
 
 
-BYTE_FORMS: dict[str, Callable[[bytes], Any]] = {
+BYTE_FORMS: dict[str, Callable[[Blob], Any]] = {
     "bytearray": bytearray,
     "memoryview": memoryview,
     "unaligned": lambda b: memoryview(b"\0" + b)[1:],
@@ -377,7 +377,7 @@ def _malformed() -> dict[str, Tensor]:
         "int8-short": dataclasses.replace(i8, data=i8.data[:-1]),
         "int8-no-block": dataclasses.replace(i8, block=0),
         "int8-missing-scale": dataclasses.replace(i8, scales=i8.scales[:-4]),
-        "int8-extra-scale": dataclasses.replace(i8, scales=i8.scales + bytes(4)),
+        "int8-extra-scale": dataclasses.replace(i8, scales=bytes(i8.scales) + bytes(4)),
         "int8-range-outside": dataclasses.replace(i8, offset=1),
         "topk-values-unknown": dataclasses.replace(tk, values="fp32"),
         "topk-index-bytes-odd": dataclasses.replace(tk, indices=tk.indices[:-1]),

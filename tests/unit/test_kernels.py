@@ -35,7 +35,7 @@ from aggregator.kernels import (
     warmup,
 )
 from fedmq.compression import encode
-from fedmq.wire import CODECS, Tensor
+from fedmq.wire import CODECS, Blob, Tensor
 
 import naive
 
@@ -312,7 +312,7 @@ def test_warmup_compiles_the_only_specialization_each_kernel_needs() -> None:
         all_finite_fp32(make(x))
         check_fp32(fp32(make(x)))
         sq_norm_fp32(fp32(make(x)))
-    byte_forms: list[Callable[[bytes], Buffer]] = [
+    byte_forms: list[Callable[[Blob], Buffer]] = [
         bytearray, lambda b: memoryview(b"\0" + b)[1:], lambda b: np.frombuffer(b, np.uint8).copy()]
     for codec, values in [("fp16", "int8"), ("int8", "int8"), ("topk", "int8"), ("topk", "fp16")]:
         t = encode("x", x, codec, block=2, fraction=0.5, values=values)
