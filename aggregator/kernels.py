@@ -215,6 +215,81 @@ def _fold_int8(acc: F64, q: I8, scales: F32, block: int, w: float) -> None:
             a[i] += w * np.float64(np.float32(v[i]) * s)
 
 
+# Grouped folds: the same sums as the single folds applied one update after another (per
+# element the additions happen in update order, each rounded as before, so the result is bit for
+# bit the same), but the accumulator is loaded and stored once per group instead of once per
+# update: the single int8 fold is bound by those loads and stores, not by the arithmetic.
+
+
+@_jit  # (numba kernels take plain positional arguments)
+def _fold_fp32_2(acc: F64, x0: F32, x1: F32, w0: float, w1: float) -> None:
+    for i in range(acc.size):
+        acc[i] = acc[i] + w0 * np.float64(x0[i]) + w1 * np.float64(x1[i])
+
+
+@_jit
+def _fold_fp32_4(acc: F64, x0: F32, x1: F32, x2: F32, x3: F32,  # noqa: PLR0917
+                 w0: float, w1: float, w2: float, w3: float) -> None:
+    for i in range(acc.size):
+        acc[i] = (acc[i] + w0 * np.float64(x0[i]) + w1 * np.float64(x1[i])
+                  + w2 * np.float64(x2[i]) + w3 * np.float64(x3[i]))
+
+
+@_jit
+def _fold_fp16_2(acc: F64, h0: U16, h1: U16, w0: float, w1: float) -> None:
+    for i in range(acc.size):
+        acc[i] = acc[i] + w0 * _half(h0[i]) + w1 * _half(h1[i])
+
+
+@_jit
+def _fold_fp16_4(acc: F64, h0: U16, h1: U16, h2: U16, h3: U16,  # noqa: PLR0917
+                 w0: float, w1: float, w2: float, w3: float) -> None:
+    for i in range(acc.size):
+        acc[i] = (acc[i] + w0 * _half(h0[i]) + w1 * _half(h1[i]) + w2 * _half(h2[i])
+                  + w3 * _half(h3[i]))
+
+
+@_jit
+def _fold_int8_2(acc: F64, q0: I8, q1: I8, s0: F32, s1: F32, block: int,  # noqa: PLR0917
+                 w0: float, w1: float) -> None:
+    n = acc.size
+    for b in range(s0.size):  # block by block, as _fold_int8
+        start = b * block
+        stop = min(start + block, n)
+        a = acc[start:stop]
+        v0 = q0[start:stop]
+        v1 = q1[start:stop]
+        c0 = s0[b]
+        c1 = s1[b]
+        for i in range(a.size):
+            a[i] = (a[i] + w0 * np.float64(np.float32(v0[i]) * c0)
+                    + w1 * np.float64(np.float32(v1[i]) * c1))
+
+
+@_jit
+def _fold_int8_4(acc: F64, q0: I8, q1: I8, q2: I8, q3: I8,  # noqa: PLR0917
+                 s0: F32, s1: F32, s2: F32, s3: F32, block: int,
+                 w0: float, w1: float, w2: float, w3: float) -> None:
+    n = acc.size
+    for b in range(s0.size):
+        start = b * block
+        stop = min(start + block, n)
+        a = acc[start:stop]
+        v0 = q0[start:stop]
+        v1 = q1[start:stop]
+        v2 = q2[start:stop]
+        v3 = q3[start:stop]
+        c0 = s0[b]
+        c1 = s1[b]
+        c2 = s2[b]
+        c3 = s3[b]
+        for i in range(a.size):
+            a[i] = (a[i] + w0 * np.float64(np.float32(v0[i]) * c0)
+                    + w1 * np.float64(np.float32(v1[i]) * c1)
+                    + w2 * np.float64(np.float32(v2[i]) * c2)
+                    + w3 * np.float64(np.float32(v3[i]) * c3))
+
+
 @_jit  # (numba kernels take plain positional arguments)
 def _fold_topk_int8(acc: F64, idx: U32, q: I8, scales: F32, block: int, w: float) -> int:  # noqa: PLR0917
     bad = _first_bad_index(idx, acc.size)
@@ -722,52 +797,119 @@ KERNELS: Mapping[str, CodecKernels] = MappingProxyType({
 CACHE_BLOCK = 1 << 17
 
 
-def _ranged_fold(acc: F64, t: Tensor, w: float) -> Callable[[int, int], None] | None:
-    """``fold(start, stop)`` adding ``t``'s values for ``[start, stop)`` to ``acc``.
+#: Updates folded together by one grouped kernel (``_fold_*_4``; a remainder of 2 or 3 uses
+#: ``_fold_*_2`` and then a single fold).
+GROUP = 4
 
-    ``start`` is rounded down to the tensor's int8 block so every call keeps whole blocks; None
-    for sparse codecs, which touch too little of ``acc`` to gain from blocking.
-    """
+_Ranged = Callable[[int, int], None]
+
+
+class _Dense(NamedTuple):
+    """One dense tensor ready to fold: its codec, its wire arrays and its weight."""
+
+    codec: str
+    arrays: tuple[npt.NDArray[Any], ...]  # fp32 / fp16: (values,); int8: (values, scales)
+    block: int
+    w: float
+
+
+def _dense(t: Tensor, w: float) -> _Dense | None:
+    """``t`` checked and viewed as wire arrays; None for sparse codecs (topk)."""
     if t.codec == "fp32":
-        x = _fp32_parts(t)
-        return lambda a, b: _fold_fp32(acc[a:b], x[a:b], w)
+        return _Dense("fp32", (_fp32_parts(t),), 0, w)
     if t.codec == "fp16":
-        h = _fp16_parts(t)
-        return lambda a, b: _fold_fp16(acc[a:b], h[a:b], w)
+        return _Dense("fp16", (_fp16_parts(t),), 0, w)
     if t.codec == "int8":
         q, scales, block = _int8_tensor_parts(t)
-
-        def fold(a: int, b: int) -> None:
-            a -= a % block
-            b = min(b - b % block, acc.size) if b < acc.size else acc.size
-            _fold_int8(acc[a:b], q[a:b], scales[a // block:-(-b // block)], block, w)
-        return fold
+        return _Dense("int8", (q, scales), block, w)
     return None
 
 
-def fold_many(acc: F64, items: Sequence[tuple[Tensor, float]]) -> None:
-    """Fold several updates' tensors for the same ``acc`` range, one cache block at a time.
+def _ranged(acc: F64, group: Sequence[_Dense]) -> _Ranged:
+    """``fold(start, stop)``: add every item of ``group`` (1, 2 or 4 of one codec) to
+    ``acc[start:stop]``, in order; int8 ranges are widened to whole blocks."""
+    first = group[0]
+    ws = [d.w for d in group]
+    if first.codec in ("fp32", "fp16"):
+        xs = [d.arrays[0] for d in group]
+        kernels: dict[tuple[str, int], Callable[..., None]] = {
+            ("fp32", 1): _fold_fp32, ("fp32", 2): _fold_fp32_2, ("fp32", 4): _fold_fp32_4,
+            ("fp16", 1): _fold_fp16, ("fp16", 2): _fold_fp16_2, ("fp16", 4): _fold_fp16_4,
+        }
+        kernel = kernels[first.codec, len(group)]
+        return lambda a, b: kernel(acc[a:b], *[x[a:b] for x in xs], *ws)
+    block = first.block
+    qs = [d.arrays[0] for d in group]
+    ss = [d.arrays[1] for d in group]
+    int8_kernels: dict[int, Callable[..., None]] = {1: _fold_int8, 2: _fold_int8_2,
+                                                    4: _fold_int8_4}
+    int8 = int8_kernels[len(group)]
 
-    Each block of the accumulator is read from memory once for all ``items`` instead of once
-    per update: when updates queue up faster than they fold, this cuts the accumulator's memory
-    traffic by the batch size. Same result as folding them one by one in order.
+    def fold(a: int, b: int) -> None:
+        a -= a % block
+        b = min(b - b % block, acc.size) if b < acc.size else acc.size
+        lo, hi = a // block, -(-b // block)
+        int8(acc[a:b], *[q[a:b] for q in qs], *[s[lo:hi] for s in ss], block, *ws)
+    return fold
+
+
+def _groups(items: Sequence[_Dense]) -> list[list[_Dense]]:
+    """Consecutive runs of one codec (and int8 block size) cut into groups of 4, 2 and 1."""
+    runs: list[list[_Dense]] = []
+    for d in items:
+        last = runs[-1][-1] if runs else None
+        if last is not None and (last.codec, last.block) == (d.codec, d.block):
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    out: list[list[_Dense]] = []
+    for run in runs:
+        i = 0
+        while i < len(run):
+            size = GROUP if len(run) - i >= GROUP else (2 if len(run) - i >= 2 else 1)
+            out.append(run[i:i + size])
+            i += size
+    return out
+
+
+def fold_many(acc: F64, items: Sequence[tuple[Tensor, float]]) -> None:
+    """Fold several updates' tensors for the same ``acc`` range: the same result, bit for bit,
+    as folding them one by one in order.
+
+    Dense updates are folded four (or two) at a time by grouped kernels, which load and store
+    each accumulator element once per group, and one cache block of the accumulator at a time,
+    so a block is read from memory once for the whole batch. Sparse (topk) tensors touch too
+    little of ``acc`` to gain and are folded on their own, in their place in the order.
     """
     _check_acc(acc)
-    folds = []
+    # Check everything first: a bad item raises before anything is folded.
+    checked: list[tuple[Tensor, float, _Dense | None]] = []
     for t, weight in items:
         _check_segment(acc, t)
         w = _check_weight(weight)
-        fold = _ranged_fold(acc, t, w)
-        if fold is None:
-            KERNELS[t.codec].fold(acc, t, w)
-        else:
-            folds.append(fold)
-    if len(folds) == 1:
-        folds[0](0, acc.size)
+        checked.append((t, w, _dense(t, w)))
+    run: list[_Dense] = []
+    for t, w, d in checked:
+        if d is not None:
+            run.append(d)
+            continue
+        # A sparse tensor: what came before it is folded first (every block), then it, so each
+        # element still sees the additions in update order.
+        _fold_blocked(acc, [_ranged(acc, g) for g in _groups(run)])
+        run = []
+        KERNELS[t.codec].fold(acc, t, w)
+    _fold_blocked(acc, [_ranged(acc, g) for g in _groups(run)])
+
+
+def _fold_blocked(acc: F64, steps: Sequence[_Ranged]) -> None:
+    """Run every step over ``acc`` one cache block at a time (a single step: in one go)."""
+    if len(steps) == 1:
+        steps[0](0, acc.size)
         return
-    for a in range(0, acc.size, CACHE_BLOCK):
-        for fold in folds:
-            fold(a, a + CACHE_BLOCK)
+    if steps:
+        for a in range(0, acc.size, CACHE_BLOCK):
+            for step in steps:
+                step(a, a + CACHE_BLOCK)
 
 
 def _warmup_tensors() -> list[Tensor]:
@@ -795,5 +937,7 @@ def warmup() -> None:
         k.fold(acc, t, 1.0)
         k.check(t)
         k.sq_norm(t)
+        if t.codec != "topk":  # the grouped kernels, 4 and 2 at a time
+            fold_many(acc, [(t, 1.0)] * (GROUP + 2))
     all_finite_fp32(bytes(32))
     log.debug("numba kernels ready in %.3f s", time.perf_counter() - t0)

@@ -44,6 +44,37 @@ def test_fold_many_equals_folding_one_by_one(n: int, seed: int, kinds: list[int]
     np.testing.assert_array_equal(batched, one_by_one)
 
 
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 2 * 4096 + 300), seed=st.integers(0, 2**32 - 1),
+       runs=st.lists(st.tuples(st.integers(0, len(CODEC_OPTS) - 1), st.integers(1, 9)),
+                     min_size=1, max_size=4))
+def test_grouped_kernels_equal_folding_one_by_one(n: int, seed: int, runs: list[tuple[int, int]],
+                                                  monkeypatch_block: None) -> None:
+    # Runs of one codec exercise the grouped kernels (groups of 4, 2 and a single remainder),
+    # with sparse tensors and other int8 block sizes in between; weights and values are such
+    # that rounding differs with the order of the additions, so equality means same order.
+    rng = np.random.default_rng(seed)
+    items = [(_tensor(rng, n, kind), float(rng.uniform(0.1, 1000.0)))
+             for kind, length in runs for _ in range(length)]
+    one_by_one = rng.standard_normal(n)
+    batched = one_by_one.copy()
+    for t, w in items:
+        kernels.KERNELS[t.codec].fold(one_by_one, t, w)
+    kernels.fold_many(batched, items)
+    np.testing.assert_array_equal(batched, one_by_one)
+
+
+def test_fold_many_checks_every_item_before_folding() -> None:
+    rng = np.random.default_rng(7)
+    good = [(_tensor(rng, 600, 2), 2.0) for _ in range(5)]
+    short = _tensor(rng, 599, 2)
+    acc = np.ones(600)
+    with pytest.raises(ValueError, match="599|600"):
+        kernels.fold_many(acc, [*good, (short, 1.0), *good])
+    np.testing.assert_array_equal(acc, np.ones(600))
+
+
 @pytest.fixture
 def monkeypatch_block() -> Iterator[None]:
     # Small cache blocks so that short tensors still cross several block boundaries.
