@@ -91,6 +91,8 @@ class Stats:
     bytes_in: int = 0
     rounds_completed: int = 0
     fold_seconds: float = 0.0
+    #: ``time.perf_counter()`` when the latest fold finished (0.0 before the first).
+    last_fold_at: float = 0.0
     #: The latest rejection, with what was wrong (for logs and operators).
     last_rejection: str = ""
 
@@ -341,7 +343,8 @@ class AggregatorService:
             self.strategy.fold(u.tensors, float(u.num_examples))
         else:
             self.strategy.fold_many([(u.tensors, float(u.num_examples)) for u in self._deferred])
-        self.stats.fold_seconds += time.perf_counter() - t0
+        self.stats.last_fold_at = time.perf_counter()
+        self.stats.fold_seconds += self.stats.last_fold_at - t0
         self._deferred = []
 
     def _log(self) -> None:
