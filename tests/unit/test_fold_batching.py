@@ -70,7 +70,7 @@ def test_fold_many_checks_every_item_before_folding() -> None:
     good = [(_tensor(rng, 600, 2), 2.0) for _ in range(5)]
     short = _tensor(rng, 599, 2)
     acc = np.ones(600)
-    with pytest.raises(ValueError, match="599|600"):
+    with pytest.raises(ValueError, match=r"599|600"):
         kernels.fold_many(acc, [*good, (short, 1.0), *good])
     np.testing.assert_array_equal(acc, np.ones(600))
 
