@@ -631,15 +631,27 @@ def _pieces(n: int, align: int, parts: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
+#: Elements per piece of a threaded fold. Threads take pieces as they finish the last one, so a
+#: thread that the OS runs less (the broker, another process) holds up the fold by one piece at
+#: most instead of by its whole half.
+PIECE = 1 << 20
+
+
 def _split_fold(n: int, align: int, fold: Callable[[int, int], None]) -> None:
     """Run ``fold(start, stop)`` over pieces of ``range(n)``: in threads when it pays."""
     pool = _FOLD.pool
     if pool is None or n < PARALLEL_MIN:
         fold(0, n)
         return
-    first, *rest = _pieces(n, align, _FOLD.threads)
-    futures = [pool.submit(fold, a, b) for a, b in rest]
-    fold(*first)  # the calling thread takes a piece too
+    # next() on a shared iterator is atomic under the GIL: each piece is taken exactly once.
+    pieces = iter(_pieces(n, align, max(_FOLD.threads, -(-n // PIECE))))
+
+    def work() -> None:
+        for a, b in pieces:
+            fold(a, b)
+
+    futures = [pool.submit(work) for _ in range(_FOLD.threads - 1)]
+    work()  # the calling thread takes pieces too
     for f in futures:
         f.result()
 
