@@ -34,8 +34,9 @@ from aggregator.kernels import (
     sq_norm_topk,
     warmup,
 )
+from fedmq import codec as wire_codec
 from fedmq.compression import encode
-from fedmq.wire import CODECS, Blob, Tensor
+from fedmq.wire import CODECS, Blob, ModelUpdate, Tensor
 
 import naive
 
@@ -299,12 +300,16 @@ PRIVATE_KERNELS = (
     kernels._fold_topk_fp16,
     kernels._all_finite_fp32, kernels._all_finite_fp16, kernels._all_finite_int8,
     kernels._sq_norm_fp32, kernels._sq_norm_fp16, kernels._sq_norm_int8,
+    kernels._fold_fp32_2, kernels._fold_fp32_4, kernels._fold_fp16_2, kernels._fold_fp16_4,
+    kernels._fold_int8_2, kernels._fold_int8_4,
 )
 
 
 def test_warmup_compiles_the_only_specialization_each_kernel_needs() -> None:
     warmup()
     warmup()
+    for k in PRIVATE_KERNELS:  # warmup itself reached every kernel
+        assert getattr(k, "signatures", [None]), k
     acc = np.zeros(3)
     x = np.array([1, 2, 3], np.float32)
     for make in FORMS.values():
@@ -323,6 +328,20 @@ def test_warmup_compiles_the_only_specialization_each_kernel_needs() -> None:
             KERNELS[codec].fold(acc, u, 1.0)
             KERNELS[codec].check(u)
             KERNELS[codec].sq_norm(u)
+    # Batches (grouped kernels), in every byte form and as decoded (views into a payload).
+    big = np.linspace(-1.0, 1.0, 20_000, dtype=np.float32)  # large enough to decode as views
+    for codec in ("fp32", "fp16", "int8"):
+        t = encode("x", big, codec, block=2)
+        payload = wire_codec.encode(ModelUpdate(federation="f", device_id="d", round=1,
+                                                base_version=0, update_id="u", num_examples=1,
+                                                tensors=(t,)))
+        decoded = wire_codec.decode(payload)
+        assert isinstance(decoded, ModelUpdate)
+        batch = [(dataclasses.replace(t, data=cast(bytes, form(t.data)),
+                                      scales=cast(bytes, form(t.scales))), 1.0)
+                 for form in byte_forms] + [(decoded.tensors[0], 1.0)] * 4
+        assert isinstance(decoded.tensors[0].data, memoryview)
+        kernels.fold_many(np.zeros(big.size), batch)
     for k in PRIVATE_KERNELS:
         signatures = getattr(k, "signatures", None)
         if signatures is not None:  # None when NUMBA_DISABLE_JIT=1
