@@ -143,6 +143,11 @@ def split_publish(packet: bytes | bytearray, qos: int, mqtt5: bool,
         view.release()
 
 
+#: The paho internals the one-copy receive path uses; a paho without them gets paho's own path.
+_FAST_PUBLISH = all(hasattr(mqtt.Client, name) for name in
+                    ("_handle_publish", "_handle_on_message", "_send_puback"))
+
+
 class _Client(mqtt.Client):
     """paho's client with a receive path that copies a PUBLISH payload once.
 
@@ -155,6 +160,8 @@ class _Client(mqtt.Client):
     """
 
     def _handle_publish(self) -> MQTTErrorCode:
+        if not _FAST_PUBLISH:
+            return super()._handle_publish()
         header = self._in_packet["command"]
         qos = (header & 0x06) >> 1
         mqtt5 = self._protocol == mqtt.MQTTv5

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fedmq import transport
 from fedmq.broker import MosquittoBroker, default_config_dir
 from fedmq.errors import BrokerError
 from fedmq.transport import PahoTransport
@@ -107,3 +108,43 @@ def test_oversize_publish_is_refused_before_the_broker_sees_it(mosquitto_factory
         t.publish("t/x", b"\0" * 5_000)  # below the limit: fine
     finally:
         t.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("qos", [0, 1])
+def test_inbound_publishes_take_the_one_copy_path(mosquitto: MosquittoBroker, qos: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages from a real broker are cut by ``split_publish`` and arrive whole and acked."""
+    calls = []
+    real = transport.split_publish
+
+    def counted(packet: bytes | bytearray, q: int, mqtt5: bool) -> Any:
+        calls.append(q)
+        return real(packet, q, mqtt5)
+
+    monkeypatch.setattr(transport, "split_publish", counted)
+    cfg = broker_config(mosquitto)
+    topic = f"t/{uuid.uuid4().hex}"
+    sub = PahoTransport(cfg, client_id=f"sub-{uuid.uuid4().hex}")
+    sub.subscribe(topic, qos=qos)
+    sub.start()
+    pub = PahoTransport(cfg, client_id=f"pub-{uuid.uuid4().hex}")
+    pub.start()
+    try:
+        assert sub.wait_connected(10)
+        assert pub.wait_connected(10)
+        time.sleep(0.2)
+        sent = [_payload(i) for i in range(5)]
+        deliveries = [pub.publish(topic, p, qos=qos) for p in sent]
+        got = [sub.inbox.get(timeout=20) for _ in sent]
+        assert [m.payload for m in got] == sent
+        assert [m.topic for m in got] == [topic] * 5
+        assert all(m.qos == qos for m in got)
+        deadline = time.monotonic() + 10
+        while not all(d.done() for d in deliveries) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(d.done() for d in deliveries)
+        assert calls.count(qos) == 5
+    finally:
+        pub.stop()
+        sub.stop()
