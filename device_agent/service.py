@@ -94,6 +94,11 @@ class AgentService:
         self.messages_resent = 0
         self.updates_unbuffered = 0
         self._deliveries: dict[str, Delivery] = {}  # outbox key -> its latest publish
+        # Connections seen by pump_outbox, and on which one each key was last published: the
+        # resend after a reconnect is for what an earlier connection left unacknowledged, not
+        # for an update published since, whose PUBACK is merely still on its way.
+        self._connection = 0
+        self._published_on: dict[str, int] = {}
         self._connected_again = threading.Event()  # set by the transport's connect hook
         self._resend_due: float | None = None
         self._stopping = threading.Event()
@@ -174,6 +179,7 @@ class AgentService:
             return  # the connect hook sets _connected_again: we come back then
         if self._connected_again.is_set():
             self._connected_again.clear()
+            self._connection += 1
             self._resend_due = time.monotonic() + RESEND_GRACE_S
             self._publish_pending(unsent_only=True)
         if self._resend_due is not None and time.monotonic() >= self._resend_due:
@@ -184,18 +190,22 @@ class AgentService:
         for key, delivery in list(self._deliveries.items()):
             if key not in self.outbox:  # dropped to make room for a newer update
                 del self._deliveries[key]
+                self._published_on.pop(key, None)
             elif delivery.done():
                 del self._deliveries[key]
+                self._published_on.pop(key, None)
                 self.messages_acked += 1
                 if self.outbox.remove(key):
                     self.updates_acked += 1
 
     def _publish_pending(self, *, unsent_only: bool) -> None:
         """Publish the outbox's messages never handed to the transport (and, unless
-        ``unsent_only``, those handed to it but still not acknowledged), oldest first."""
+        ``unsent_only``, those handed to it on an earlier connection and still not
+        acknowledged), oldest first."""
         todo = [k for k in self.outbox.pending_keys()
                 if k not in self._deliveries
-                or (not unsent_only and not self._deliveries[k].done())]
+                or (not unsent_only and not self._deliveries[k].done()
+                    and self._published_on.get(k, 0) < self._connection)]
         for key in todo:
             item = self.outbox.get(key)
             if item is None:
@@ -208,6 +218,7 @@ class AgentService:
     def _publish_entry(self, key: str, topic: str, payload: bytes) -> None:
         try:
             self._deliveries[key] = self.transport.publish(topic, payload, qos=1)
+            self._published_on[key] = self._connection
         except BrokerError as exc:  # too large for this broker: kept, tried again on connect
             self._deliveries.pop(key, None)
             log.warning("device %s: cannot publish outbox message %s: %s", self.device_id, key,

@@ -146,10 +146,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
         result.final_accuracy = result.rounds[-1]["accuracy"]
         rejected = sum(agg.stats.rejected.values())
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(agg.stats.rejected.items()))
     result.wall_s = round(time.monotonic() - started, 2)
     print(f"final held-out accuracy {result.final_accuracy:.4f} after {args.rounds} rounds "
           f"({args.partition}, {args.devices} devices, {args.codec}, {result.broker} broker, "
-          f"{result.wall_s:.1f} s, {rejected} updates rejected)")
+          f"{result.wall_s:.1f} s, {rejected} updates rejected{': ' + reasons if reasons else ''})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.as_json(), indent=2))

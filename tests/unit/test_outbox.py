@@ -382,6 +382,26 @@ def test_service_resends_unacknowledged_after_a_reconnect_grace(
     assert service.messages_acked == 1  # the latest copy's acknowledgement counts
 
 
+def test_an_update_published_after_the_connect_is_not_resent_while_its_ack_is_due(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The demo once turned away a dozen duplicates: when the grace after the first connect
+    # ran out, the outbox republished updates whose PUBACK was merely still on its way.
+    monkeypatch.setattr(service_module, "RESEND_GRACE_S", 0.05)
+    transport = FakeTransport()
+    transport.connected = True
+    service = make_service(transport, Outbox(tmp_path, BIG, 100))
+    service.on_connected()
+    service.pump_outbox()  # the grace starts
+    train_round(service)  # published on this connection; no PUBACK yet
+    time.sleep(0.06)
+    service.pump_outbox()  # the grace is over: only earlier connections' messages are resent
+    assert len(transport.updates()) == 1
+    assert service.messages_resent == 0
+    transport.ack_all()
+    service.pump_outbox()
+    assert len(service.outbox) == 0
+
+
 def test_a_new_service_on_the_same_outbox_resends_what_is_pending(tmp_path: Path) -> None:
     first = FakeTransport()
     first.connected = True
