@@ -50,6 +50,9 @@ class AgentMachine:
         self.weights: Weights | None = None
         self.announcement: RoundAnnouncement | None = None
         self.last_trained_round = 0
+        #: (round, base version, model digest) of the announcement this device last trained
+        #: for, restored from disk after a restart: that round is not trained a second time.
+        self.trained_before: tuple[int, int, str] | None = None
         self.training = False
 
     def on_model(self, model: GlobalModel) -> list[AgentAction]:
@@ -92,6 +95,10 @@ class AgentMachine:
             return []
         if ann.base_version != self.model_version:
             return []  # wait for the matching model (or the next announcement)
+        if self.trained_before == (ann.round, ann.base_version, ann.model_sha256):
+            # Trained before a restart; the outbox still holds (or has sent) that update.
+            self.last_trained_round = ann.round
+            return [Ignored("trained_before_restart")]
         if not selected(ann.sample_seed, ann.round, self.device_id, ann.sample_rate):
             self.last_trained_round = ann.round
             return [Ignored("not_selected")]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +37,7 @@ from device_agent.trainers import MLPTrainer, SoftmaxTrainer, TrainConfig, Train
 from fedmq import __version__, codec, compression
 from fedmq.chunking import ModelAssembler, place, split_update
 from fedmq.config import AgentConfig, BrokerConfig, DeviceConfig
+from fedmq.durable import atomic_write
 from fedmq.errors import BrokerError, ConfigError, DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Delivery, Message, PahoTransport, Transport, Will
@@ -70,6 +72,7 @@ class AgentService:
         clock: Callable[[], float] = time.time,
         feedback: compression.ErrorFeedback | None = None,
         outbox: Outbox | None = None,
+        trained_path: Path | None = None,
     ) -> None:
         self.topics = Topics(federation)
         self.federation = federation
@@ -78,6 +81,10 @@ class AgentService:
         self.transport = transport
         self.clock = clock
         self.machine = AgentMachine(federation, device_id)
+        # Which round this device last trained for, kept beside its outbox so a restart does
+        # not train (and send) the same round again (see _remember_trained).
+        self.trained_path = trained_path
+        self.machine.trained_before = _load_trained(trained_path)
         self.assembler = ModelAssembler()
         self.ignored: Counter[str] = Counter()
         self.updates_sent = 0
@@ -108,7 +115,8 @@ class AgentService:
     def over_mqtt(cls, federation: str, device_id: str, trainer: Trainer,
                   broker: BrokerConfig, *,
                   feedback: compression.ErrorFeedback | None = None,
-                  outbox: Outbox | None = None) -> AgentService:
+                  outbox: Outbox | None = None,
+                  trained_path: Path | None = None) -> AgentService:
         """A service on a real broker, with a last will that marks the device offline."""
         service: AgentService
         will = Will(Topics(federation).status(device_id),
@@ -117,7 +125,7 @@ class AgentService:
                                   # a lambda: `service` does not exist yet
                                   on_connect=lambda: service.on_connected())  # noqa: PLW0108
         service = cls(federation, device_id, trainer, transport, feedback=feedback,
-                      outbox=outbox)
+                      outbox=outbox, trained_path=trained_path)
         return service
 
     @classmethod
@@ -129,9 +137,10 @@ class AgentService:
         path = Path(state) / f"feedback-{config.federation}.npz" if state else None
         outbox = Outbox(Path(state) / "outbox" if state else None, d.outbox_max_bytes,
                         d.outbox_max_messages)
+        trained = Path(state) / f"trained-{config.federation}.json" if state else None
         return cls.over_mqtt(config.federation, device_id, trainer or build_trainer(config),
                              config.broker, feedback=compression.ErrorFeedback(path),
-                             outbox=outbox)
+                             outbox=outbox, trained_path=trained)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -309,12 +318,31 @@ class AgentService:
         topic = self.topics.update(self.device_id)
         payloads = [codec.encode(message) for message in messages]
         self._send_update(update.update_id, [(topic, payload) for payload in payloads])
+        self._remember_trained(ann)
         sent = sum(len(payload) for payload in payloads)
         self.updates_sent += 1
         self.bytes_sent += sent
         self.publish_status("online")
         log.info("device %s: sent update for round %d (%d bytes in %d messages)", self.device_id,
                  ann.round, sent, len(messages))
+
+    def _remember_trained(self, ann: RoundAnnouncement) -> None:
+        """Record the round just sent; written after the outbox has the update, so a crash in
+        between at worst trains the round again (the old behaviour), never skips it unsent."""
+        if self.trained_path is None:
+            return
+        record = {"round": ann.round, "base_version": ann.base_version,
+                  "model_sha256": ann.model_sha256}
+        data = json.dumps(record).encode()
+
+        def write(f: BinaryIO) -> None:
+            f.write(data)
+
+        try:
+            atomic_write(self.trained_path, write)
+        except OSError as exc:
+            log.warning("device %s: cannot record the trained round in %s: %s",
+                        self.device_id, self.trained_path, exc)
 
     def encode_update(self, update: ModelUpdate, delta: dict[str, F32],
                       ann: RoundAnnouncement) -> list[ModelUpdate]:
@@ -399,3 +427,22 @@ def load_local_data(config: AgentConfig) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"data.shard {shard} is outside 0..{d.num_shards - 1}")
     idx = partition(y_train, d.num_shards, d.partition, d.seed)[shard]
     return x_train[idx], y_train[idx]
+
+
+def _load_trained(path: Path | None) -> tuple[int, int, str] | None:
+    """The (round, base version, model digest) recorded by ``_remember_trained``, if readable."""
+    if path is None:
+        return None
+    try:
+        raw = json.loads(path.read_bytes())
+        record = (raw["round"], raw["base_version"], raw["model_sha256"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # damaged: train as if new
+        log.warning("ignoring the trained-round record %s: %s", path, exc)
+        return None
+    if not (isinstance(record[0], int) and isinstance(record[1], int)
+            and isinstance(record[2], str)):
+        log.warning("ignoring the trained-round record %s: wrong types", path)
+        return None
+    return record

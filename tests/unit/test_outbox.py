@@ -293,12 +293,14 @@ class FakeDelivery(Delivery):
         return self.acked
 
 
-def make_service(transport: FakeTransport, outbox: Outbox) -> AgentService:
+def make_service(transport: FakeTransport, outbox: Outbox,
+                 trained_path: Path | None = None) -> AgentService:
     rng = np.random.default_rng(0)
     trainer = MLPTrainer(rng.normal(size=(12, 64)).astype(np.float32),
                          rng.integers(0, 10, size=12), num_classes=10)
     transport.outbox = outbox
-    return AgentService(FED, DEVICE, trainer, transport, clock=lambda: 0.0, outbox=outbox)
+    return AgentService(FED, DEVICE, trainer, transport, clock=lambda: 0.0, outbox=outbox,
+                        trained_path=trained_path)
 
 
 def train_round(service: AgentService, round_: int = 1, max_chunk_bytes: int = 0) -> None:
@@ -458,3 +460,36 @@ def test_a_dropped_update_is_forgotten_by_the_service(tmp_path: Path) -> None:
 def test_memory_transport_deliveries_are_done() -> None:
     assert MemoryTransport().publish("a/b", b"x").done()
     assert Delivery(None).done()
+
+
+def test_a_restarted_device_does_not_train_the_same_round_again(tmp_path: Path) -> None:
+    # Before: the restarted device resent its pending update from the outbox *and* trained the
+    # still-open round again; the aggregator turned the second update away as a duplicate.
+    record = tmp_path / "trained.json"
+    first = FakeTransport()
+    first.connected = True
+    old = make_service(first, Outbox(tmp_path / "outbox", BIG, 100), record)
+    train_round(old, round_=3)
+    assert len(first.updates()) == 1
+    assert record.exists()
+
+    second = FakeTransport()
+    second.connected = True
+    new = make_service(second, Outbox(tmp_path / "outbox", BIG, 100), record)
+    train_round(new, round_=3)  # the same announcement, after the restart
+    assert second.updates() == []  # not trained again (the outbox resends the first one)
+    assert new.ignored["trained_before_restart"] == 1
+    train_round(new, round_=4)  # the next round is trained as usual
+    assert [codec.decode_as(p, ModelUpdate).round for p, _ in second.updates()] == [4]
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b'{"round": "3"}', b"[1, 2, 3]",
+                                     b'{"round": 3, "base_version": 2, "model_sha256": 7}'])
+def test_a_damaged_trained_record_is_ignored(tmp_path: Path, content: bytes) -> None:
+    record = tmp_path / "trained.json"
+    record.write_bytes(content)
+    transport = FakeTransport()
+    transport.connected = True
+    service = make_service(transport, Outbox(tmp_path / "outbox", BIG, 100), record)
+    train_round(service, round_=3)
+    assert len(transport.updates()) == 1
