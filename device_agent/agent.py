@@ -50,9 +50,10 @@ class AgentMachine:
         self.weights: Weights | None = None
         self.announcement: RoundAnnouncement | None = None
         self.last_trained_round = 0
-        #: (round, base version, model digest) of the announcement this device last trained
-        #: for, restored from disk after a restart: that round is not trained a second time.
-        self.trained_before: tuple[int, int, str] | None = None
+        #: (round, base version, model digest, deadline) of the announcement this device last
+        #: trained for, restored from disk after a restart: that announcement is not trained a
+        #: second time. The deadline tells a new run's round 1 from the old run's.
+        self.trained_before: tuple[int, int, str, float] | None = None
         self.training = False
 
     def on_model(self, model: GlobalModel) -> list[AgentAction]:
@@ -95,7 +96,7 @@ class AgentMachine:
             return []
         if ann.base_version != self.model_version:
             return []  # wait for the matching model (or the next announcement)
-        if self.trained_before == (ann.round, ann.base_version, ann.model_sha256):
+        if self.trained_before == (ann.round, ann.base_version, ann.model_sha256, ann.deadline):
             # Trained before a restart; the outbox still holds (or has sent) that update.
             self.last_trained_round = ann.round
             return [Ignored("trained_before_restart")]

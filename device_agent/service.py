@@ -332,7 +332,7 @@ class AgentService:
         if self.trained_path is None:
             return
         record = {"round": ann.round, "base_version": ann.base_version,
-                  "model_sha256": ann.model_sha256}
+                  "model_sha256": ann.model_sha256, "deadline": ann.deadline}
         data = json.dumps(record).encode()
 
         def write(f: BinaryIO) -> None:
@@ -429,20 +429,20 @@ def load_local_data(config: AgentConfig) -> tuple[np.ndarray, np.ndarray]:
     return x_train[idx], y_train[idx]
 
 
-def _load_trained(path: Path | None) -> tuple[int, int, str] | None:
-    """The (round, base version, model digest) recorded by ``_remember_trained``, if readable."""
+def _load_trained(path: Path | None) -> tuple[int, int, str, float] | None:
+    """The (round, base version, model digest, deadline) recorded by ``_remember_trained``."""
     if path is None:
         return None
     try:
         raw = json.loads(path.read_bytes())
-        record = (raw["round"], raw["base_version"], raw["model_sha256"])
+        record = (raw["round"], raw["base_version"], raw["model_sha256"], raw["deadline"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as exc:  # damaged: train as if new
         log.warning("ignoring the trained-round record %s: %s", path, exc)
         return None
     if not (isinstance(record[0], int) and isinstance(record[1], int)
-            and isinstance(record[2], str)):
+            and isinstance(record[2], str) and isinstance(record[3], int | float)):
         log.warning("ignoring the trained-round record %s: wrong types", path)
         return None
-    return record
+    return record[0], record[1], record[2], float(record[3])

@@ -483,8 +483,22 @@ def test_a_restarted_device_does_not_train_the_same_round_again(tmp_path: Path) 
     assert [codec.decode_as(p, ModelUpdate).round for p, _ in second.updates()] == [4]
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b'{"round": "3"}', b"[1, 2, 3]",
-                                     b'{"round": 3, "base_version": 2, "model_sha256": 7}'])
+def test_a_new_run_with_the_same_round_and_model_is_trained(tmp_path: Path) -> None:
+    # A fresh aggregator run announces round 1 on the same initial model again; only its
+    # deadline differs, and that is enough for the device to take part.
+    record = tmp_path / "trained.json"
+    record.write_text('{"round": 3, "base_version": 2, "model_sha256": "", "deadline": 99.0}')
+    transport = FakeTransport()
+    transport.connected = True
+    service = make_service(transport, Outbox(tmp_path / "outbox", BIG, 100), record)
+    train_round(service, round_=3)  # announced with deadline 100.0
+    assert len(transport.updates()) == 1
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"{", b'{"round": "3"}', b"[1, 2, 3]",
+    b'{"round": 3, "base_version": 2, "model_sha256": 7, "deadline": 100.0}',
+    b'{"round": 3, "base_version": 2, "model_sha256": "", "deadline": "100"}'])
 def test_a_damaged_trained_record_is_ignored(tmp_path: Path, content: bytes) -> None:
     record = tmp_path / "trained.json"
     record.write_bytes(content)
