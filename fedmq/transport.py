@@ -175,7 +175,10 @@ class _Client(mqtt.Client):
         message.retain = bool(header & 0x01)
         if mqtt5:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.unpack(props)  # type: ignore[no-untyped-call]
+            try:
+                properties.unpack(props)  # type: ignore[no-untyped-call]
+            except Exception:  # bad properties: paho's own decoder reports the packet
+                return super()._handle_publish()
             message.properties = properties
         message.payload = payload
         message.timestamp = time.monotonic()
@@ -226,8 +229,8 @@ class PahoTransport:
         protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
         persistent = session_expiry_s > 0
         self._client = _Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                   protocol=protocol, manual_ack=manual_ack,
-                                   clean_session=None if broker.mqtt5 else not persistent)
+                               protocol=protocol, manual_ack=manual_ack,
+                               clean_session=None if broker.mqtt5 else not persistent)
         if broker.username is not None:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls:

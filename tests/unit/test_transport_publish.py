@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import struct
 
+import paho.mqtt.client as mqtt
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedmq.transport import split_publish
+from fedmq.transport import _Client, split_publish
 
 
 def _props(user: list[tuple[str, str]], expiry: int | None) -> bytes:
@@ -73,3 +76,16 @@ def test_the_payload_is_a_copy_not_a_view() -> None:
     packet[-7:] = b"XXXXXXX"
     assert got[3] == b"payload"
     packet.extend(b"more")  # no view is left holding the buffer: it can still grow
+
+
+def test_bad_properties_go_to_paho_which_reports_the_packet() -> None:
+    client = _Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    got: list[object] = []
+    client.on_message = lambda *args: got.append(args)
+    # Property length 2, then an identifier no MQTT 5 property has.
+    packet = bytearray(_packet_bytes(b"t", 1, 9, b"\x02\xff\x00", b"payload"))
+    client._in_packet["command"] = 0x32
+    client._in_packet["packet"] = packet
+    with pytest.raises(MalformedPacket):
+        client._handle_publish()
+    assert got == []  # nothing half-delivered
