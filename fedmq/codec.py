@@ -456,7 +456,8 @@ def _unpack(payload: bytes | bytearray | memoryview, limits: DecodeLimits) -> An
     When the payload holds large binaries, a small copy of it is unpacked in which each of them
     is replaced by a 5-byte extension carrying its number; the extension hook hands back a view
     of the original bytes. The payload must not change while the result is in use (bytes never
-    do; the transport hands over bytes).
+    do; the transport hands over bytes). One difference from plain msgpack: a binary of
+    ``VIEW_MIN_BYTES`` or more used as a map key is refused (no fedmq map has binary keys).
     """
     caps: dict[str, Any] = {
         "raw": False, "strict_map_key": True, "use_list": True, "max_str_len": 1 << 20,
