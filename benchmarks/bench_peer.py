@@ -32,6 +32,9 @@ three ways and all three are reported:
 - heap trimmed (glibc): ``malloc_trim(0)`` before every run of either side (``*_trimmed``).
 - new process: every run alone in a fresh interpreter (``*_cold``), as a script timing one call
   measures; every page is faulted in, and on a virtual machine first touched by the host too.
+- round loop: peer and ours each in a fresh interpreter for several rounds, the replies
+  deserialised anew each round as a server receives them; the first round and the median of the
+  later ones (``time_ratio_round_loop_first/later_peer_over_ours``).
 
 From the repo root::
 
@@ -321,8 +324,23 @@ def cold_pass(names: Sequence[str], repeat: int, argv: Sequence[str],
             cmd = [sys.executable, "-m", "benchmarks.bench_peer", *argv, "--cold-side", name]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             got = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[name].append((float(got["seconds"]), int(got["faults"])))
+            runs[name].append((float(got["seconds"][0]), int(got["faults"][0])))
     return runs
+
+
+LOOP_ROUNDS = 6
+
+
+def round_loop(names: Sequence[str], argv: Sequence[str]) -> dict[str, list[float]]:
+    """Each side in a fresh process for ``LOOP_ROUNDS`` rounds, replies deserialised anew each
+    round, as a server aggregates round after round: seconds per round, by side."""
+    out: dict[str, list[float]] = {}
+    for name in names:
+        cmd = [sys.executable, "-m", "benchmarks.bench_peer", *argv, "--cold-side", name,
+               "--rounds", str(LOOP_ROUNDS)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = [float(t) for t in json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]]
+    return out
 
 
 def exact_mean(inputs: Inputs) -> list[npt.NDArray[np.float64]]:
@@ -433,6 +451,10 @@ def print_table(m: Measured, out: dict[str, Any], quick: bool) -> None:
                         ("cold", "each run in a new process")):
         if f"time_ratio_{label}_peer_over_ours" in out:
             print(f"  {what}: {out[f'time_ratio_{label}_peer_over_ours']:.2f}")
+    if "time_ratio_round_loop_later_peer_over_ours" in out:
+        print(f"  a server's round loop (fresh replies each round, {out['round_loop_rounds']} "
+              f"rounds): first round {out['time_ratio_round_loop_first_peer_over_ours']:.2f}, "
+              f"later rounds {out['time_ratio_round_loop_later_peer_over_ours']:.2f} (median)")
     cal = {k.removeprefix("calibration_peer_over_numpy_stream").lstrip("_") or "as is": v
            for k, v in out.items() if k.startswith("calibration_")}
     if cal:
@@ -459,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-cold", action="store_true",
                         help="skip the pass that runs each side in a new process")
     parser.add_argument("--cold-side", metavar="SIDE", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     updates, params = (QUICK_UPDATES, QUICK_PARAMS) if args.quick else (FULL_UPDATES, FULL_PARAMS)
     repeat = args.repeat or (QUICK_REPEAT if args.quick else FULL_REPEAT)
@@ -491,16 +514,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         sides["flwr"] = lambda: run_peer(results, agg)
 
     if args.cold_side is not None:
-        # One aggregation in this fresh process (see cold_pass); report it and stop.
-        gc.collect()
-        seconds_, faults = seconds(sides[args.cold_side])
-        print(json.dumps({"seconds": seconds_, "faults": faults}))
+        # Aggregations in this fresh process (see cold_pass and round_loop), one per round, each
+        # on replies deserialised anew (the lambdas above see the new ``results``).
+        per_round = []
+        for r in range(args.rounds):
+            if r:
+                del results
+                results = deserialize(inputs)
+            per_round.append(seconds(sides[args.cold_side]))
+        print(json.dumps({"seconds": [t for t, _ in per_round],
+                          "faults": [f for _, f in per_round]}))
         return 0
     m = measure(inputs, sides, repeat)
+    loop: dict[str, list[float]] = {}
     if not args.no_cold:
         forward = ["--seed", str(args.seed)] + (["--quick"] if args.quick else [])
         m.med_cold = medians(cold_pass(list(sides), repeat, forward))
+        loop = round_loop(["peer", "ours"], forward)
     out = keys(m, updates, params, len(inputs.names), repeat)
+    if loop:
+        later = {name: statistics.median(ts[1:]) for name, ts in loop.items()}
+        out |= {
+            "round_loop_rounds": LOOP_ROUNDS,
+            "peer_seconds_round_loop": loop["peer"], "ours_seconds_round_loop": loop["ours"],
+            "time_ratio_round_loop_first_peer_over_ours": loop["peer"][0] / loop["ours"][0],
+            "time_ratio_round_loop_later_peer_over_ours": later["peer"] / later["ours"],
+        }
     out["fold_threads"] = default
     print_table(m, out, args.quick)
     if args.json is not None:
