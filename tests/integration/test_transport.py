@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,17 +26,14 @@ def _payload(i: int) -> bytes:
     return hashlib.sha256(body).digest() + i.to_bytes(4, "big") + body
 
 
-@pytest.mark.broker
-def test_publishing_from_many_threads_never_corrupts_messages(mosquitto: MosquittoBroker) -> None:
-    """Large QoS 1 publishes from several threads at once all arrive intact.
-
-    The e2e benchmark once caught a corrupted update when a hand-rolled loop() thread and the
-    publishing thread both wrote to the socket; all writes now go through paho's own thread.
-    """
-    cfg = broker_config(mosquitto)
+@contextlib.contextmanager
+def _pair(broker: MosquittoBroker, qos: int = 1,
+          ) -> Iterator[tuple[str, PahoTransport, PahoTransport]]:
+    """(topic, subscriber, publisher), both connected, stopped on leaving."""
+    cfg = broker_config(broker)
     topic = f"t/{uuid.uuid4().hex}"
     sub = PahoTransport(cfg, client_id=f"sub-{uuid.uuid4().hex}")
-    sub.subscribe(topic)
+    sub.subscribe(topic, qos=qos)
     sub.start()
     pub = PahoTransport(cfg, client_id=f"pub-{uuid.uuid4().hex}")
     pub.start()
@@ -42,6 +41,20 @@ def test_publishing_from_many_threads_never_corrupts_messages(mosquitto: Mosquit
         assert sub.wait_connected(10)
         assert pub.wait_connected(10)
         time.sleep(0.2)
+        yield topic, sub, pub
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+@pytest.mark.broker
+def test_publishing_from_many_threads_never_corrupts_messages(mosquitto: MosquittoBroker) -> None:
+    """Large QoS 1 publishes from several threads at once all arrive intact.
+
+    The e2e benchmark once caught a corrupted update when a hand-rolled loop() thread and the
+    publishing thread both wrote to the socket; all writes now go through paho's own thread.
+    """
+    with _pair(mosquitto) as (topic, sub, pub):
         def send(k: int) -> None:
             for j in range(20):
                 pub.publish(topic, _payload(k * 100 + j))
@@ -58,9 +71,6 @@ def test_publishing_from_many_threads_never_corrupts_messages(mosquitto: Mosquit
             assert hashlib.sha256(body).digest() == digest, "a message arrived corrupted"
             seen.add(int.from_bytes(index, "big"))
         assert len(seen) == 80
-    finally:
-        pub.stop()
-        sub.stop()
 
 
 @pytest.mark.broker
@@ -123,17 +133,7 @@ def test_inbound_publishes_take_the_one_copy_path(mosquitto: MosquittoBroker, qo
         return real(packet, q, mqtt5)
 
     monkeypatch.setattr(transport, "split_publish", counted)
-    cfg = broker_config(mosquitto)
-    topic = f"t/{uuid.uuid4().hex}"
-    sub = PahoTransport(cfg, client_id=f"sub-{uuid.uuid4().hex}")
-    sub.subscribe(topic, qos=qos)
-    sub.start()
-    pub = PahoTransport(cfg, client_id=f"pub-{uuid.uuid4().hex}")
-    pub.start()
-    try:
-        assert sub.wait_connected(10)
-        assert pub.wait_connected(10)
-        time.sleep(0.2)
+    with _pair(mosquitto, qos) as (topic, sub, pub):
         sent = [_payload(i) for i in range(5)]
         deliveries = [pub.publish(topic, p, qos=qos) for p in sent]
         got = [sub.inbox.get(timeout=20) for _ in sent]
@@ -145,6 +145,3 @@ def test_inbound_publishes_take_the_one_copy_path(mosquitto: MosquittoBroker, qo
             time.sleep(0.01)
         assert all(d.done() for d in deliveries)
         assert calls.count(qos) == 5
-    finally:
-        pub.stop()
-        sub.stop()
