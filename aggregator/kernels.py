@@ -813,7 +813,12 @@ CACHE_BLOCK = 1 << 17
 #: ``_fold_*_2`` and then a single fold).
 GROUP = 4
 
-_Ranged = Callable[[int, int], None]
+class _Ranged(NamedTuple):
+    """``fold(start, stop)`` adds a group to ``acc[start:stop]``; ``start`` and ``stop`` must be
+    multiples of ``align`` (or ``stop`` the end of ``acc``): int8 folds whole scale blocks."""
+
+    fold: Callable[[int, int], None]
+    align: int
 
 
 class _Dense(NamedTuple):
@@ -838,8 +843,8 @@ def _dense(t: Tensor, w: float) -> _Dense | None:
 
 
 def _ranged(acc: F64, group: Sequence[_Dense]) -> _Ranged:
-    """``fold(start, stop)``: add every item of ``group`` (1, 2 or 4 of one codec) to
-    ``acc[start:stop]``, in order; int8 ranges are widened to whole blocks."""
+    """A step that adds every item of ``group`` (1, 2 or 4 of one codec) to a range of ``acc``,
+    in order."""
     first = group[0]
     ws = [d.w for d in group]
     if first.codec in ("fp32", "fp16"):
@@ -849,7 +854,7 @@ def _ranged(acc: F64, group: Sequence[_Dense]) -> _Ranged:
             ("fp16", 1): _fold_fp16, ("fp16", 2): _fold_fp16_2, ("fp16", 4): _fold_fp16_4,
         }
         kernel = kernels[first.codec, len(group)]
-        return lambda a, b: kernel(acc[a:b], *[x[a:b] for x in xs], *ws)
+        return _Ranged(lambda a, b: kernel(acc[a:b], *[x[a:b] for x in xs], *ws), 1)
     block = first.block
     qs = [d.arrays[0] for d in group]
     ss = [d.arrays[1] for d in group]
@@ -858,11 +863,9 @@ def _ranged(acc: F64, group: Sequence[_Dense]) -> _Ranged:
     int8 = int8_kernels[len(group)]
 
     def fold(a: int, b: int) -> None:
-        a -= a % block
-        b = min(b - b % block, acc.size) if b < acc.size else acc.size
         lo, hi = a // block, -(-b // block)
         int8(acc[a:b], *[q[a:b] for q in qs], *[s[lo:hi] for s in ss], block, *ws)
-    return fold
+    return _Ranged(fold, block)
 
 
 def _groups(items: Sequence[_Dense]) -> list[list[_Dense]]:
@@ -914,14 +917,21 @@ def fold_many(acc: F64, items: Sequence[tuple[Tensor, float]]) -> None:
 
 
 def _fold_blocked(acc: F64, steps: Sequence[_Ranged]) -> None:
-    """Run every step over ``acc`` one cache block at a time (a single step: in one go)."""
-    if len(steps) == 1:
-        steps[0](0, acc.size)
+    """Run every step over ``acc`` one cache block at a time (a single step: in one go).
+
+    Every step covers the same cache blocks, whose edges are multiples of every step's
+    alignment: if an int8 step's blocks crossed the edges differently from the others', some
+    elements would get its addition after a later step's and the sums would round differently.
+    """
+    align = math.lcm(1, *(step.align for step in steps))
+    size = CACHE_BLOCK - CACHE_BLOCK % align
+    if len(steps) == 1 or size == 0:  # one step, or int8 blocks too large to share cache blocks
+        for step in steps:
+            step.fold(0, acc.size)
         return
-    if steps:
-        for a in range(0, acc.size, CACHE_BLOCK):
-            for step in steps:
-                step(a, a + CACHE_BLOCK)
+    for a in range(0, acc.size, size):
+        for step in steps:
+            step.fold(a, min(a + size, acc.size))
 
 
 def _warmup_tensors() -> list[Tensor]:

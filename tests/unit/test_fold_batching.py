@@ -65,6 +65,26 @@ def test_grouped_kernels_equal_folding_one_by_one(n: int, seed: int, runs: list[
     np.testing.assert_array_equal(batched, one_by_one)
 
 
+@pytest.mark.parametrize(("n", "blocks"), [(4097, (100,)), (9000, (100, 256)),
+                                            (5000, (3000,)), (12_000, (5000, 7))])
+def test_int8_blocks_that_do_not_divide_the_cache_block_keep_the_order(
+        n: int, blocks: tuple[int, ...], monkeypatch_block: None) -> None:
+    # Found by the property test above: an int8 step used to widen its range to whole scale
+    # blocks on its own, so across a cache-block edge a later fp32 update was added before it.
+    rng = np.random.default_rng(3)
+    items = [(compression.encode("w", rng.standard_normal(n).astype(np.float32), "int8",
+                                 block=b), float(rng.uniform(0.1, 1000.0))) for b in blocks]
+    items += [(compression.encode("w", rng.standard_normal(n).astype(np.float32), "fp32"),
+               float(rng.uniform(0.1, 1000.0))) for _ in range(2)]
+    items.append(items[0])
+    one_by_one = rng.standard_normal(n)
+    batched = one_by_one.copy()
+    for t, w in items:
+        kernels.KERNELS[t.codec].fold(one_by_one, t, w)
+    kernels.fold_many(batched, items)
+    np.testing.assert_array_equal(batched, one_by_one)
+
+
 def test_fold_many_checks_every_item_before_folding() -> None:
     rng = np.random.default_rng(7)
     good = [(_tensor(rng, 600, 2), 2.0) for _ in range(5)]
