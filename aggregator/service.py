@@ -102,6 +102,18 @@ def _overlaps(ranges: list[tuple[int, int]]) -> bool:
     return any(b[0] < a[1] for a, b in itertools.pairwise(ranges))
 
 
+#: The last run id this process gave out (a list: module state without ``global``).
+_last_run_id = [0]
+
+
+def new_run_id() -> int:
+    """A new run's id (``fedmq.wire.newer``): the wall clock in milliseconds, so a later start
+    has a larger one (as long as the clock does not go back by more than the time between them);
+    strictly increasing within one process even when two runs start in the same millisecond."""
+    _last_run_id[0] = max(time.time_ns() // 1_000_000, _last_run_id[0] + 1)
+    return _last_run_id[0]
+
+
 def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
     """The options of the configured codec, as announced to devices."""
     if c.codec == "int8":
@@ -172,6 +184,8 @@ class AggregatorService:
         self.stats = Stats()
         self.version = 0
         self.round = 0
+        #: This run's id (``fedmq.wire.newer``): set when a fresh run starts, restored on recovery.
+        self.run = 0
         self.done = threading.Event()
         self.last_summary: RoundSummary | None = None
         self._model_sha = ""
@@ -206,6 +220,8 @@ class AggregatorService:
                                   f"{b.host}:{b.port} within {connect_timeout:.0f} s; check "
                                   "[broker] in the config and that the broker runs")
         if not self._recover():
+            self.run = new_run_id()
+            log.info("starting run %d", self.run)
             self._publish_model(metrics={})
             self._open_round(self._now())
         self._reconnected.clear()  # this connection's state was just published
@@ -244,6 +260,7 @@ class AggregatorService:
             raise ConfigError(f"{self.state_dir}: the saved model does not match [model] in the "
                               "config; point durability.state_dir elsewhere or restore the model")
         self.model = dict(snap.model)
+        self.run = int(meta.get("run", 0))  # snapshots written before runs existed: 0
         self.version = int(meta["version"])
         self.round = int(meta["round"]) - 1
         self.stats.rounds_completed = int(meta["rounds_completed"])
@@ -365,6 +382,11 @@ class AggregatorService:
         update, reason = self._check(device, msg.payload)
         if update is None:
             self._reject(device, "", reason)
+            return
+        if update.run and update.run != self.run:
+            # Made for another run's announcement (an outbox resending across a rollback, say):
+            # its round and base numbers may coincide with this run's, its model does not.
+            self._reject(update.device_id, update.update_id, "stale")
             return
         offer = UpdateOffered(
             device_id=update.device_id, round=update.round, base_version=update.base_version,
@@ -535,7 +557,7 @@ class AggregatorService:
         meta: dict[str, Any] = {
             "version": self.version, "round": self.round, "opened_at": opened_at,
             "rounds_completed": self.stats.rounds_completed, "model_parts": self._model_parts,
-            "wal_segment": segment, "federation": self.config.federation,
+            "wal_segment": segment, "federation": self.config.federation, "run": self.run,
         }
         acc = None
         if mid:
@@ -588,7 +610,7 @@ class AggregatorService:
                    "lr": cfg.train.lr},
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
-            max_chunk_bytes=self._chunk_limit(), open=open_)
+            max_chunk_bytes=self._chunk_limit(), open=open_, run=self.run)
         payload = codec.encode(ann)
         self.transport.publish(self.topics.round, payload, qos=1, retain=True)
         self._retained = [r for r in self._retained if r[0] != self.topics.round]
@@ -604,7 +626,7 @@ class AggregatorService:
         self._model_sha = model_digest(tensors)
         model = GlobalModel(federation=self.config.federation, version=self.version,
                             round=self.round, tensors=tensors, sha256=self._model_sha,
-                            metrics=dict(metrics), created=self._now())
+                            metrics=dict(metrics), created=self._now(), run=self.run)
         if self.history is not None:
             self.history.save(model)  # the whole model, before it is split for the wire
         messages = split_model(model, self._chunk_limit())

@@ -4,6 +4,11 @@ The agent keeps the newest verified global model and the newest round announceme
 announcement is open, names the model version it holds, selects this device, and the device has
 not trained for that round yet, it asks for training. Announcement and model may arrive in either
 order (they are separate retained topics), so whichever comes second triggers the training.
+
+Models and announcements are ordered by ``(run, version)`` and ``(run, round)``
+(``fedmq.wire.newer``): when an aggregator starts a new run (a rollback, a restart without saved
+state), its numbers start again but its run is larger, and the first message of the new run makes
+the agent forget the old run's model, announcement and rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy.typing as npt
 from fedmq.compression import decode_all
 from fedmq.errors import ProtocolError
 from fedmq.sampling import selected
-from fedmq.wire import GlobalModel, RoundAnnouncement, model_digest
+from fedmq.wire import GlobalModel, RoundAnnouncement, model_digest, newer
 
 Weights = dict[str, npt.NDArray[np.float32]]
 
@@ -46,6 +51,8 @@ class AgentMachine:
     def __init__(self, federation: str, device_id: str) -> None:
         self.federation = federation
         self.device_id = device_id
+        #: The newest aggregator run seen (0: none, or peers that give no run).
+        self.run = 0
         self.model_version = -1
         self.weights: Weights | None = None
         self.announcement: RoundAnnouncement | None = None
@@ -60,7 +67,7 @@ class AgentMachine:
         """A model arrived on the model topic."""
         if model.federation != self.federation:
             return [Ignored("wrong_federation")]
-        if model.version <= self.model_version:
+        if not newer(model.run, model.version, self.run, self.model_version):
             return [Ignored("old_model")]
         if model_digest(model.tensors) != model.sha256:
             return [Ignored("bad_checksum")]
@@ -68,6 +75,7 @@ class AgentMachine:
             weights = decode_all(model.tensors)
         except ValueError:
             return [Ignored("unsupported_codec")]
+        self._enter_run(model.run)
         self.model_version = model.version
         self.weights = weights
         return self._maybe_train()
@@ -76,8 +84,10 @@ class AgentMachine:
         """An announcement arrived on the round topic."""
         if ann.federation != self.federation:
             return [Ignored("wrong_federation")]
-        if self.announcement is not None and ann.round < self.announcement.round:
+        if ann.run < self.run or (self.announcement is not None and ann.run == self.run
+                                  and ann.round < self.announcement.round):
             return [Ignored("old_round")]
+        self._enter_run(ann.run)
         self.announcement = ann
         return self._maybe_train()
 
@@ -87,6 +97,16 @@ class AgentMachine:
             raise ProtocolError("on_trained without a training in progress")
         self.training = False
         return self._maybe_train()
+
+    def _enter_run(self, run: int) -> None:
+        """Forget what belongs to an earlier run when ``run`` is a later one."""
+        if run <= self.run:
+            return
+        self.run = run
+        self.model_version = -1
+        self.weights = None
+        self.announcement = None
+        self.last_trained_round = 0
 
     def _maybe_train(self) -> list[AgentAction]:
         ann = self.announcement

@@ -310,7 +310,7 @@ class AgentService:
                  for name, base in job.weights.items()}
         update = ModelUpdate(
             federation=self.federation, device_id=self.device_id, round=ann.round,
-            base_version=job.version, update_id=uuid.uuid4().hex,
+            base_version=job.version, update_id=uuid.uuid4().hex, run=ann.run,
             num_examples=result.num_examples, tensors=(),
             metrics={"loss": before.loss, "accuracy": before.accuracy,
                      **result.metrics})

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq import codec
-from fedmq.wire import GlobalModel, ModelUpdate, Tensor
+from fedmq.wire import GlobalModel, ModelUpdate, Tensor, newer
 
 F32 = npt.NDArray[np.float32]
 
@@ -110,11 +110,13 @@ def split_model(model: GlobalModel, max_bytes: int) -> list[GlobalModel]:
 class ModelAssembler:
     """Collects a chunked model's manifest and parts; yields the whole model once complete.
 
-    Keeps the parts of the newest version only (older ones are dropped), so its memory is one
-    model at most. Integrity is the caller's check (``model_digest`` against ``sha256``).
+    Keeps the parts of the newest version only (by run, then version; older ones are dropped), so
+    its memory is one model at most. Integrity is the caller's check (``model_digest`` against
+    ``sha256``).
     """
 
     def __init__(self) -> None:
+        self._run = 0
         self._version = -1
         self._manifest: GlobalModel | None = None
         self._parts: dict[int, GlobalModel] = {}
@@ -123,10 +125,11 @@ class ModelAssembler:
         """Feed one message from the model topics; the whole model when it is complete."""
         if msg.chunks == 1:
             return msg
-        if msg.version < self._version:
+        if newer(self._run, self._version, msg.run, msg.version):
             return None
-        if msg.version > self._version:
-            self._version, self._manifest, self._parts = msg.version, None, {}
+        if newer(msg.run, msg.version, self._run, self._version):
+            self._run, self._version = msg.run, msg.version
+            self._manifest, self._parts = None, {}
         if msg.chunk is None:
             self._manifest = msg
         else:

@@ -83,7 +83,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "train": dict(msg.train), "sample_seed": msg.sample_seed,
                 "sample_rate": float(msg.sample_rate), "codec": msg.codec, "open": msg.open,
             } | ({"codec_params": dict(msg.codec_params)} if msg.codec_params else {}) | (
-                {"max_chunk_bytes": msg.max_chunk_bytes} if msg.max_chunk_bytes else {})
+                {"max_chunk_bytes": msg.max_chunk_bytes} if msg.max_chunk_bytes else {}) | (
+                {"run": msg.run} if msg.run else {})
         case GlobalModel():
             m = head | {
                 "kind": "model", "version": msg.version, "round": msg.round,
@@ -94,6 +95,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 m["chunks"] = msg.chunks
                 if msg.chunk is not None:
                     m["chunk"] = msg.chunk
+            if msg.run:
+                m["run"] = msg.run
             return m
         case ModelUpdate():
             m = head | {
@@ -105,6 +108,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
             if msg.chunks != 1:
                 m["chunk"] = msg.chunk
                 m["chunks"] = msg.chunks
+            if msg.run:
+                m["run"] = msg.run
             return m
         case DeviceStatus():
             return head | {
@@ -315,8 +320,13 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
         train=_settings(f, "train"), sample_seed=f.optional("sample_seed", f.int_, 0),
         sample_rate=rate, codec=f.optional("codec", f.str_, "fp32"),
         open=f.optional("open", f.bool_, True), codec_params=_settings(f, "codec_params"),
-        max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0),
+        max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0), run=_run(f),
     )
+
+
+def _run(f: _Fields) -> int:
+    """The optional ``run`` (``wire.newer``): a non-negative integer, 0 when absent."""
+    return f.optional("run", f.int_, 0)
 
 
 #: Most chunks one update or model may be split into.
@@ -329,7 +339,7 @@ def _model(f: _Fields, fed: str) -> GlobalModel:
     return GlobalModel(
         federation=fed, version=f.int_("version"), round=f.int_("round"), tensors=_tensors(f),
         sha256=f.str_("sha256"), metrics=f.scalars("metrics"),
-        created=f.optional("created", f.float_, 0.0), chunk=chunk, chunks=chunks,
+        created=f.optional("created", f.float_, 0.0), chunk=chunk, chunks=chunks, run=_run(f),
     )
 
 
@@ -340,6 +350,7 @@ def _update(f: _Fields, fed: str) -> ModelUpdate:
         base_version=f.int_("base_version"), update_id=f.str_("update_id"),
         num_examples=f.int_("num_examples"), tensors=_tensors(f), metrics=f.scalars("metrics"),
         chunk=f.optional("chunk", lambda k: f.int_(k, 0, chunks - 1), 0), chunks=chunks,
+        run=_run(f),
     )
 
 

@@ -21,7 +21,7 @@ from fedmq.config import BrokerConfig
 from fedmq.errors import DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
-from fedmq.wire import GlobalModel, RoundSummary, model_digest
+from fedmq.wire import GlobalModel, RoundSummary, model_digest, newer
 
 F32 = npt.NDArray[np.float32]
 
@@ -86,7 +86,8 @@ class ModelSubscriber:
         if model_digest(whole.tensors) != whole.sha256:
             self.rejected += 1
             return
-        if self._latest is None or whole.version > self._latest.version:
+        if self._latest is None or newer(whole.run, whole.version, self._latest.run,
+                                         self._latest.version):
             self._latest = whole
             if self.on_model is not None:
                 self.on_model(whole)

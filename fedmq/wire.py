@@ -115,6 +115,8 @@ class RoundAnnouncement:
     codec_params: Mapping[str, float | int | str] = field(default_factory=dict)
     #: Devices split updates larger than this into chunks (0: no limit from the aggregator).
     max_chunk_bytes: int = 0
+    #: The aggregator's run (see ``newer``); 0 when the sender does not give one.
+    run: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,8 @@ class GlobalModel:
     #: ranges) on ``model/part/{i}``; ``sha256`` is the whole model's in all of them.
     chunk: int | None = None
     chunks: int = 1
+    #: The aggregator's run that published this version; 0 when not given.
+    run: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,8 @@ class ModelUpdate:
     #: 0..chunks-1), each with the full header and some tensor ranges.
     chunk: int = 0
     chunks: int = 1
+    #: The run of the announcement this update answers; 0 when not given.
+    run: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +188,19 @@ class RoundSummary:
 
 
 Message = RoundAnnouncement | GlobalModel | ModelUpdate | DeviceStatus | RoundSummary
+
+
+def newer(run: int, number: int, than_run: int, than_number: int) -> bool:
+    """Whether ``(run, number)`` (a model version or a round) comes after ``(than_run,
+    than_number)``: a later run always does, whatever its numbers.
+
+    An aggregator that starts without state to resume (a first start, a rollback, a restart
+    without ``state_dir``) begins a new run: versions and rounds count from 0 and 1 again, and its
+    ``run`` (its start time in milliseconds since the epoch) is larger than any earlier run's, so
+    receivers that order by ``(run, number)`` follow the new run without a restart. A recovered
+    aggregator keeps its run. ``run`` 0 means the sender gave none (older peers): it orders first.
+    """
+    return (run, number) > (than_run, than_number)
 
 
 def model_digest(tensors: Iterable[Tensor]) -> str:

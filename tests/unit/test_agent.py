@@ -27,18 +27,20 @@ def weights_for(version: int) -> dict[str, np.ndarray]:
     return init_mlp([4, 3], seed=version)
 
 
-def model(version: int, *, federation: str = FED, sha256: str | None = None) -> GlobalModel:
+def model(version: int, *, federation: str = FED, sha256: str | None = None,
+          run: int = 0) -> GlobalModel:
     tensors = encode_all(weights_for(version))
     return GlobalModel(federation=federation, version=version, round=version,
-                       tensors=tensors, sha256=sha256 or model_digest(tensors))
+                       tensors=tensors, sha256=sha256 or model_digest(tensors), run=run)
 
 
 def announce(round_: int, base_version: int, *, federation: str = FED, open_: bool = True,
-             deadline: float = 100.0, rate: float = 1.0, seed: int = 0) -> RoundAnnouncement:
+             deadline: float = 100.0, rate: float = 1.0, seed: int = 0,
+             run: int = 0) -> RoundAnnouncement:
     return RoundAnnouncement(federation=federation, round=round_, base_version=base_version,
                              model_sha256="", deadline=deadline, min_updates=1, max_updates=10,
                              train={"epochs": 1}, sample_seed=seed, sample_rate=rate,
-                             open=open_)
+                             open=open_, run=run)
 
 
 def machine() -> AgentMachine:
@@ -242,6 +244,59 @@ def test_wrong_federation_is_ignored() -> None:
     # Ours still trains.
     m.on_model(model(0))
     only_train(m.on_round(announce(1, 0)))
+
+
+# ---------------------------------------------------------------- aggregator runs
+
+OLD_RUN, NEW_RUN = 1_700_000_000_000, 1_700_000_900_000
+
+
+def agent_deep_in_old_run() -> AgentMachine:
+    """An agent that trained round 5 on version 4 of the old run."""
+    m = machine()
+    m.on_model(model(4, run=OLD_RUN))
+    only_train(m.on_round(announce(5, 4, run=OLD_RUN)))
+    m.on_trained(5)
+    return m
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_a_new_run_is_followed_from_its_first_round(model_first: bool) -> None:
+    # A rollback or a restart without saved state: numbers start again, the run is larger.
+    m = agent_deep_in_old_run()
+    if model_first:
+        assert m.on_model(model(0, run=NEW_RUN)) == []
+        train = only_train(m.on_round(announce(1, 0, run=NEW_RUN)))
+    else:
+        assert m.on_round(announce(1, 0, run=NEW_RUN)) == []  # the old model is not its base
+        assert m.weights is None
+        train = only_train(m.on_model(model(0, run=NEW_RUN)))
+    assert (train.announcement.run, train.announcement.round, train.version) == (NEW_RUN, 1, 0)
+    assert_weights(train, 0)
+
+
+def test_the_old_runs_messages_are_ignored_once_a_new_run_is_seen() -> None:
+    m = agent_deep_in_old_run()
+    only_train(m.on_round(announce(1, 0, run=NEW_RUN)) + m.on_model(model(0, run=NEW_RUN)))
+    m.on_trained(1)
+    # Late or re-delivered messages of the old run, with numbers above the new run's.
+    assert m.on_model(model(6, run=OLD_RUN)) == [Ignored("old_model")]
+    assert m.on_round(announce(7, 6, run=OLD_RUN)) == [Ignored("old_round")]
+    assert (m.run, m.model_version) == (NEW_RUN, 0)
+    assert m.announcement is not None
+    assert (m.announcement.run, m.announcement.round) == (NEW_RUN, 1)
+    # The new run goes on as usual.
+    assert m.on_model(model(1, run=NEW_RUN)) == []
+    train = only_train(m.on_round(announce(2, 1, run=NEW_RUN)))
+    assert (train.announcement.round, train.version) == (2, 1)
+
+
+def test_messages_without_a_run_keep_the_old_ordering() -> None:
+    # Peers that give no run (0) are ordered by their numbers alone, as before runs existed.
+    m = machine()
+    m.on_model(model(3))
+    assert m.on_model(model(0)) == [Ignored("old_model")]
+    assert m.run == 0
 
 
 # ---------------------------------------------------------------- the service counts reasons

@@ -105,6 +105,22 @@ def test_assembler_drops_older_versions_and_ignores_late_parts() -> None:
     assert whole.version == 2
 
 
+def test_assembler_follows_a_new_run_whose_versions_start_again() -> None:
+    old_run = split_model(dataclasses.replace(_model(7, 3), run=100), 8192)
+    new_run = split_model(dataclasses.replace(_model(0, 4), run=200), 8192)
+    assembler = ModelAssembler()
+    for m in old_run[:2]:
+        assert assembler.add(m) is None
+    for m in new_run[:-1]:  # version 0 of a later run replaces version 7 of the earlier one
+        assert assembler.add(m) is None
+    for m in old_run[2:]:  # the earlier run's late parts are ignored
+        assert assembler.add(m) is None
+    whole = assembler.add(new_run[-1])
+    assert whole is not None
+    assert (whole.run, whole.version) == (200, 0)
+    assert model_digest(whole.tensors) == whole.sha256
+
+
 def test_join_ranges_refuses_gaps() -> None:
     t = compression.encode("x", np.arange(10, dtype=np.float32))
     first = dataclasses.replace(t, data=t.data[:16], count=4)

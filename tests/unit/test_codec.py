@@ -127,6 +127,15 @@ ROUND_TRIPS = [
         RoundAnnouncement(federation="demo", round=5, base_version=4, model_sha256="00",
                           deadline=10, min_updates=1, max_updates=1, sample_rate=1),
         id="round-int-for-float"),
+    pytest.param(
+        RoundAnnouncement(federation="demo", round=1, base_version=0, model_sha256="00",
+                          deadline=10.0, min_updates=1, max_updates=1, run=1_795_000_000_123),
+        id="round-with-run"),
+    pytest.param(
+        GlobalModel(federation="demo", version=0, round=0, tensors=(), sha256=model_digest(()),
+                    run=MAX_INT),
+        id="model-with-run"),
+    pytest.param(_update(run=1), id="update-with-run"),
     *(pytest.param(DeviceStatus(federation="demo", device_id="d", state=state),
                    id=f"status-{state}")
       for state in ("online", "training", "offline")),
@@ -259,8 +268,9 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "summary": ("accepted", "rejected", "bytes_in", "duration_s", "metrics"),
 }
 # Optional fields written only when they differ from their default (chunked messages).
-SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks"), "update": ("chunk", "chunks"),
-                                      "round": ("codec_params", "max_chunk_bytes")}
+SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks", "run"),
+                                      "update": ("chunk", "chunks", "run"),
+                                      "round": ("codec_params", "max_chunk_bytes", "run")}
 ENVELOPE = ("v", "kind", "fed")
 TENSOR_KEYS = ("name", "dtype", "shape", "codec", "data")
 WIRE_TO_ATTR = {"fed": "federation", "device": "device_id"}
@@ -464,6 +474,9 @@ MALFORMED: list[Any] = [
     # sample_rate range
     *(pytest.param(_with("round", sample_rate=rate), "malformed", id=f"sample-rate-{rate}")
       for rate in (1.5, -0.1, 1.0000001, -1, 2)),
+    # run: a non-negative integer where it is given
+    *(pytest.param(_with(stem, run=run), "malformed", id=f"{stem}-run-{run!r}")
+      for stem in ("round", "model", "update") for run in (-1, 1.5, "7", True, 1 << 63)),
     # status state
     *(pytest.param(_with("status", state=state), "malformed", id=f"state-{state!r}")
       for state in ("sleeping", "Online", "", "offline ")),

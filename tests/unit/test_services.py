@@ -206,6 +206,46 @@ def test_two_rounds_of_fedavg_over_the_hub() -> None:
     assert {d for s in summaries for d, _ in s.accepted} == set(EXAMPLES)
 
 
+def test_a_restart_without_saved_state_is_a_new_run_that_running_agents_follow() -> None:
+    fleet = Fleet(make_config(max_rounds=2))
+    for device in EXAMPLES:
+        fleet.add_agent(device)
+    fleet.start_aggregator()
+    fleet.pump()  # two rounds: the agents now hold version 2 and have trained round 2
+    old = fleet.aggregator
+    assert old.version == 2
+    old_updates = fleet.published_updates()
+    assert {u.run for u in old_updates} == {old.run}
+
+    # Restart without state (a rollback, or no [durability] state_dir): numbers start again.
+    fleet.agg_transport = MemoryTransport(fleet.hub)
+    fleet.aggregator = AggregatorService(make_config(max_rounds=1), fleet.agg_transport,
+                                         clock=fleet.clock)
+    fleet.start_aggregator()
+    new = fleet.aggregator
+    assert new.run > old.run
+    assert (new.version, new.round) == (0, 1)
+    # An outbox resending the old run's round-1 update: same round and base numbers as the new
+    # run's first round, another model: turned away, never folded.
+    first_old = next(u for u in old_updates if u.round == 1)
+    new.handle_message(Message(TOPICS.update(first_old.device_id), codec.encode(first_old), 1))
+    new.step()
+    assert new.stats.rejected == {"stale": 1}
+    assert new.stats.accepted == 0
+
+    fleet.pump()
+    # The agents, never restarted, took version 0 of the new run and trained its round 1.
+    assert new.done.is_set()
+    assert (new.stats.accepted, new.version) == (3, 1)
+    new_updates = [u for u in fleet.published_updates() if u.run == new.run]
+    assert sorted(u.device_id for u in new_updates) == sorted(EXAMPLES)
+    assert {(u.round, u.base_version) for u in new_updates} == {(1, 0)}
+    assert all(a.machine.run == new.run for a in fleet.agents.values())
+    models = [m for m in fleet.published_models() if m.run == new.run]
+    base = decode_all(models[0].tensors)
+    assert_weights_close(decode_all(models[-1].tensors), fedavg(base, new_updates))
+
+
 def test_deadline_below_quorum_extends_and_agents_do_not_retrain() -> None:
     fleet = Fleet(make_config(max_rounds=1))
     fleet.add_agent("dev-a")

@@ -233,3 +233,7 @@ def test_model_is_republished_after_recovery(tmp_path: Path) -> None:
               if p.topic.endswith("/model")]
     assert isinstance(models[-1], GlobalModel)
     assert models[-1].version == 1
+    # Recovery resumes the run: the same run id, so running agents take the model as newer.
+    assert first.run > 0
+    assert second.run == first.run
+    assert models[-1].run == first.run
