@@ -76,3 +76,39 @@ def test_model_after_r_rounds_is_fedavg_of_accepted_updates(mosquitto: Mosquitto
         # The model really moved: the test would pass vacuously on zero deltas otherwise.
         assert any(np.abs(got[n] - weights_of(models[summary.version - 1])[n]).max() > 1e-4
                    for n in got)
+
+
+@pytest.mark.broker
+def test_running_agents_follow_an_aggregator_restarted_without_state(
+        mosquitto: MosquittoBroker) -> None:
+    # A rollback or a restart without [durability] state_dir: the new aggregator publishes version
+    # 0 and round 1 again. The agents keep running and must train for it (they hold version 2).
+    fed = unique_federation("rerun")
+    broker = broker_config(mosquitto)
+    rng = np.random.default_rng(1)
+    agents = []
+    for i in range(DEVICES):
+        x = rng.standard_normal((16, LAYERS[0])).astype(np.float32)
+        y = rng.integers(0, LAYERS[-1], 16)
+        agents.append(AgentService.over_mqtt(fed, f"dev-{i}", MLPTrainer(x, y, LAYERS[-1]),
+                                             broker))
+    config = replace(aggregator_config(broker, fed, min_updates=DEVICES, max_updates=DEVICES,
+                                       max_rounds=2),
+                     train=TrainSettings(epochs=1, batch_size=8, lr=0.1))
+    try:
+        for a in agents:
+            a.start()
+        with running_aggregator(config) as first:
+            assert first.wait(60), f"only {first.stats.rounds_completed} rounds completed"
+        assert first.version == 2
+        with running_aggregator(replace(config, rounds=replace(config.rounds, max_rounds=1))
+                                ) as second:
+            assert second.run > first.run
+            assert second.wait(60), "the running agents did not train for the new run"
+            assert (second.version, second.stats.accepted) == (1, DEVICES)
+            assert sum(second.stats.rejected.values()) == 0
+    finally:
+        for a in agents:
+            a.stop()
+    assert all(a.updates_sent == 3 for a in agents)
+    assert all(a.machine.run == second.run for a in agents)
