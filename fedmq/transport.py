@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any, Literal, Protocol, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -148,16 +150,106 @@ _FAST_PUBLISH = all(hasattr(mqtt.Client, name) for name in
                     ("_handle_publish", "_handle_on_message", "_send_puback"))
 
 
-class _Client(mqtt.Client):
-    """paho's client with a receive path that copies a PUBLISH payload once.
+#: The paho internals the direct body read uses (with those of ``_FAST_PUBLISH``).
+_FAST_READ = _FAST_PUBLISH and all(hasattr(mqtt.Client, name) for name in
+                                   ("_packet_read", "_packet_handle", "_sock_recv",
+                                    "_call_socket_register_write"))
 
-    paho 2.x slices the payload out of an inbound PUBLISH with ``struct.unpack`` once per header
-    field and again while it strips the MQTT 5 properties: five or more copies of a 1 MB update
-    per message, on the network thread, which the aggregator measured as a third of that thread's
-    time. QoS 0 and 1 messages are cut with ``split_publish`` instead and then handled exactly as
-    paho's own ``_handle_publish`` does (callback, then PUBACK unless acknowledged manually);
-    QoS 2 and anything malformed go to paho's code unchanged.
+#: paho's keepalive clock (``time.monotonic`` in paho 2.x): the receive time must use the same.
+_paho_clock: Callable[[], float] = getattr(mqtt, "time_func", time.monotonic)
+
+#: Packets whose body is at least this long are read straight into one buffer of their size.
+DIRECT_READ_MIN = 64 * 1024
+
+
+class _LargeBody(Exception):  # noqa: N818 (a signal between two methods, not an error)
+    """Raised by ``_Client._sock_recv`` to take a large packet body away from paho's loop."""
+
+
+class _Body(bytearray):
+    """A packet body being read in place: ``filled`` bytes of it have arrived."""
+
+    filled = 0
+
+
+class _Client(mqtt.Client):
+    """paho's client with a receive path that copies a large inbound packet less.
+
+    Reading: paho receives a packet body with ``recv(remaining)``, allocating a buffer of the
+    whole remaining size on every call, then appends each piece to a growing ``bytearray``
+    (a 1 MB update arrives in about six pieces on loopback: three or four copies of it, and six
+    1 MB allocations). A body of ``DIRECT_READ_MIN`` bytes or more is instead read with
+    ``recv_into`` straight into one buffer of its final size (one copy, from the kernel); the
+    header and small packets stay with paho's code, and so does any socket without
+    ``recv_into`` (websockets).
+
+    Cutting: paho 2.x slices the payload out of an inbound PUBLISH with ``struct.unpack`` once
+    per header field and again while it strips the MQTT 5 properties: five or more copies of a
+    1 MB update per message, on the network thread, which the aggregator measured as a third of
+    that thread's time. QoS 0 and 1 messages are cut with ``split_publish`` instead and then
+    handled exactly as paho's own ``_handle_publish`` does (callback, then PUBACK unless
+    acknowledged manually); QoS 2 and anything malformed go to paho's code unchanged.
     """
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        p = self._in_packet
+        if (_FAST_READ and bufsize >= DIRECT_READ_MIN and p["have_remaining"]
+                and bufsize == p["to_process"] and not p["packet"]
+                and isinstance(self._sock, (socket.socket, ssl.SSLSocket))):
+            # paho asks for a large body it has not started: _packet_read reads it instead.
+            raise _LargeBody
+        return super()._sock_recv(bufsize)
+
+    def _packet_read(self) -> MQTTErrorCode:
+        p = self._in_packet
+        if not isinstance(p["packet"], _Body):
+            try:
+                return super()._packet_read()
+            except _LargeBody:
+                p["packet"] = _Body(p["to_process"])
+        return self._read_body()
+
+    def _read_body(self) -> MQTTErrorCode:
+        """Continue reading a large body in place; then hand the packet on as paho does."""
+        p = self._in_packet
+        body = cast(_Body, p["packet"])
+        # A plain or TLS socket (checked in _sock_recv before the body was taken over).
+        sock = cast(socket.socket | None, self._sock)
+        if sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        with memoryview(body) as view:
+            while p["to_process"] > 0:
+                try:
+                    n = sock.recv_into(view[body.filled:])
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except ssl.SSLWantWriteError:
+                    self._call_socket_register_write()
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except OSError as err:
+                    log.debug("failed to receive on socket: %s", err)
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                if n == 0:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                body.filled += n
+                p["to_process"] -= n
+                self._mark_received()
+        p["pos"] = 0
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            log.debug("received a malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [],
+                           "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(),
+                           "to_process": 0, "pos": 0}
+        self._mark_received()
+        return rc
+
+    def _mark_received(self) -> None:
+        # paho's keepalive reads this to decide whether the connection is alive.
+        with self._msgtime_mutex:
+            self._last_bytes_received = _paho_clock()
 
     def _handle_publish(self) -> MQTTErrorCode:
         if not _FAST_PUBLISH:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import socket
 import struct
 
 import paho.mqtt.client as mqtt
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt import _packet
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fedmq import transport
 from fedmq.transport import _Client, split_publish
 
 
@@ -89,3 +92,109 @@ def test_bad_properties_go_to_paho_which_reports_the_packet() -> None:
     with pytest.raises(MalformedPacket):
         client._handle_publish()
     assert got == []  # nothing half-delivered
+
+
+# ---------------------------------------------------------------- reading large bodies in place
+
+
+def _wire_publish(topic: bytes, qos: int, mid: int, payload: bytes) -> bytes:
+    """A whole MQTT 5 PUBLISH packet (fixed header included), no properties."""
+    body = _packet_bytes(topic, qos, mid, b"\x00", payload)
+    n, length = len(body), bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return bytes([0x30 | qos << 1]) + bytes(length) + body
+
+
+class _Fed:
+    """A client reading from one end of a socket pair; the test writes the other end."""
+
+    def __init__(self) -> None:
+        self.client = _Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+        self.got: list[mqtt.MQTTMessage] = []
+        self.client.on_message = lambda client, userdata, msg: self.got.append(msg)
+        self.ours, self.peer = socket.socketpair()
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+        self.client._sock = self.ours
+
+    def feed(self, data: bytes) -> list[MQTTErrorCode]:
+        """Write ``data`` and read as paho's loop would, until all is written and read; the
+        codes ``_packet_read`` returned."""
+        codes = []
+        view = memoryview(data)
+        while True:
+            if view:  # as much as the socket buffer takes; the rest after reading
+                view = view[self.peer.send(view):]
+            while True:
+                rc = self.client._packet_read()
+                codes.append(rc)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            if not view or rc != MQTTErrorCode.MQTT_ERR_AGAIN:
+                return codes
+
+    def close(self) -> None:
+        self.ours.close()
+        self.peer.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.sampled_from([0, 10, transport.DIRECT_READ_MIN - 20, transport.DIRECT_READ_MIN,
+                             transport.DIRECT_READ_MIN + 1, 300_000, 1_000_003]),
+       qos=st.integers(0, 1), cuts=st.lists(st.floats(0.0, 1.0), max_size=6),
+       data=st.data())
+def test_any_split_of_large_and_small_packets_arrives_whole(
+        size: int, qos: int, cuts: list[float], data: st.DataObject) -> None:
+    payload = data.draw(st.binary(min_size=size, max_size=size)) if size < 100 else (
+        bytes(range(256)) * (size // 256 + 1))[:size]
+    first = _wire_publish(b"fedmq/v1/f/update/d1", qos, 7, payload)
+    second = _wire_publish(b"t/2", qos, 8, payload[::-1])
+    stream = first + second
+    points = sorted({int(c * len(stream)) for c in cuts} | {0, len(stream)})
+    fed = _Fed()
+    try:
+        for a, b in itertools.pairwise(points):
+            codes = fed.feed(stream[a:b])
+            assert codes[-1] == MQTTErrorCode.MQTT_ERR_AGAIN  # drained, nothing went wrong
+    finally:
+        fed.close()
+    assert [(m.topic, m.mid if qos else 0, m.qos) for m in fed.got] == [
+        ("fedmq/v1/f/update/d1", 7 if qos else 0, qos), ("t/2", 8 if qos else 0, qos)]
+    assert [bytes(m.payload) for m in fed.got] == [payload, payload[::-1]]
+
+
+def test_a_large_body_is_read_in_place_and_a_small_one_by_paho() -> None:
+    big = _wire_publish(b"t", 1, 1, b"x" * (2 * transport.DIRECT_READ_MIN))
+    fed = _Fed()
+    try:
+        fed.feed(big[:transport.DIRECT_READ_MIN])  # header and part of the body
+        assert isinstance(fed.client._in_packet["packet"], transport._Body)
+        fed.feed(big[transport.DIRECT_READ_MIN:])
+        assert len(fed.got) == 1
+        # The packet state is paho's empty one again, ready for the next packet.
+        assert fed.client._in_packet["command"] == 0
+        assert type(fed.client._in_packet["packet"]) is bytearray
+        small = _wire_publish(b"t", 1, 2, b"y" * 100)
+        fed.feed(small[:10])
+        assert type(fed.client._in_packet["packet"]) is bytearray  # paho's own buffer
+        fed.feed(small[10:])
+        assert [bytes(m.payload) for m in fed.got] == [b"x" * (2 * transport.DIRECT_READ_MIN),
+                                                       b"y" * 100]
+    finally:
+        fed.close()
+
+
+def test_a_connection_closed_inside_a_large_body_is_reported_lost() -> None:
+    big = _wire_publish(b"t", 1, 1, b"x" * (2 * transport.DIRECT_READ_MIN))
+    fed = _Fed()
+    try:
+        fed.feed(big[:-5])
+        fed.peer.close()
+        assert fed.client._packet_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST
+        assert fed.got == []
+    finally:
+        fed.ours.close()
