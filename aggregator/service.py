@@ -38,7 +38,7 @@ from aggregator.rounds import (
 )
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg, Strategy
-from aggregator.wal import TICK, UPDATE, Snapshot, WriteAheadLog, read_records
+from aggregator.wal import REJECT, TICK, UPDATE, Snapshot, WriteAheadLog, read_records
 from fedmq import codec
 from fedmq.chunking import split_model
 from fedmq.compression import encode_all
@@ -279,6 +279,8 @@ class AggregatorService:
                     self.handle_message(Message(rec.topic, rec.payload, qos=0))
                 elif rec.kind == TICK:
                     self._tick()
+                elif rec.kind == REJECT:
+                    self._count_rejection(rec.topic)
         finally:
             self._replay_now = None
         self.wal = WriteAheadLog(self.state_dir, segment=int(meta["wal_segment"]))
@@ -484,9 +486,18 @@ class AggregatorService:
         return update, ""
 
     def _reject(self, device: str, update_id: str, reason: str) -> None:
+        self._count_rejection(reason)
+        if self.wal is not None:
+            # Logged so the round's counts survive a crash, but lazily: a flood of bad messages
+            # costs no fsync of its own; a crash loses only counts not yet written with an
+            # accepted update or a tick (and a message whose count was written but whose
+            # acknowledgement was not sent is counted again when the broker redelivers it).
+            self.wal.append(REJECT, self._now(), reason, lazy=True)
+        log.info("rejected update %r from %s: %s", update_id, device, reason)
+
+    def _count_rejection(self, reason: str) -> None:
         self.stats.rejected[reason] += 1
         self._round_rejected[reason] += 1
-        log.info("rejected update %r from %s: %s", update_id, device, reason)
 
     def _apply(self, actions: list[Action], update: ModelUpdate | None) -> None:
         for action in actions:

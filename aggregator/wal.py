@@ -3,7 +3,8 @@
 Layout of a state directory::
 
     snapshot.npz        the state at the last round opening: model, version, round, timing
-    wal-00000007.log    records since that snapshot: accepted updates and state-changing ticks
+    wal-00000007.log    records since that snapshot: accepted updates, state-changing ticks
+                        and rejections
 
 A record is ``u32 length | u32 crc32 | body`` with body ``u8 kind | f64 now | u16 topic length |
 topic | payload``. ``sync`` makes everything appended so far durable (write + fsync) and the
@@ -35,6 +36,7 @@ from fedmq.durable import atomic_write, fsync_dir
 
 UPDATE = 1  # an accepted update (or a folded chunk): replayed through the same checks
 TICK = 2  # a clock tick that changed the round (extend, abandon, close)
+REJECT = 3  # a rejected message: its reason (as the topic), so the round's counts survive
 
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BdH")
@@ -60,6 +62,7 @@ class WriteAheadLog:
         directory.mkdir(parents=True, exist_ok=True)
         self.segment = segment
         self._buffer: list[bytes] = []
+        self._must_write = False
         self._file: Any = None  # opened on the first sync: reading never leaves a file open
         self.appended = 0
         self.synced_bytes = 0
@@ -70,17 +73,22 @@ class WriteAheadLog:
     def _open(self, segment: int) -> Any:
         return self._path(segment).open("ab")
 
-    def append(self, kind: int, now: float, topic: str = "", payload: bytes = b"") -> None:
-        """Buffer a record; it is durable only after ``sync``."""
+    def append(self, kind: int, now: float, topic: str = "", payload: bytes = b"",
+               lazy: bool = False) -> None:
+        """Buffer a record; it is durable only after ``sync``. A ``lazy`` record does not make
+        the next ``sync`` write: it goes out with the next record that does (or ``close``)."""
         t = topic.encode()
         body = _BODY.pack(kind, now, len(t)) + t + payload
         self._buffer.append(_HEAD.pack(len(body), zlib.crc32(body)) + body)
+        self._must_write = self._must_write or not lazy
         self.appended += 1
 
-    def sync(self) -> None:
-        """Write the buffered records and fsync: after this they survive a crash."""
-        if not self._buffer:
+    def sync(self, force: bool = False) -> None:
+        """Write the buffered records and fsync: after this they survive a crash. Only lazy
+        records buffered: nothing is written unless ``force``."""
+        if not self._buffer or not (self._must_write or force):
             return
+        self._must_write = False
         data = b"".join(self._buffer)
         self._buffer = []
         if self._file is None:
@@ -92,7 +100,7 @@ class WriteAheadLog:
 
     def rotate(self, segment: int) -> None:
         """Continue in a new segment and delete the older ones (a snapshot now covers them)."""
-        self.sync()
+        self.sync(force=True)  # lazy records too: they belong to what the snapshot covers
         if self._file is not None:
             self._file.close()
         self.segment = segment
@@ -103,7 +111,7 @@ class WriteAheadLog:
                 self._path(old).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.sync()
+        self.sync(force=True)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -111,6 +119,7 @@ class WriteAheadLog:
     def drop(self) -> None:
         """Close without writing the buffer: what a crash does (for tests and fault drills)."""
         self._buffer = []
+        self._must_write = False
         if self._file is not None:
             self._file.close()
             self._file = None

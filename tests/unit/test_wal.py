@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aggregator.service import AggregatorService
-from aggregator.wal import TICK, UPDATE, Snapshot, WriteAheadLog, read_segment
+from aggregator.wal import REJECT, TICK, UPDATE, Snapshot, WriteAheadLog, read_segment
 from fedmq import codec, compression
 from fedmq.chunking import split_update
 from fedmq.config import (
@@ -66,6 +66,22 @@ def test_a_corrupt_record_ends_the_segment(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert [r.now for r in read_segment(path)] == [0.0]
+
+
+def test_lazy_records_wait_for_one_that_must_be_written(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(REJECT, 1.0, "malformed", lazy=True)
+    wal.sync()
+    assert wal.synced_bytes == 0  # a lazy record alone costs no write and no fsync
+    assert not (tmp_path / "wal-00000000.log").exists()
+    wal.append(UPDATE, 2.0, "t", b"x")
+    wal.sync()
+    segment = tmp_path / "wal-00000000.log"
+    assert [(r.kind, r.topic) for r in read_segment(segment)] == [
+        (REJECT, "malformed"), (UPDATE, "t")]
+    wal.append(REJECT, 3.0, "stale", lazy=True)
+    wal.close()  # closing (like rotating) writes lazy records too
+    assert [r.kind for r in read_segment(segment)] == [REJECT, UPDATE, REJECT]
 
 
 def test_rotate_deletes_older_segments(tmp_path: Path) -> None:
@@ -197,8 +213,8 @@ def test_messages_are_acked_only_after_the_log_sync(tmp_path: Path) -> None:
     assert agg.wal is not None
     real_sync = agg.wal.sync
 
-    def sync() -> None:
-        real_sync()
+    def sync(force: bool = False) -> None:
+        real_sync(force)
         synced.append(len(agg.transport.acked))  # type: ignore[attr-defined]
 
     agg.wal.sync = sync  # type: ignore[method-assign]
@@ -237,3 +253,31 @@ def test_model_is_republished_after_recovery(tmp_path: Path) -> None:
     assert first.run > 0
     assert second.run == first.run
     assert models[-1].run == first.run
+
+
+@pytest.mark.parametrize("every", [0, 1], ids=["round-snapshot", "snapshot-each-update"])
+def test_rejections_before_a_crash_count_once_in_the_round_summary(tmp_path: Path,
+                                                                   every: int) -> None:
+    good = _updates(1)[0]
+    junk = Message(f"fedmq/v1/{FED}/update/d0", b"\xc1 not msgpack", qos=1)
+    elsewhere = Message(f"fedmq/v1/{FED}/update/d3", good[0].payload, qos=1)  # d0's update
+    hub, clock = MemoryHub(), Clock()
+    first = _run(tmp_path, hub, clock, every)
+    assert first.wal is not None
+    first.step(junk)
+    first.step(elsewhere)
+    assert first.wal.synced_bytes == 0  # rejections alone: no fsync
+    first.step(good[0])  # written (and synced) with this accepted update
+    first.step(good[1])
+    first.wal.drop()  # kill -9
+    second = _run(tmp_path, hub, clock, every)
+    second.step(good[2])
+    second.step(good[3])
+    assert second.version == 1
+    summaries = [codec.decode_as(m.payload, RoundSummary)
+                 for m in second.transport.published  # type: ignore[attr-defined]
+                 if m.topic.endswith("/metrics")]
+    assert [(s.round, s.participants, dict(s.rejected)) for s in summaries] == [
+        (1, DEVICES, {"malformed": 1, "wrong_device": 1})]
+    assert second.wal is not None
+    second.wal.close()
