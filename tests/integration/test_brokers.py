@@ -17,16 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 from conftest import MosquittoFactory, require_mosquitto
 
+from fedmq import transport
 from fedmq.broker import (
     EmbeddedBroker,
     MosquittoBroker,
     default_config_dir,
     start_broker,
 )
+from fedmq.config import AggregatorConfig, BrokerConfig, ModelConfig, RoundsConfig
 from fedmq.errors import BrokerError
+from fedmq.subscriber import ModelSubscriber
+from fedmq.transport import PahoTransport
+
+from fedhelpers import running_aggregator, update_payload, weights_of
 
 pytestmark = pytest.mark.broker
 
@@ -521,6 +528,7 @@ def _tool(name: str) -> str:
 class Production:
     broker: MosquittoBroker
     tls: ssl.SSLContext
+    ca_file: Path
 
 
 @pytest.fixture(scope="module")
@@ -552,7 +560,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
 
     tls = ssl.create_default_context(cafile=certs / "ca.crt")
     with MosquittoBroker(etc / "production.conf", binary=binary) as broker:
-        yield Production(broker, tls)
+        yield Production(broker, tls, certs / "ca.crt")
 
 
 def _tls_client(production: Production, client_id: str, user: str | None) -> tuple[RawClient, int]:
@@ -603,3 +611,58 @@ def test_production_acl_lets_devices_write_only_their_own_topics(production: Pro
     )
     for client in (aggregator, snoop, device):
         client.disconnect()
+
+
+def _tls_config(production: Production, user: str) -> BrokerConfig:
+    """How a fedmq service of ``user`` reaches the production broker (TLS, password)."""
+    return BrokerConfig(host=production.broker.host, port=production.broker.port, username=user,
+                        password=f"{user}-secret", tls=True, ca_file=str(production.ca_file),
+                        reconnect_min_s=0.1, reconnect_max_s=1.0)
+
+
+def test_production_carries_chunked_models_and_large_updates_over_tls(
+        production: Production, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 68,362 parameters, 273 KB in fp32: above the 256 KiB chunk limit, so each model goes out as
+    # a manifest and parts (which the ACL must let the aggregator write and devices read), and an
+    # fp32 update is one 273 KB message (read in place, through TLS).
+    bodies: list[int] = []
+
+    class Counted(transport._Body):
+        def __init__(self, size: int) -> None:
+            super().__init__(size)
+            bodies.append(size)
+
+    monkeypatch.setattr(transport, "_Body", Counted)
+    fed = "big"
+    config = AggregatorConfig(
+        federation=fed, broker=_tls_config(production, "aggregator"),
+        model=ModelConfig(layers=[256, 256, 10], seed=0),
+        rounds=RoundsConfig(min_updates=1, max_updates=1, deadline_s=60.0, max_rounds=1))
+    app = ModelSubscriber(_tls_config(production, "dev2"), fed).start()
+    device = PahoTransport(_tls_config(production, "dev1"), client_id="dev1")
+    device.start()
+    try:
+        with running_aggregator(config) as agg:
+            assert agg.transport.max_packet_size == 1048576  # production.conf's limit
+            first = app.wait_for_version(0, timeout=20)
+            assert first is not None, "the chunked model did not reach the app"
+            assert agg._model_parts >= 2
+            assert device.wait_connected(10)
+            delta = {name: np.full(a.shape, 0.5, np.float32) for name, a in agg.model.items()}
+            payload = update_payload(fed, "dev1", delta)
+            assert len(payload) > 256 * 1024
+            assert device.publish(f"fedmq/v1/{fed}/update/dev1", payload, qos=1) is not None
+            assert agg.wait(20), f"update not folded (rejected: {dict(agg.stats.rejected)})"
+            second = app.wait_for_version(1, timeout=20)
+            assert second is not None
+            expected = {k: v + np.float32(0.5) for k, v in weights_of(first).items()}
+            got = weights_of(second)
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[name], value, rtol=1e-6)
+    finally:
+        device.stop()
+        app.stop()
+    # Read in place, through TLS: the update (273 KB), and the first part (256 KiB) of each of
+    # the two model versions (the second part, 17 KB, is below DIRECT_READ_MIN).
+    assert sum(size > len(payload) - 64 for size in bodies) == 1
+    assert sum(200_000 < size < 256 * 1024 for size in bodies) == 2
