@@ -15,7 +15,7 @@ import pytest
 from device_agent.service import AgentService
 from device_agent.trainers import MLPTrainer
 from fedmq.broker import MosquittoBroker
-from fedmq.config import TrainSettings
+from fedmq.config import BrokerConfig, TrainSettings
 
 from fedhelpers import (
     LAYERS,
@@ -32,19 +32,25 @@ ROUNDS = 3
 DEVICES = 3
 
 
+def _agents(fed: str, broker: BrokerConfig, sizes: list[int], seed: int) -> list[AgentService]:
+    """One MQTT agent per size, ``dev-0``, ``dev-1``, ..., each with random data of that size."""
+    rng = np.random.default_rng(seed)
+    agents = []
+    for i, n in enumerate(sizes):
+        x = rng.standard_normal((n, LAYERS[0])).astype(np.float32)
+        y = rng.integers(0, LAYERS[-1], n)
+        agents.append(AgentService.over_mqtt(fed, f"dev-{i}", MLPTrainer(x, y, LAYERS[-1]),
+                                             broker))
+    return agents
+
+
 @pytest.mark.broker
 def test_model_after_r_rounds_is_fedavg_of_accepted_updates(mosquitto: MosquittoBroker) -> None:
     fed = unique_federation("path")
     broker = broker_config(mosquitto)
     rec = Recorder(broker, fed).start()
-    rng = np.random.default_rng(0)
-    agents = []
-    for i in range(DEVICES):
-        n = 20 + 10 * i  # unequal sizes, so the weighting matters
-        x = rng.standard_normal((n, LAYERS[0])).astype(np.float32)
-        y = rng.integers(0, LAYERS[-1], n)
-        agents.append(AgentService.over_mqtt(fed, f"dev-{i}", MLPTrainer(x, y, LAYERS[-1]),
-                                             broker))
+    # Unequal sizes, so the weighting matters.
+    agents = _agents(fed, broker, [20 + 10 * i for i in range(DEVICES)], seed=0)
     config = replace(aggregator_config(broker, fed, min_updates=DEVICES, max_updates=DEVICES,
                                        max_rounds=ROUNDS),
                      train=TrainSettings(epochs=2, batch_size=8, lr=0.1))
@@ -85,13 +91,7 @@ def test_running_agents_follow_an_aggregator_restarted_without_state(
     # 0 and round 1 again. The agents keep running and must train for it (they hold version 2).
     fed = unique_federation("rerun")
     broker = broker_config(mosquitto)
-    rng = np.random.default_rng(1)
-    agents = []
-    for i in range(DEVICES):
-        x = rng.standard_normal((16, LAYERS[0])).astype(np.float32)
-        y = rng.integers(0, LAYERS[-1], 16)
-        agents.append(AgentService.over_mqtt(fed, f"dev-{i}", MLPTrainer(x, y, LAYERS[-1]),
-                                             broker))
+    agents = _agents(fed, broker, [16] * DEVICES, seed=1)
     config = replace(aggregator_config(broker, fed, min_updates=DEVICES, max_updates=DEVICES,
                                        max_rounds=2),
                      train=TrainSettings(epochs=1, batch_size=8, lr=0.1))

@@ -27,6 +27,17 @@ def _tensor(rng: np.random.Generator, n: int, which: int) -> Tensor:
                               **opts)  # type: ignore[arg-type]
 
 
+def _assert_batched_equals_one_by_one(start: np.ndarray, items: list[tuple[Tensor, float]],
+                                      ) -> None:
+    """``fold_many`` from ``start`` gives the same bits as folding ``items`` one by one."""
+    one_by_one = start
+    batched = start.copy()
+    for t, w in items:
+        kernels.KERNELS[t.codec].fold(one_by_one, t, w)
+    kernels.fold_many(batched, items)
+    np.testing.assert_array_equal(batched, one_by_one)
+
+
 # The fixture only sets a module constant that no example changes.
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -57,12 +68,7 @@ def test_grouped_kernels_equal_folding_one_by_one(n: int, seed: int, runs: list[
     rng = np.random.default_rng(seed)
     items = [(_tensor(rng, n, kind), float(rng.uniform(0.1, 1000.0)))
              for kind, length in runs for _ in range(length)]
-    one_by_one = rng.standard_normal(n)
-    batched = one_by_one.copy()
-    for t, w in items:
-        kernels.KERNELS[t.codec].fold(one_by_one, t, w)
-    kernels.fold_many(batched, items)
-    np.testing.assert_array_equal(batched, one_by_one)
+    _assert_batched_equals_one_by_one(rng.standard_normal(n), items)
 
 
 @pytest.mark.parametrize(("n", "blocks"), [(4097, (100,)), (9000, (100, 256)),
@@ -77,12 +83,7 @@ def test_int8_blocks_that_do_not_divide_the_cache_block_keep_the_order(
     items += [(compression.encode("w", rng.standard_normal(n).astype(np.float32), "fp32"),
                float(rng.uniform(0.1, 1000.0))) for _ in range(2)]
     items.append(items[0])
-    one_by_one = rng.standard_normal(n)
-    batched = one_by_one.copy()
-    for t, w in items:
-        kernels.KERNELS[t.codec].fold(one_by_one, t, w)
-    kernels.fold_many(batched, items)
-    np.testing.assert_array_equal(batched, one_by_one)
+    _assert_batched_equals_one_by_one(rng.standard_normal(n), items)
 
 
 def test_fold_many_checks_every_item_before_folding() -> None:
