@@ -66,6 +66,9 @@ class RoundsConfig:
     max_extensions: int = 0
     #: Stop after this many completed rounds (0 = run until stopped).
     max_rounds: int = 0
+    #: Below quorum with nothing received for this long: one warning line (repeated at most
+    #: this often) saying what the round waits for.
+    idle_warn_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,37 @@ class LimitsConfig:
     """Caps on what the network may send."""
 
     max_update_bytes: int = 64 * 1024 * 1024
-    max_examples: int = 1_000_000
+    #: The most examples one update may count with: the weight of any one device is bounded.
+    #: Size it to the largest honest local data set (docs/robustness.md).
+    max_examples: int = 10_000
+    #: Over ``max_examples``: "cap" counts the update with ``max_examples``; "reject" rejects
+    #: it (``invalid_weight``).
+    weight_mode: Literal["cap", "reject"] = "cap"
+    #: Rejections are logged as one summary line per reason at most this often (each single
+    #: rejection at DEBUG).
+    reject_log_every_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Bounded influence of any one update (docs/robustness.md)."""
+
+    #: Over the norm bound an update is scaled down to it ("clip"), rejected ("reject"), or
+    #: nothing is bounded ("off").
+    mode: Literal["clip", "reject", "off"] = "clip"
+    #: A fixed L2 bound on each update; unset: adaptive, ``clip_multiplier`` times a running
+    #: estimate of the median norm of accepted updates (Andrew et al. 2021).
+    clip_norm: float | None = None
+    clip_multiplier: float = 3.0
+    #: Hard ceiling on the bound, adaptive or not; also the bound before any estimate exists.
+    max_norm: float = 100.0
+    #: The adaptive estimate's starting value (unset: the first round's median norm).
+    initial_norm: float | None = None
+    #: Which quantile of the norms the estimate tracks, and its geometric step per round.
+    target_quantile: float = 0.5
+    adapt_rate: float = 0.2
+    #: A round whose new model moves farther than this (L2) from its base is abandoned.
+    max_change_norm: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,7 @@ class AggregatorConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
 
