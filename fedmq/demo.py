@@ -23,6 +23,7 @@ from fedmq.config import (
     AggregatorConfig,
     BrokerConfig,
     CompressionConfig,
+    LimitsConfig,
     ModelConfig,
     RoundsConfig,
     TrainSettings,
@@ -119,15 +120,7 @@ def run(args: argparse.Namespace) -> int:
                                   on_model=lambda m: models.__setitem__(m.version, m)).start()
         stack.callback(watcher.stop)
 
-        config = AggregatorConfig(
-            federation=FEDERATION, broker=broker_cfg,
-            model=ModelConfig(layers=layers, seed=args.seed),
-            # Every device every round: a round closes the moment all updates are in; the
-            # deadline only matters if a device is lost.
-            rounds=RoundsConfig(min_updates=args.devices, max_updates=args.devices,
-                                deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds),
-            train=_train_settings(args, TrainConfig()),
-            compression=CompressionConfig(codec=args.codec, fraction=args.topk_fraction))
+        config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
         agg = AggregatorService(config)
         agents = []
         for i, idx in enumerate(shards):
@@ -156,6 +149,24 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(result.as_json(), indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list[int],
+                shard_sizes: list[int]) -> AggregatorConfig:
+    """The demo federation's aggregator config (also the fault drills' "demo setting")."""
+    from device_agent.trainers import TrainConfig
+    return AggregatorConfig(
+        federation=FEDERATION, broker=broker_cfg,
+        model=ModelConfig(layers=layers, seed=args.seed),
+        # Every device every round: a round closes the moment all updates are in; the
+        # deadline only matters if a device is lost.
+        rounds=RoundsConfig(min_updates=args.devices, max_updates=args.devices,
+                            deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds),
+        train=_train_settings(args, TrainConfig()),
+        # The operator's weight cap, sized as docs/robustness.md says: the largest honest
+        # local data set, so no device counts for more than the biggest real one.
+        limits=LimitsConfig(max_examples=max(shard_sizes)),
+        compression=CompressionConfig(codec=args.codec, fraction=args.topk_fraction))
 
 
 def _train_settings(args: argparse.Namespace, defaults: Any) -> TrainSettings:
