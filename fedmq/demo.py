@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from aggregator.service import AggregatorService
         from device_agent.service import AgentService
-        from device_agent.trainers import MLPTrainer, SoftmaxTrainer, TrainConfig
+        from device_agent.trainers import MLPTrainer, SoftmaxTrainer
         from fedmq.datasets import load_digits_split, partition
     except ImportError as exc:
         print(f"fedmq demo needs the demo extras ({exc.name} is missing): "
