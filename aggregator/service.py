@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -22,7 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator import kernels
+from aggregator.admission import admit
 from aggregator.history import ModelHistory
+from aggregator.reporting import Reporter
+from aggregator.robust import ChunkBudget, NormBound, bootstrap_size
 from aggregator.rounds import (
     AbandonRound,
     Accept,
@@ -43,7 +47,7 @@ from fedmq import codec
 from fedmq.chunking import split_model
 from fedmq.compression import encode_all
 from fedmq.config import AggregatorConfig, CompressionConfig
-from fedmq.errors import ConfigError, DecodeError
+from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
@@ -62,9 +66,12 @@ Weights = dict[str, npt.NDArray[np.float32]]
 #: Every reason an update can be rejected for (docs/protocol.md explains each).
 REJECT_REASONS: tuple[str, ...] = (
     "malformed", "oversize", "wrong_federation", "wrong_device", "invalid_weight",
-    "wrong_shape", "non_finite", "stale", "unknown_round", "duplicate", "round_closed",
-    "overload",
+    "wrong_shape", "non_finite", "norm_bound", "stale", "unknown_round", "duplicate",
+    "round_closed", "overload",
 )
+
+#: Why a round's result can be dropped instead of published (docs/robustness.md).
+ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "below_quorum")
 
 #: Most queued updates folded in one pass over the accumulator.
 FOLD_BATCH = 8
@@ -80,6 +87,7 @@ class _Pending:
     header: tuple[int, int, int, int]  # round, base_version, chunks, num_examples
     received: set[int]
     covered: list[tuple[int, int]]  # flat [start, stop) ranges folded so far
+    budget: ChunkBudget  # what is left of its norm bound
 
 
 @dataclass
@@ -95,6 +103,10 @@ class Stats:
     last_fold_at: float = 0.0
     #: The latest rejection, with what was wrong (for logs and operators).
     last_rejection: str = ""
+    #: Accepted updates scaled down to the norm bound.
+    clipped: int = 0
+    #: Rounds whose result was dropped unpublished, by reason (``ABANDON_REASONS``).
+    abandoned: Counter[str] = field(default_factory=Counter)
 
 
 def _overlaps(ranges: list[tuple[int, int]]) -> bool:
@@ -182,6 +194,8 @@ class AggregatorService:
                                          max_tensors=max(len(self.spec.names), 1),
                                          max_elements=max(self.spec.total, 1))
         self.stats = Stats()
+        self.bound = NormBound(config.robust, bootstrap_size(r.min_updates))
+        self.reporter = Reporter(config.limits.reject_log_every_s, r.idle_warn_s)
         self.version = 0
         self.round = 0
         #: This run's id (``fedmq.wire.newer``): set when a fresh run starts, restored on recovery.
@@ -197,7 +211,11 @@ class AggregatorService:
         self._since_snapshot = 0
         self._snapshot_at = 0.0
         self._model_parts = 0
-        self._deferred: list[ModelUpdate] = []
+        # Accepted whole updates waiting for the batch's fold: (update, weight, squared norm).
+        self._deferred: list[tuple[ModelUpdate, float, float]] = []
+        # Accepted whole updates held back until the norm estimate is bootstrapped.
+        self._held: list[tuple[ModelUpdate, float, float]] = []
+        self._round_clipped = 0
         self._round_rejected: Counter[str] = Counter()
         self._round_bytes = 0
         self._round_metrics: dict[str, float] = {}
@@ -271,6 +289,7 @@ class AggregatorService:
         try:
             self._publish_model(metrics={})
             self._open_round(float(meta["opened_at"]), snapshot=False)
+            self.bound.restore(meta.get("robust", {}))
             if "mid" in meta and snap.acc is not None:
                 self._restore_mid(meta["mid"], snap.acc)
             for rec in records:
@@ -327,7 +346,8 @@ class AggregatorService:
 
     def _snapshot_due(self) -> bool:
         d = self.config.durability
-        if self.wal is None or self._replay_now is not None or not self._since_snapshot:
+        if (self.wal is None or self._replay_now is not None or not self._since_snapshot
+                or self._held):  # held updates are in no snapshot: the log keeps them
             return False
         return bool((d.snapshot_every_updates and self._since_snapshot
                      >= d.snapshot_every_updates)
@@ -346,25 +366,49 @@ class AggregatorService:
         if any(isinstance(a, ExtendDeadline) for a in actions):
             self._round_events.append(["t", self._now()])
         self._apply(actions, None)
+        if self._replay_now is None:
+            m = self.machine
+            self.reporter.tick(self.clock(), round_=self.round, accepted=m.accepted,
+                               quorum=self.config.rounds.min_updates, deadline=m.deadline,
+                               waiting=m.round is not None and m.deadline is not None
+                               and m.accepted < self.config.rounds.min_updates)
 
     def handle_message(self, msg: Message) -> None:
         """Process one inbound message now (folding it if accepted), without a tick."""
         self._handle(msg)
         self._flush()
 
-    def _flush(self) -> None:
-        """Fold the accepted updates waiting in this batch."""
-        if not self._deferred:
+    def _flush(self, closing: bool = False) -> None:
+        """Fold the accepted updates waiting in this batch, each clipped to the norm bound.
+
+        Until the bound's estimate is bootstrapped, whole updates are held back (at most
+        ``robust.MAX_BOOTSTRAP`` and a batch); at a round's close it starts from what is in.
+        """
+        if closing and self.bound.bootstrapping:
+            self.bound.start()
+        if self.bound.bootstrapping:
+            self._held.extend(self._deferred)
+            self._deferred = []
+            return
+        batch = self._held + self._deferred
+        self._held = []
+        self._deferred = []
+        if not batch:
             return
         t0 = time.perf_counter()
-        if len(self._deferred) == 1:
-            u = self._deferred[0]
-            self.strategy.fold(u.tensors, float(u.num_examples))
+        items = []
+        for u, weight, sq in batch:
+            scale = self.bound.scale(math.sqrt(sq))
+            if scale < 1.0:
+                self.stats.clipped += 1
+                self._round_clipped += 1
+            items.append((u.tensors, weight, scale))
+        if len(items) == 1:
+            self.strategy.fold(*items[0])
         else:
-            self.strategy.fold_many([(u.tensors, float(u.num_examples)) for u in self._deferred])
+            self.strategy.fold_many(items)
         self.stats.last_fold_at = time.perf_counter()
         self.stats.fold_seconds += self.stats.last_fold_at - t0
-        self._deferred = []
 
     def _log(self) -> None:
         """Append the message being handled to the log (it was accepted or folded)."""
@@ -377,13 +421,24 @@ class AggregatorService:
             return
         self.stats.bytes_in += len(msg.payload)
         self._round_bytes += len(msg.payload)
+        if self._replay_now is None:
+            self.reporter.received(self.clock())
         device = self.topics.device_of(msg.topic)
         if device is None:  # e.g. an empty or over-long last topic level
             self._reject(msg.topic.rsplit("/", 1)[-1][:64], "", "wrong_device")
             return
-        update, reason = self._check(device, msg.payload)
-        if update is None:
-            self._reject(device, "", reason)
+        admitted, reason, detail = admit(
+            msg.payload, device, federation=self.config.federation, spec=self.spec,
+            limits=self.config.limits, decode_limits=self.limits)
+        if admitted is None:
+            self.stats.last_rejection = f"{device}: {reason} ({detail})"
+            self._reject(device, "", reason, detail)
+            return
+        update, weight, sq = admitted.update, admitted.weight, admitted.sq_norm
+        if (update.chunks == 1 and self.config.robust.mode == "reject"
+                and self.bound.over(math.sqrt(sq))):
+            self._reject(update.device_id, update.update_id, "norm_bound",
+                         f"norm {math.sqrt(sq):.4g} over {self.bound.bound():.4g}")
             return
         if update.run and update.run != self.run:
             # Made for another run's announcement (an outbox resending across a rollback, say):
@@ -394,15 +449,16 @@ class AggregatorService:
             device_id=update.device_id, round=update.round, base_version=update.base_version,
             update_id=update.update_id, now=self._now())
         if update.chunks > 1:
-            self._handle_chunk(update, offer)
+            self._handle_chunk(update, offer, weight, sq)
         elif (update.device_id in self._pending_devices
               or update.update_id in self._pending_ids):
             # The device (or this id) has a chunked update in flight: that one came first.
             self._reject(update.device_id, update.update_id, "duplicate")
         else:
-            self._apply(self.machine.handle(offer), update)
+            self._apply(self.machine.handle(offer), (update, weight, sq))
 
-    def _handle_chunk(self, update: ModelUpdate, offer: UpdateOffered) -> None:
+    def _handle_chunk(self, update: ModelUpdate, offer: UpdateOffered, weight: float,
+                      sq: float) -> None:
         """Fold one chunk now; offer the update to the round once its last chunk is in.
 
         Everything that would make the completed update unacceptable (its round, base,
@@ -423,7 +479,9 @@ class AggregatorService:
             if reason is not None:
                 self._reject(update.device_id, update.update_id, reason)
                 return
-            pending = _Pending(header, set(), [])
+            # The bound is fixed at the first chunk for the whole update.
+            bound = self.bound.bound() if self.bound.active else math.inf
+            pending = _Pending(header, set(), [], ChunkBudget(bound))
         elif header != pending.header:
             self._reject(update.device_id, update.update_id, "malformed")
             return
@@ -436,8 +494,21 @@ class AggregatorService:
         if _overlaps(sorted(pending.covered + ranges)):
             self._reject(update.device_id, update.update_id, "malformed")
             return
+        if pending.budget.rejected:
+            self._reject(update.device_id, update.update_id, "norm_bound")
+            return
+        scale = pending.budget.take(sq, clip=self.config.robust.mode != "reject")
+        if scale is None:
+            # Over the bound in reject mode: what was folded stays as an incomplete update
+            # (within the bound); this chunk and every later one are turned away.
+            self._pending[key] = pending
+            self._pending_devices.add(update.device_id)
+            self._pending_ids.add(update.update_id)
+            self._reject(update.device_id, update.update_id, "norm_bound",
+                         f"over {pending.budget.bound:.4g}")
+            return
         t0 = time.perf_counter()
-        self.strategy.fold_part(key, update.tensors, float(update.num_examples))
+        self.strategy.fold_part(key, update.tensors, weight, scale)
         self._log()
         self.stats.fold_seconds += time.perf_counter() - t0
         pending.received.add(update.chunk)
@@ -457,35 +528,13 @@ class AggregatorService:
         for action in actions:
             if isinstance(action, Accept):
                 self.strategy.settle(key)
-                self._accepted(update)
-        self._apply([a for a in actions if not isinstance(a, Accept)], update)
+                if pending.budget.spent < pending.budget.raw:
+                    self.stats.clipped += 1
+                    self._round_clipped += 1
+                self._accepted(update, weight, pending.budget.raw)
+        self._apply([a for a in actions if not isinstance(a, Accept)], (update, weight, sq))
 
-    def _check(self, device: str, payload: bytes) -> tuple[ModelUpdate | None, str]:
-        """Decode and check an update; (update, "") or (None, reason)."""
-        if len(payload) > self.config.limits.max_update_bytes:
-            return None, "oversize"
-        try:
-            update = codec.decode_as(payload, ModelUpdate, self.limits)
-        except DecodeError as exc:
-            self.stats.last_rejection = f"{device}: {exc}"
-            log.debug("update from %s rejected: %s", device, exc)
-            return None, exc.reason
-        if update.federation != self.config.federation:
-            return None, "wrong_federation"
-        if update.device_id != device:
-            return None, "wrong_device"
-        if not 0 < update.num_examples <= self.config.limits.max_examples:
-            return None, "invalid_weight"
-        problem = (self.spec.check(update.tensors) if update.chunks == 1
-                   else self.spec.check_ranges(update.tensors))
-        if problem is not None:
-            log.debug("update from %s has the wrong shape: %s", device, problem)
-            return None, "wrong_shape"
-        if not all(kernels.KERNELS[t.codec].check(t) for t in update.tensors):
-            return None, "non_finite"
-        return update, ""
-
-    def _reject(self, device: str, update_id: str, reason: str) -> None:
+    def _reject(self, device: str, update_id: str, reason: str, detail: str = "") -> None:
         self._count_rejection(reason)
         if self.wal is not None:
             # Logged so the round's counts survive a crash, but lazily: a flood of bad messages
@@ -493,20 +542,21 @@ class AggregatorService:
             # accepted update or a tick (and a message whose count was written but whose
             # acknowledgement was not sent is counted again when the broker redelivers it).
             self.wal.append(REJECT, self._now(), reason, lazy=True)
-        log.info("rejected update %r from %s: %s", update_id, device, reason)
+        self.reporter.rejected(reason, device, update_id, detail)
 
     def _count_rejection(self, reason: str) -> None:
         self.stats.rejected[reason] += 1
         self._round_rejected[reason] += 1
 
-    def _apply(self, actions: list[Action], update: ModelUpdate | None) -> None:
+    def _apply(self, actions: list[Action],
+               offered: tuple[ModelUpdate, float, float] | None) -> None:
         for action in actions:
             match action:
                 case Accept():
-                    assert update is not None
-                    self._deferred.append(update)  # folded by _flush, with its batch
+                    assert offered is not None
+                    self._deferred.append(offered)  # folded by _flush, with its batch
                     self._log()
-                    self._accepted(update)
+                    self._accepted(*offered)
                 case Reject(device_id=dev, update_id=uid, reason=reason):
                     self._reject(dev, uid, reason)
                 case CloseRound(closed_by=closed_by):
@@ -519,17 +569,18 @@ class AggregatorService:
                     log.warning("round %d abandoned below quorum (%d updates discarded); "
                                 "re-announcing on model version %d", self.round, accepted,
                                 self.version)
+                    self.stats.abandoned["below_quorum"] += 1
                     self._open_round(self._now())
 
-    def _accepted(self, update: ModelUpdate) -> None:
+    def _accepted(self, update: ModelUpdate, weight: float, sq: float) -> None:
         self.stats.accepted += 1
         self._since_snapshot += 1
+        self.bound.observe(math.sqrt(sq))
         # What the round machine saw, in order, so a mid-round snapshot can rebuild it.
         self._round_events.append(["u", update.device_id, update.update_id, self._now()])
-        self._add_metrics(update)
+        self._add_metrics(update, weight)
 
-    def _add_metrics(self, update: ModelUpdate) -> None:
-        w = float(update.num_examples)
+    def _add_metrics(self, update: ModelUpdate, w: float) -> None:
         self._round_metric_weight += w
         for key, value in update.metrics.items():
             self._round_metrics[key] = self._round_metrics.get(key, 0.0) + w * value
@@ -539,6 +590,9 @@ class AggregatorService:
     def _open_round(self, now: float, snapshot: bool = True) -> None:
         self.round += 1
         self._deferred = []  # an abandoned round's accepted updates are dropped with it
+        self._held = []
+        self._round_clipped = 0
+        self.bound.new_round()
         self.strategy.init(self.model)
         self._round_rejected = Counter()
         self._round_bytes = 0
@@ -569,6 +623,7 @@ class AggregatorService:
             "version": self.version, "round": self.round, "opened_at": opened_at,
             "rounds_completed": self.stats.rounds_completed, "model_parts": self._model_parts,
             "wal_segment": segment, "federation": self.config.federation, "run": self.run,
+            "robust": self.bound.export(),
         }
         acc = None
         if mid:
@@ -577,8 +632,9 @@ class AggregatorService:
                 "events": self._round_events, "total_weight": total_weight,
                 "contributors": contributors,
                 "open_parts": [[k[0], k[1], w, r] for k, w, r in parts],  # type: ignore[index]
-                "pending": [[k[0], k[1], list(p.header), sorted(p.received), p.covered]
-                            for k, p in self._pending.items()],
+                "pending": [[k[0], k[1], list(p.header), sorted(p.received), p.covered,
+                             p.budget.export()] for k, p in self._pending.items()],
+                "clipped": self._round_clipped,
                 "metrics": self._round_metrics, "metric_weight": self._round_metric_weight,
                 "bytes": self._round_bytes, "rejected": dict(self._round_rejected),
                 "accepted": self.stats.accepted,
@@ -600,15 +656,18 @@ class AggregatorService:
         self._round_events = [list(ev) for ev in mid["events"]]
         self.strategy.import_state(acc, mid["total_weight"], mid["contributors"],
                                    [((d, u), w, r) for d, u, w, r in mid["open_parts"]])
-        for d, u, header, received, covered in mid["pending"]:
+        for d, u, header, received, covered, *budget in mid["pending"]:
+            saved = budget[0] if budget else [math.inf, 0.0, 0.0]  # snapshots before bounds
             self._pending[(d, u)] = _Pending(tuple(header), set(received),
-                                             [(a, b) for a, b in covered])
+                                             [(a, b) for a, b in covered],
+                                             ChunkBudget.restore(saved))
             self._pending_devices.add(d)
             self._pending_ids.add(u)
         self._round_metrics = dict(mid["metrics"])
         self._round_metric_weight = float(mid["metric_weight"])
         self._round_bytes = int(mid["bytes"])
         self._round_rejected = Counter(mid["rejected"])
+        self._round_clipped = int(mid.get("clipped", 0))
         self.stats.accepted = int(mid["accepted"])
 
     def _announce(self, deadline: float, open_: bool = True) -> None:
@@ -653,14 +712,48 @@ class AggregatorService:
             self.transport.publish(topic, payload, qos=1, retain=True)
         self._retained = out
 
+    def _finalize(self) -> tuple[Weights | None, str, str]:
+        """The round's new model, or None with the reason it must not be published.
+
+        A model that is not finite in float32, or that moves farther than
+        ``robust.max_change_norm`` from its base, is never published: whatever the updates,
+        the round ends cleanly and the federation goes on from the model it had.
+        """
+        try:
+            new = self.strategy.finalize()
+        except (FloatingPointError, ValueError, ProtocolError) as exc:
+            return None, "non_finite_model", str(exc)
+        change = 0.0
+        for name, base in self.model.items():
+            d = new[name].astype(np.float64) - base
+            change += float(np.dot(d.ravel(), d.ravel()))
+        limit = self.config.robust.max_change_norm
+        if not math.isfinite(change) or math.sqrt(change) > limit:
+            return None, "change_too_large", f"change norm {math.sqrt(change):.4g} > {limit:g}"
+        return new, "", ""
+
+    def _abandon(self, reason: str, detail: str, now: float) -> None:
+        """Drop the round's result unpublished and open the next round on the same model."""
+        self.stats.abandoned[reason] += 1
+        log.warning("round %d abandoned: %s (%s); its model is not published; %d updates "
+                    "discarded; re-announcing on model version %d", self.round, reason, detail,
+                    self.strategy.contributors, self.version)
+        self._open_round(now)
+
     def _close_round(self, closed_by: str) -> None:
-        self._flush()
+        self._flush(closing=True)
         now = self._now()
         incomplete = self.strategy.incomplete
         if incomplete:
             log.warning("round %d closed with %d chunked updates incomplete: they count on the "
                         "parameters they delivered only", self.round, incomplete)
-        self.model = self.strategy.finalize()
+        new, reason, detail = self._finalize()
+        if new is None:
+            self._abandon(reason, detail, now)
+            return
+        bound = self.bound.bound() if self.bound.active else math.inf
+        self.model = new
+        self.bound.end_round()
         self.version += 1
         weight = self._round_metric_weight
         metrics = {k: v / weight for k, v in self._round_metrics.items()} if weight else {}
@@ -671,12 +764,14 @@ class AggregatorService:
             participants=participants, closed_by=closed_by,
             accepted=self.machine.accepted_ids, rejected=dict(self._round_rejected),
             bytes_in=self._round_bytes, duration_s=now - self._round_opened,
-            metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {}))
+            metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {})
+            | ({"norm_bound": bound, "clipped_updates": float(self._round_clipped)}
+               if math.isfinite(bound) else {}))
         self.transport.publish(self.topics.metrics, codec.encode(summary), qos=1)
         self.last_summary = summary
         self.stats.rounds_completed += 1
-        log.info("round %d closed by %s: %d participants, model version %d", self.round,
-                 closed_by, participants, self.version)
+        log.info("round %d closed by %s: %d participants (%d clipped), model version %d",
+                 self.round, closed_by, participants, self._round_clipped, self.version)
         max_rounds = self.config.rounds.max_rounds
         if max_rounds and self.stats.rounds_completed >= max_rounds:
             self._announce(now, open_=False)  # tells late devices there is nothing to train

@@ -79,19 +79,22 @@ class Strategy(Protocol):
         """Start a round on ``base`` (the model devices trained from); clears the accumulator."""
         ...
 
-    def fold(self, tensors: Sequence[Tensor], weight: float) -> None:
-        """Add one update (per-tensor deltas, already checked against the spec and finite)."""
+    def fold(self, tensors: Sequence[Tensor], weight: float, scale: float = 1.0) -> None:
+        """Add one update (per-tensor deltas, already checked against the spec and finite),
+        its values multiplied by ``scale`` (the norm bound's clip factor, in [0, 1])."""
         ...
 
     def finalize(self) -> dict[str, F32]:
         """The new model, by tensor name in the spec's order."""
         ...
 
-    def fold_many(self, updates: Sequence[tuple[Sequence[Tensor], float]]) -> None:
-        """Fold several whole updates at once; the same result as ``fold`` on each in order."""
+    def fold_many(self, updates: Sequence[tuple[Sequence[Tensor], float, float]]) -> None:
+        """Fold several whole ``(tensors, weight, scale)`` updates at once; the same result as
+        ``fold`` on each in order."""
         ...
 
-    def fold_part(self, key: Hashable, tensors: Sequence[Tensor], weight: float) -> None:
+    def fold_part(self, key: Hashable, tensors: Sequence[Tensor], weight: float,
+                  scale: float = 1.0) -> None:
         """Fold one chunk (tensor ranges) of a large update as it arrives."""
         ...
 
@@ -138,6 +141,13 @@ def _positive_weight(weight: float) -> float:
     if not math.isfinite(w) or w <= 0.0:
         raise ValueError(f"weight must be finite and > 0; got {weight!r}")
     return w
+
+
+def _unit_scale(scale: float) -> float:
+    s = float(scale)
+    if not 0.0 <= s <= 1.0:  # also refuses NaN
+        raise ValueError(f"scale must be in [0, 1]; got {scale!r}")
+    return s
 
 
 class FedAvg(Strategy):
@@ -195,10 +205,16 @@ class FedAvg(Strategy):
         self._open_parts = {}
         self._started = True
 
-    def fold(self, tensors: Sequence[Tensor], weight: float) -> None:
-        """Add ``weight · tensors``; checked whole first, so it folds fully or not at all."""
+    def fold(self, tensors: Sequence[Tensor], weight: float, scale: float = 1.0) -> None:
+        """Add ``weight · scale · tensors`` and count ``weight``; checked whole first, so it
+        folds fully or not at all.
+
+        ``scale`` clips the update to the norm bound (``aggregator.robust``): it multiplies the
+        weight inside the kernel, so clipping costs no extra pass and no temporary.
+        """
         self._require_started("fold")
         w = _positive_weight(weight)
+        ws = w * _unit_scale(scale)
         problem = self.spec.check(tensors, codecs=KERNELS.keys())
         if problem is not None:
             raise ValueError(f"update does not match the model: {problem}")
@@ -207,11 +223,11 @@ class FedAvg(Strategy):
             raise ValueError("total weight overflowed")
         for t in tensors:
             start = self.spec.offsets[self.spec.index(t.name)] + t.offset
-            KERNELS[t.codec].fold(self._acc[start:start + t.span], t, w)
+            KERNELS[t.codec].fold(self._acc[start:start + t.span], t, ws)
         self._total_weight = total
         self._contributors += 1
 
-    def fold_many(self, updates: Sequence[tuple[Sequence[Tensor], float]]) -> None:
+    def fold_many(self, updates: Sequence[tuple[Sequence[Tensor], float, float]]) -> None:
         """Fold several whole updates in one pass over the accumulator (cache-blocked).
 
         The same sums as ``fold`` on each in order; used when updates queue up, so the
@@ -220,14 +236,15 @@ class FedAvg(Strategy):
         self._require_started("fold_many")
         items: list[list[tuple[Tensor, float]]] = [[] for _ in self.spec.names]
         total = self._total_weight
-        for tensors, weight in updates:
+        for tensors, weight, scale in updates:
             w = _positive_weight(weight)
+            ws = w * _unit_scale(scale)
             problem = self.spec.check(tensors, codecs=KERNELS.keys())
             if problem is not None:
                 raise ValueError(f"update does not match the model: {problem}")
             total += w
             for t in tensors:
-                items[self.spec.index(t.name)].append((t, w))
+                items[self.spec.index(t.name)].append((t, ws))
         if not math.isfinite(total):
             raise ValueError("total weight overflowed")
         for sl, group in zip(self._slices, items, strict=True):
@@ -235,7 +252,8 @@ class FedAvg(Strategy):
         self._total_weight = total
         self._contributors += len(updates)
 
-    def fold_part(self, key: Hashable, tensors: Sequence[Tensor], weight: float) -> None:
+    def fold_part(self, key: Hashable, tensors: Sequence[Tensor], weight: float,
+                  scale: float = 1.0) -> None:
         """Fold one chunk (tensor ranges) of the update ``key`` as it arrives.
 
         Until ``settle(key)`` the update counts only on the ranges it delivered: each coordinate
@@ -244,6 +262,7 @@ class FedAvg(Strategy):
         """
         self._require_started("fold_part")
         w = _positive_weight(weight)
+        ws = w * _unit_scale(scale)
         problem = self.spec.check_ranges(tensors, codecs=KERNELS.keys())
         if problem is not None:
             raise ValueError(f"chunk does not match the model: {problem}")
@@ -253,7 +272,7 @@ class FedAvg(Strategy):
         ranges = known[1] if known is not None else []
         for t in tensors:
             start = self.spec.offsets[self.spec.index(t.name)] + t.offset
-            KERNELS[t.codec].fold(self._acc[start:start + t.span], t, w)
+            KERNELS[t.codec].fold(self._acc[start:start + t.span], t, ws)
             ranges.append((start, start + t.span))
         self._open_parts[key] = (w, ranges)
 

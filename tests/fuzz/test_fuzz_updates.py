@@ -110,7 +110,9 @@ def make_service(min_updates: int, max_updates: int) -> tuple[AggregatorService,
         model=ModelConfig(layers=list(LAYERS), seed=3),
         rounds=RoundsConfig(min_updates=min_updates, max_updates=max_updates, deadline_s=1e6,
                             grace_s=GRACE_S),
-        limits=LimitsConfig(max_update_bytes=MAX_BYTES, max_examples=MAX_EXAMPLES),
+        # Over-weight updates are hostile cases here (rejected); cap mode has its own tests.
+        limits=LimitsConfig(max_update_bytes=MAX_BYTES, max_examples=MAX_EXAMPLES,
+                            weight_mode="reject"),
     )
     clock = FakeClock()
     transport = MemoryTransport()

@@ -135,7 +135,8 @@ def test_bad_update_is_counted_and_harmless(
     broker = broker_config(mosquitto)
     rec = Recorder(broker, fed).start()
     config = aggregator_config(
-        broker, fed, limits=LimitsConfig(max_update_bytes=MAX_BYTES, max_examples=1000)
+        broker, fed, limits=LimitsConfig(max_update_bytes=MAX_BYTES, max_examples=1000,
+                                         weight_mode="reject")
     )
     try:
         with running_aggregator(config) as agg:

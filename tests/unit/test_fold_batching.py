@@ -138,14 +138,16 @@ def test_strategy_fold_many_matches_fold() -> None:
     base = {"a": rng.standard_normal((30, 20)).astype(np.float32),
             "b": rng.standard_normal(20).astype(np.float32)}
     spec = ModelSpec.from_weights(base)
+    # Scales below 1 are the norm bound's clipping; they multiply the weight in the kernel.
     updates = [(compression.encode_all({k: rng.standard_normal(v.shape) for k, v in base.items()},
-                                       codec), float(n))
-               for codec, n in (("fp32", 3), ("int8", 5), ("fp16", 7), ("topk", 2))]
+                                       codec), float(n), scale)
+               for codec, n, scale in (("fp32", 3, 1.0), ("int8", 5, 0.25), ("fp16", 7, 1.0),
+                                       ("topk", 2, 0.5))]
     one, many = FedAvg(spec), FedAvg(spec)
     one.init(base)
     many.init(base)
-    for tensors, w in updates:
-        one.fold(tensors, w)
+    for tensors, w, scale in updates:
+        one.fold(tensors, w, scale)
     many.fold_many(updates)
     assert (many.contributors, many.total_weight) == (one.contributors, one.total_weight)
     for name, value in one.finalize().items():
