@@ -30,15 +30,17 @@ def _wait_for_signal(done: threading.Event | None = None) -> None:
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
     """Run the aggregator service until stopped or ``rounds.max_rounds`` is reached."""
+    from fedmq.config import load_aggregator
+
+    # The config first: a bad value is one line on stderr, before numba is even imported.
+    config = load_aggregator(args.config)
     try:
         from aggregator.service import AggregatorService
     except ImportError as exc:
         print(f"the aggregator needs numba ({exc.name} is missing): "
               "pip install 'fedmq[aggregator]'", file=sys.stderr)
         return 2
-    from fedmq.config import load_aggregator
-
-    service = AggregatorService(load_aggregator(args.config))
+    service = AggregatorService(config)
     service.start()
     try:
         _wait_for_signal(service.done)
@@ -52,10 +54,12 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run one device agent until stopped."""
-    from device_agent.service import AgentService
     from fedmq.config import load_agent
 
-    service = AgentService.from_config(load_agent(args.config))
+    config = load_agent(args.config)
+    from device_agent.service import AgentService
+
+    service = AgentService.from_config(config)
     service.start()
     try:
         _wait_for_signal()
@@ -127,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedmq`` command."""
+    """Entry point of the ``fedmq`` command.
+
+    A ``FedmqError`` (a bad config file: ``ConfigError``, naming the file and the key) is one
+    line on stderr and exit code 2, never a traceback; a connection failure exits with 1.
+    """
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level or args.log_default)
     try:

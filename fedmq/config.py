@@ -1,22 +1,33 @@
 """Configuration files (TOML) for the aggregator and the device agent.
 
 Every section is a frozen dataclass; a file is read strictly: an unknown key is an error (a typo
-would otherwise be silently ignored on a device nobody can log in to), and every value's type is
-checked. ``docs/configuration.md`` lists every key.
+would otherwise be silently ignored on a device nobody can log in to), every value's type is
+checked, and so is its range (``RULES``: no NaN or infinity, no zero or negative value where it
+means nothing, ports and quantiles and rates within their bounds). Every failure is one
+``ConfigError`` line naming the file and the key, e.g.
+``aggregator.toml: [train] lr = nan must be a finite number in (0, 100]``.
+``docs/configuration.md`` lists every key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
+import json
+import math
 import os
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from device_agent.trainers import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR
+from fedmq.codec import DEFAULT_LIMITS
+from fedmq.compression import MAX_BLOCK
 from fedmq.errors import ConfigError
 from fedmq.models import DEFAULT_LAYER_SIZES
 from fedmq.topics import check_name
@@ -272,7 +283,171 @@ class AgentConfig:
         return self.data.shard
 
 
+# ---------------------------------------------------------------- value rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value must be beyond its type: ``ok(value)`` holds, described by ``says``."""
+
+    ok: Callable[[Any], bool]
+    says: str
+
+
+#: TOML integers are 64-bit, and so are the wire's: no integer key goes above this.
+INT_MAX = (1 << 63) - 1
+#: Durations are waited on (threading caps a timeout near 9.2e9 s): at most about 31 years.
+MAX_SECONDS = 1e9
+
+
+def _ints(lo: int, hi: int = INT_MAX) -> Rule:
+    return Rule(lambda v: lo <= v <= hi,
+                f"an integer in [{lo}, {'2**63 - 1' if hi == INT_MAX else hi}]")
+
+
+def _numbers(lo: float, hi: float, *, lo_open: bool = True, hi_open: bool = False,
+             says: str = "") -> Rule:
+    def ok(v: float) -> bool:
+        return (math.isfinite(v) and (lo < v if lo_open else lo <= v)
+                and (v < hi if hi_open else v <= hi))
+
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return Rule(ok, says or f"a finite number in {interval}")
+
+
+def _positive() -> Rule:
+    return Rule(lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _seconds(*, zero: bool = False) -> Rule:
+    return _numbers(0.0, MAX_SECONDS, lo_open=not zero,
+                    says=f"a finite number of seconds {'>=' if zero else '>'} 0 (at most 1e9)")
+
+
+def _is_name(value: str) -> bool:
+    try:
+        check_name(value, "name")
+    except ValueError:
+        return False
+    return True
+
+
+_NAME = Rule(_is_name, "1-64 characters of letters, digits, '_', '.' or '-' (it becomes one "
+                       "MQTT topic level)")
+_TEXT = Rule(lambda v: v != "" and "\0" not in v, "a non-empty string without NUL characters")
+_ENV = Rule(lambda v: v != "" and "=" not in v and "\0" not in v,
+            "an environment variable name (non-empty, without '=' or NUL)")
+# A dense layer's weight matrix is one tensor: devices refuse tensors above the decoder's limit.
+_MAX_TENSOR = DEFAULT_LIMITS.max_elements
+_LAYERS = Rule(
+    lambda v: len(v) >= 2 and all(s >= 1 for s in v)
+    and all(a * b <= _MAX_TENSOR for a, b in itertools.pairwise(v)),
+    "a list of at least 2 sizes >= 1 (input, ..., output), the product of each two neighbours "
+    f"at most {_MAX_TENSOR} (the largest tensor a device decodes)")
+
+#: Per section, per key: what a value must be beyond its type (checked for every value read from
+#: a file, and by ``check_aggregator`` / ``check_agent``). Keys without a rule are the booleans,
+#: the choices (``Literal``: the type check already limits them) and the broker credentials.
+RULES: dict[type, dict[str, Rule]] = {
+    AggregatorConfig: {"federation": _NAME},
+    AgentConfig: {"federation": _NAME},
+    BrokerConfig: {
+        "host": _TEXT,
+        "port": _ints(1, 65535),
+        "ca_file": _TEXT,
+        "cert_file": _TEXT,
+        "key_file": _TEXT,
+        "keepalive": _ints(1, 65535),  # MQTT's Keep Alive is 16 bits; 0 would turn it off
+        "client_id": _TEXT,
+        "reconnect_min_s": _seconds(),
+        "reconnect_max_s": _seconds(),
+    },
+    ModelConfig: {"layers": _LAYERS, "seed": _ints(0), "path": _TEXT},
+    RoundsConfig: {
+        "min_updates": _ints(1),
+        "max_updates": _ints(1),
+        "deadline_s": _seconds(),
+        "grace_s": _seconds(zero=True),
+        "max_extensions": _ints(0),
+        "max_rounds": _ints(0),
+        "idle_warn_s": _seconds(),
+    },
+    # The bounds devices enforce on an announcement (device_agent/trainers.py).
+    TrainSettings: {
+        "epochs": _ints(1, MAX_EPOCHS),
+        "batch_size": _ints(1, MAX_BATCH_SIZE),
+        "lr": _numbers(0.0, MAX_LR),
+    },
+    SamplingConfig: {"rate": _numbers(0.0, 1.0, lo_open=False), "seed": _ints(0)},
+    LimitsConfig: {
+        "max_update_bytes": _ints(1),
+        "max_examples": _ints(1),
+        "reject_log_every_s": _seconds(),
+    },
+    RobustConfig: {
+        "clip_norm": _positive(),
+        "clip_multiplier": _positive(),
+        "max_norm": _positive(),
+        "initial_norm": _positive(),
+        "target_quantile": _numbers(0.0, 1.0, hi_open=True),
+        "adapt_rate": _numbers(0.0, 10.0),
+        "max_change_norm": _positive(),
+    },
+    StrategyConfig: {"server_lr": _positive(), "fold_threads": _ints(0, 1024)},
+    CompressionConfig: {
+        "block": _ints(1, MAX_BLOCK),
+        "fraction": _numbers(0.0, 1.0),
+        "max_chunk_bytes": _ints(4096),
+    },
+    DurabilityConfig: {
+        "state_dir": _TEXT,
+        "session_expiry_s": _ints(0, (1 << 32) - 1),  # MQTT's Session Expiry Interval: 32 bits
+        "history_keep": _ints(1),
+        "snapshot_every_updates": _ints(0),
+        "snapshot_every_s": _seconds(zero=True),
+    },
+    DeviceConfig: {
+        "id": _NAME,
+        "id_from_env": _ENV,
+        "state_dir": _TEXT,
+        "outbox_max_bytes": _ints(1),
+        "outbox_max_messages": _ints(1),
+    },
+    DataConfig: {
+        "path": _TEXT,
+        "num_shards": _ints(1),
+        "shard": _ints(0),
+        "shard_from_env": _ENV,
+        "seed": _ints(0, (1 << 32) - 1),  # scikit-learn's random_state splits the digits
+    },
+    TrainerConfig: {"kind": _TEXT},
+}
+
+
 # ---------------------------------------------------------------- strict loading
+
+
+def _key(path: str) -> str:
+    """``rounds.min_updates`` as the file spells it: ``[rounds] min_updates``."""
+    section, _, key = path.rpartition(".")
+    return f"[{section}] {key}" if section else key
+
+
+def _show(value: Any) -> str:
+    """A value as TOML writes it, on one line, shortened past 60 characters."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value)
+    elif isinstance(value, float):
+        text = repr(value)  # nan, inf, -inf: TOML's spelling too
+    elif isinstance(value, list):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -280,7 +455,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin in (Union, types.UnionType):
         return any(_type_ok(value, a) for a in get_args(tp))
     if origin is Literal:
-        return value in get_args(tp)
+        return isinstance(value, str) and value in get_args(tp)
     if origin is list:
         (item,) = get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -297,15 +472,49 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 def _describe(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin in (Union, types.UnionType):  # X | None: TOML cannot write None, so just X
+        return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None))
     if origin is Literal:
-        return " or ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+        return " or ".join(json.dumps(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _as_float(value: Any, tp: Any) -> Any:
+    """An integer read for a float key (``float`` or ``float | None``) as a float."""
+    takes = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if float in takes and int not in takes and isinstance(value, int) \
+            and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: as good as infinite
+            return math.inf
+    return value
+
+
+def _check_value(rule: Rule | None, path: str, value: Any, written: Any = None) -> None:
+    """Raise unless ``rule`` allows ``value`` (shown as ``written``, the file's spelling)."""
+    if rule is None or value is None:
+        return
+    try:
+        good = rule.ok(value)
+    except (TypeError, ValueError):  # a config built in code with a wrong type
+        good = False
+    if not good:
+        shown = _show(value if written is None else written)
+        raise ConfigError(f"{_key(path)} = {shown} must be {rule.says}")
 
 
 def build(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
-    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    """Build dataclass ``cls`` from a mapping, checking every key, type and value (``RULES``).
+
+    Messages name the key as ``[section] key`` but not the file: ``load_*`` prefix that.
+    """
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    rules = RULES.get(cls, {})
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}{key}"
@@ -318,80 +527,107 @@ def build(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
             kwargs[key] = build(tp, value, f"{path}.")  # type: ignore[arg-type]
             continue
         if not _type_ok(value, tp):
-            raise ConfigError(f"`{path}` = {value!r} must be {_describe(tp)}")
-        kwargs[key] = float(value) if tp is float else value
+            raise ConfigError(f"{_key(path)} = {_show(value)} must be {_describe(tp)}")
+        kwargs[key] = _as_float(value, tp)
+        _check_value(rules.get(key), path, kwargs[key], value)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+        raise ConfigError(f"[{where.rstrip('.')}] {exc}" if where else str(exc)) from None
+
+
+def _check_fields(obj: Any, where: str = "") -> None:
+    """Apply ``RULES`` to every value of a built config (a file's values were checked by build)."""
+    rules = RULES.get(type(obj), {})
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{where}{f.name}.")
+        else:
+            _check_value(rules.get(f.name), f"{where}{f.name}", value)
+
+
+@contextmanager
+def _in_file(name: str) -> Iterator[None]:
+    """Prefix ConfigErrors with the file's name, on one line."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(" ".join(f"{name}: {exc}".splitlines())) from None
+
+
+def _read(p: Path) -> dict[str, Any]:
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: not UTF-8 (byte {exc.start})") from None
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: a 4300+ digit integer
+        raise ConfigError(" ".join(f"{p} is not valid TOML: {exc}".splitlines())) from None
 
 
 def _load(cls: type[C], path: str | Path) -> C:
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-    cfg = build(cls, data)
-    fed = getattr(cfg, "federation", "default")
-    try:
-        check_name(fed, "federation")
-    except ValueError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
-    return cfg
+    data = _read(Path(path))
+    with _in_file(str(path)):
+        return build(cls, data)
 
 
-def _check_broker(path: str | Path, b: BrokerConfig) -> None:
-    if not 0 < b.reconnect_min_s <= b.reconnect_max_s:
-        raise ConfigError(f"{path}: need 0 < broker.reconnect_min_s <= broker.reconnect_max_s")
-    if not 0 < b.port < 65536:
-        raise ConfigError(f"{path}: broker.port {b.port} is not a TCP port")
+def _at_most(lo_key: str, lo: float, hi_key: str, hi: float) -> None:
+    if lo > hi:
+        raise ConfigError(f"{_key(lo_key)} = {_show(lo)} must be <= {_key(hi_key)} = {_show(hi)}")
+
+
+def _check_broker(b: BrokerConfig) -> None:
+    _at_most("broker.reconnect_min_s", b.reconnect_min_s, "broker.reconnect_max_s",
+             b.reconnect_max_s)
 
 
 def load_aggregator(path: str | Path) -> AggregatorConfig:
-    """Read and check an aggregator config file."""
+    """Read and check an aggregator config file; a ConfigError names the file and the key."""
     cfg = _load(AggregatorConfig, path)
     check_aggregator(cfg, str(path))
     return cfg
 
 
 def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
-    """Raise ConfigError for values that parse but cannot work together."""
-    r = cfg.rounds
-    if not 1 <= r.min_updates <= r.max_updates:
-        raise ConfigError(f"{where}: need 1 <= rounds.min_updates <= rounds.max_updates, got "
-                          f"{r.min_updates} and {r.max_updates}")
-    if not (0 < r.deadline_s < float("inf") and 0 <= r.grace_s < float("inf")):
-        raise ConfigError(f"{where}: need rounds.deadline_s > 0 and rounds.grace_s >= 0")
-    if r.max_extensions < 0 or (r.below_quorum == "reannounce" and r.max_extensions):
-        raise ConfigError(f"{where}: rounds.max_extensions must be >= 0, and is only meaningful "
-                          "with below_quorum = \"extend\"")
-    if r.max_rounds < 0:
-        raise ConfigError(f"{where}: rounds.max_rounds must be >= 0 (0 runs forever)")
-    if not 0.0 <= cfg.sampling.rate <= 1.0:
-        raise ConfigError(f"{where}: sampling.rate {cfg.sampling.rate} must be in [0, 1]")
-    if cfg.durability.history_keep < 1 or cfg.durability.session_expiry_s < 0:
-        raise ConfigError(f"{where}: need durability.history_keep >= 1 and "
-                          "durability.session_expiry_s >= 0")
-    if cfg.strategy.fold_threads < 0:
-        raise ConfigError(f"{where}: strategy.fold_threads must be >= 0 (0 = every core)")
-    c = cfg.compression
-    if not (1 <= c.block <= 1 << 24 and 0.0 < c.fraction <= 1.0 and c.max_chunk_bytes >= 4096):
-        raise ConfigError(f"{where}: need 1 <= compression.block <= 2**24, 0 < "
-                          "compression.fraction <= 1 and compression.max_chunk_bytes >= 4096")
-    if cfg.limits.max_update_bytes < 1 or cfg.limits.max_examples < 1:
-        raise ConfigError(f"{where}: limits must be positive")
-    _check_broker(where, cfg.broker)
+    """Raise ConfigError (prefixed ``where:``) for a value out of range, or values that cannot
+    work together."""
+    with _in_file(where):
+        _check_fields(cfg)
+        r = cfg.rounds
+        _at_most("rounds.min_updates", r.min_updates, "rounds.max_updates", r.max_updates)
+        if r.below_quorum == "reannounce" and r.max_extensions:
+            raise ConfigError(f"[rounds] max_extensions = {r.max_extensions} only applies with "
+                              '[rounds] below_quorum = "extend" (it is "reannounce")')
+        if cfg.robust.clip_norm is not None:
+            _at_most("robust.clip_norm", cfg.robust.clip_norm, "robust.max_norm",
+                     cfg.robust.max_norm)
+        # A chunk above the size limit would be rejected as oversize.
+        _at_most("compression.max_chunk_bytes", cfg.compression.max_chunk_bytes,
+                 "limits.max_update_bytes", cfg.limits.max_update_bytes)
+        _check_broker(cfg.broker)
 
 
 def load_agent(path: str | Path) -> AgentConfig:
     """Read and check a device agent config file (the device id is resolved too)."""
     cfg = _load(AgentConfig, path)
-    cfg.device_id()
-    if cfg.data.num_shards < 1 or not 0 <= cfg.data.shard < cfg.data.num_shards:
-        raise ConfigError(f"{path}: need data.num_shards >= 1 and 0 <= data.shard < num_shards")
-    _check_broker(path, cfg.broker)
+    check_agent(cfg, str(path))
     return cfg
+
+
+def check_agent(cfg: AgentConfig, where: str = "config") -> None:
+    """Like ``check_aggregator``, for the agent; also resolves the device id."""
+    with _in_file(where):
+        _check_fields(cfg)
+        cfg.device_id()
+        d = cfg.data
+        if d.shard >= d.num_shards:
+            raise ConfigError(f"[data] shard = {d.shard} must be < [data] num_shards = "
+                              f"{d.num_shards}")
+        if d.source == "npz" and d.path is None:
+            raise ConfigError('[data] source = "npz" needs [data] path')
+        _check_broker(cfg.broker)

@@ -96,6 +96,45 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     assert "unknown key `rounds.min_update`" in out.stderr
 
 
+AGENT_DEVICE = '[device]\nid = "dev-1"\n'
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "key"),
+    [
+        (["-m", "fedmq.cli", "aggregator"], "[train]\nlr = nan\n", "[train] lr = nan"),
+        (["-m", "aggregator"], "[train]\nlr = nan\n", "[train] lr = nan"),
+        (["-m", "fedmq.cli", "aggregator"], "[broker]\nkeepalive = 0\n", "[broker] keepalive = 0"),
+        (["-m", "aggregator"], "[robust]\ntarget_quantile = 1\n", "[robust] target_quantile = 1"),
+        (["-m", "aggregator"], "[rounds]\ndeadline_s = -inf\n", "[rounds] deadline_s = -inf"),
+        (["-m", "aggregator"], "[model]\nlayers = [64, 0]\n", "[model] layers = [64, 0]"),
+        (["-m", "aggregator"], "[robust]\nclip_norm = 500\n", "[robust] clip_norm = 500.0"),
+        (["-m", "fedmq.cli", "agent"], AGENT_DEVICE + "outbox_max_bytes = 0\n",
+         "[device] outbox_max_bytes = 0"),
+        (["-m", "device_agent"], AGENT_DEVICE + "[data]\nseed = -1\n", "[data] seed = -1"),
+        (["-m", "device_agent"], '[device]\nid = ""\n', '[device] id = ""'),
+    ],
+    ids=["fedmq-aggregator-lr-nan", "python-m-aggregator-lr-nan", "keepalive-zero",
+         "quantile-one", "deadline-minus-inf", "zero-layer", "clip-above-max-norm",
+         "fedmq-agent-outbox-zero", "python-m-device-agent-seed", "empty-device-id"],
+)
+def test_bad_config_value_is_one_line_and_exit_code_2(
+    tmp_path: Path, command: list[str], text: str, key: str
+) -> None:
+    """The real commands: one line on stderr naming the file and the key, exit code 2."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text)
+    out = subprocess.run([sys.executable, *command, "--config", str(cfg)], env=_env(),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"{cfg}: {key} must be " in lines[0], lines[0]
+    assert lines[0].startswith("fedmq "), lines[0]
+    assert out.stdout == ""
+
+
 @pytest.mark.broker
 def test_demo_writes_json(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     """A short demo run (in-process) through the `fedmq` entry point."""

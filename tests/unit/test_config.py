@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
 import pytest
 
 from fedmq.config import (
+    RULES,
     AgentConfig,
     AggregatorConfig,
+    BrokerConfig,
+    DataConfig,
     DeviceConfig,
+    RobustConfig,
+    TrainSettings,
+    check_agent,
+    check_aggregator,
     load_agent,
     load_aggregator,
 )
@@ -85,18 +97,18 @@ def test_empty_files_give_the_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "dotted"),
+    ("text", "pattern"),
     [
-        ('federaton = "x"', "federaton"),
-        ("[rounds]\nmin_update = 2", "rounds.min_update"),
-        ('[broker]\nhostname = "x"', "broker.hostname"),
-        ("[strategy]\nmomentum = 0.9", "strategy.momentum"),
-        ("[federation]\nname = 'x'", "federation"),
+        ('federaton = "x"', r"unknown key `federaton`"),
+        ("[rounds]\nmin_update = 2", r"unknown key `rounds\.min_update`"),
+        ('[broker]\nhostname = "x"', r"unknown key `broker\.hostname`"),
+        ("[strategy]\nmomentum = 0.9", r"unknown key `strategy\.momentum`"),
+        ("[federation]\nname = 'x'", r'federation = \{name = "x"\} must be a string'),
     ],
     ids=["top-level", "rounds", "broker", "strategy", "federation-as-table"],
 )
-def test_unknown_or_misplaced_key_is_named(tmp_path: Path, text: str, dotted: str) -> None:
-    with pytest.raises(ConfigError, match=rf"`{dotted}`"):
+def test_unknown_or_misplaced_key_is_named(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
         load_aggregator(write(tmp_path, text))
 
 
@@ -148,7 +160,7 @@ def test_wrong_type_is_rejected(tmp_path: Path, text: str) -> None:
 
 
 def test_wrong_type_message_names_key_and_value(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"`rounds\.min_updates` = '2' must be int"):
+    with pytest.raises(ConfigError, match=r'\[rounds\] min_updates = "2" must be an integer$'):
         load_aggregator(write(tmp_path, '[rounds]\nmin_updates = "2"'))
 
 
@@ -180,14 +192,15 @@ def test_literal_fields_reject_other_values(tmp_path: Path, text: str) -> None:
 
 
 def test_literal_message_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'extend' or 'reannounce'"):
+    with pytest.raises(ConfigError, match='"extend" or "reannounce"'):
         load_aggregator(write(tmp_path, '[rounds]\nbelow_quorum = "retry"'))
 
 
 def test_literal_fields_accept_each_choice(tmp_path: Path) -> None:
     cfg = load_aggregator(write(tmp_path, '[rounds]\nbelow_quorum = "reannounce"'))
     assert cfg.rounds.below_quorum == "reannounce"
-    agent = load_agent(agent_file(tmp_path, '[data]\nsource = "npz"\npartition = "shards"'))
+    agent = load_agent(agent_file(
+        tmp_path, '[data]\nsource = "npz"\npath = "local.npz"\npartition = "shards"'))
     assert (agent.data.source, agent.data.partition) == ("npz", "shards")
 
 
@@ -204,10 +217,14 @@ def test_agent_literal_fields_reject_other_values(tmp_path: Path, text: str) -> 
 
 
 @pytest.mark.parametrize(
-    ("lo", "hi"), [(3, 2), (0, 5), (-1, 5)], ids=["min-above-max", "min-zero", "min-negative"]
+    ("lo", "hi", "pattern"),
+    [(3, 2, r"\[rounds\] min_updates = 3 must be <= \[rounds\] max_updates = 2$"),
+     (0, 5, r"\[rounds\] min_updates = 0 must be an integer in \[1, "),
+     (-1, 5, r"\[rounds\] min_updates = -1 must be an integer in \[1, ")],
+    ids=["min-above-max", "min-zero", "min-negative"],
 )
-def test_bad_quorum_bounds(tmp_path: Path, lo: int, hi: int) -> None:
-    with pytest.raises(ConfigError, match=r"min_updates <= rounds\.max_updates"):
+def test_bad_quorum_bounds(tmp_path: Path, lo: int, hi: int, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
         load_aggregator(write(tmp_path, f"[rounds]\nmin_updates = {lo}\nmax_updates = {hi}"))
 
 
@@ -255,7 +272,7 @@ def test_device_section_missing(tmp_path: Path) -> None:
     ids=["slash", "plus", "hash", "space", "too-long", "non-ascii"],
 )
 def test_bad_device_id(tmp_path: Path, device_id: str) -> None:
-    with pytest.raises(ConfigError, match="device id"):
+    with pytest.raises(ConfigError, match=r"\[device\] id = .* must be 1-64 characters"):
         load_agent(agent_file(tmp_path, device=f'id = "{device_id}"'))
 
 
@@ -337,3 +354,354 @@ def test_missing_file(tmp_path: Path) -> None:
         load_aggregator(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_agent(str(path))
+
+
+# ---------------------------------------------------------------- every key's values
+#
+# For every key of both files: values of the wrong type, NaN and infinities, zero and negative
+# numbers where they mean nothing, and values past the key's range. Each must fail with one
+# ConfigError line that names the file and the key.
+
+WRONG_FOR_NUMBER = [("str", '"1"'), ("bool", "true"), ("array", "[1]"), ("table", "{ a = 1 }")]
+NON_FINITE = [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf")]
+POSITIVE = [*WRONG_FOR_NUMBER, *NON_FINITE, ("zero", "0"), ("zero-float", "0.0"),
+            ("negative", "-1"), ("negative-float", "-0.5"), ("huge-int", "1" + "0" * 400)]
+NON_NEGATIVE = [*WRONG_FOR_NUMBER, *NON_FINITE, ("negative", "-1"), ("negative-float", "-1e-9")]
+SECONDS = [*POSITIVE, ("above-1e9", "1e10")]
+SECONDS_OR_ZERO = [*NON_NEGATIVE, ("above-1e9", "1e10")]
+UNIT = [*NON_NEGATIVE, ("above-1", "1.5")]  # [0, 1]
+QUANTILE = [*UNIT, ("zero", "0"), ("one", "1")]  # (0, 1)
+WRONG_FOR_INT = [*WRONG_FOR_NUMBER, ("float", "2.0"), ("fraction", "1.5"), ("nan", "nan"),
+                 ("inf", "inf"), ("2**63", str(1 << 63)), ("-2**63-1", str(-(1 << 63) - 1))]
+INT_NON_NEGATIVE = [*WRONG_FOR_INT, ("negative", "-1"), ("-2**63", str(-(1 << 63)))]
+INT_POSITIVE = [*INT_NON_NEGATIVE, ("zero", "0")]
+PORT = [*INT_POSITIVE, ("65536", "65536"), ("huge", str((1 << 63) - 1))]
+TEXT = [("empty", '""'), ("int", "5"), ("bool", "false"), ("array", '["a"]'),
+        ("nul", '"a\\u0000b"')]
+ENV_NAME = [*TEXT, ("equals-sign", '"A=B"')]
+NAME = [("empty", '""'), ("int", "5"), ("slash", '"a/b"'), ("plus", '"+"'), ("hash", '"f#"'),
+        ("space", '"a b"'), ("too-long", '"' + "x" * 65 + '"'), ("non-ascii", '"caf\u00e9"'),
+        ("newline", '"a\\nb"')]
+BOOL = [("int", "1"), ("str", '"true"'), ("float", "1.0")]
+CHOICE = [("unknown", '"nope"'), ("empty", '""'), ("int", "1"), ("bool", "true"),
+          ("upper-case", None)]
+LAYERS = [("empty", "[]"), ("one-size", "[64]"), ("zero-size", "[64, 0]"),
+          ("negative-size", "[64, -3, 10]"), ("str-size", '[64, "10"]'),
+          ("float-size", "[64, 10.0]"), ("not-a-list", "64"),
+          ("too-large-tensor", "[65536, 65537]")]
+CHOICES = {
+    ("rounds", "below_quorum"): "extend", ("limits", "weight_mode"): "cap",
+    ("robust", "mode"): "clip", ("strategy", "name"): "fedavg", ("compression", "codec"): "fp32",
+    ("compression", "values"): "int8", ("data", "source"): "digits", ("data", "partition"): "iid",
+}
+
+AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
+    ("", "federation"): NAME,
+    ("broker", "host"): TEXT,
+    ("broker", "port"): PORT,
+    ("broker", "mqtt5"): BOOL,
+    ("broker", "username"): [("int", "5"), ("bool", "true")],
+    ("broker", "password"): [("int", "5"), ("array", "[]")],
+    ("broker", "tls"): BOOL,
+    ("broker", "ca_file"): TEXT,
+    ("broker", "cert_file"): TEXT,
+    ("broker", "key_file"): TEXT,
+    ("broker", "keepalive"): PORT,
+    ("broker", "client_id"): TEXT,
+    ("broker", "reconnect_min_s"): SECONDS,
+    ("broker", "reconnect_max_s"): SECONDS,
+    ("model", "layers"): LAYERS,
+    ("model", "seed"): INT_NON_NEGATIVE,
+    ("model", "path"): TEXT,
+    ("rounds", "min_updates"): INT_POSITIVE,
+    ("rounds", "max_updates"): INT_POSITIVE,
+    ("rounds", "deadline_s"): SECONDS,
+    ("rounds", "grace_s"): SECONDS_OR_ZERO,
+    ("rounds", "below_quorum"): CHOICE,
+    ("rounds", "max_extensions"): INT_NON_NEGATIVE,
+    ("rounds", "max_rounds"): INT_NON_NEGATIVE,
+    ("rounds", "idle_warn_s"): SECONDS,
+    ("train", "epochs"): [*INT_POSITIVE, ("1001", "1001")],
+    ("train", "batch_size"): [*INT_POSITIVE, ("2**20+1", str((1 << 20) + 1))],
+    ("train", "lr"): [*POSITIVE, ("above-100", "100.5")],
+    ("sampling", "rate"): UNIT,
+    ("sampling", "seed"): INT_NON_NEGATIVE,
+    ("limits", "max_update_bytes"): INT_POSITIVE,
+    ("limits", "max_examples"): INT_POSITIVE,
+    ("limits", "weight_mode"): CHOICE,
+    ("limits", "reject_log_every_s"): SECONDS,
+    ("strategy", "name"): CHOICE,
+    ("strategy", "server_lr"): POSITIVE,
+    ("strategy", "fold_threads"): [*INT_NON_NEGATIVE, ("1025", "1025")],
+    ("robust", "mode"): CHOICE,
+    ("robust", "clip_norm"): POSITIVE,
+    ("robust", "clip_multiplier"): POSITIVE,
+    ("robust", "max_norm"): POSITIVE,
+    ("robust", "initial_norm"): POSITIVE,
+    ("robust", "target_quantile"): QUANTILE,
+    ("robust", "adapt_rate"): [*POSITIVE, ("above-10", "10.5")],
+    ("robust", "max_change_norm"): POSITIVE,
+    ("compression", "codec"): CHOICE,
+    ("compression", "block"): [*INT_POSITIVE, ("2**24+1", str((1 << 24) + 1))],
+    ("compression", "fraction"): [*POSITIVE, ("above-1", "1.5")],
+    ("compression", "values"): CHOICE,
+    ("compression", "max_chunk_bytes"): [*INT_POSITIVE, ("4095", "4095")],
+    ("durability", "state_dir"): TEXT,
+    ("durability", "session_expiry_s"): [*INT_NON_NEGATIVE, ("2**32", str(1 << 32))],
+    ("durability", "history_keep"): INT_POSITIVE,
+    ("durability", "snapshot_every_updates"): INT_NON_NEGATIVE,
+    ("durability", "snapshot_every_s"): SECONDS_OR_ZERO,
+}
+
+AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
+    ("", "federation"): NAME,
+    ("broker", "host"): TEXT,
+    ("broker", "port"): PORT,
+    ("broker", "keepalive"): PORT,
+    ("broker", "client_id"): TEXT,
+    ("broker", "reconnect_min_s"): SECONDS,
+    ("broker", "reconnect_max_s"): SECONDS,
+    ("device", "id"): NAME,
+    ("device", "id_from_env"): ENV_NAME,
+    ("device", "state_dir"): TEXT,
+    ("device", "outbox_max_bytes"): INT_POSITIVE,
+    ("device", "outbox_max_messages"): INT_POSITIVE,
+    ("data", "source"): CHOICE,
+    ("data", "path"): TEXT,
+    ("data", "partition"): CHOICE,
+    ("data", "num_shards"): INT_POSITIVE,
+    ("data", "shard"): INT_NON_NEGATIVE,
+    ("data", "shard_from_env"): ENV_NAME,
+    ("data", "seed"): [*INT_NON_NEGATIVE, ("2**32", str(1 << 32))],
+    ("trainer", "kind"): TEXT,
+}
+
+
+def _label(section: str, key: str) -> str:
+    """How messages name a key: ``[section] key``, or the bare key at the top level."""
+    return f"[{section}] {key}" if section else key
+
+
+def _toml(section: str, key: str, value: str, agent: bool) -> str:
+    line = f"{key} = {value}"
+    if not agent:
+        return f"[{section}]\n{line}\n" if section else f"{line}\n"
+    if section == "device":
+        return f"[device]\n{line}\n" if key == "id" else f'[device]\nid = "dev-1"\n{line}\n'
+    head = f"{line}\n" if not section else ""
+    body = f"[{section}]\n{line}\n" if section else ""
+    return f'{head}[device]\nid = "dev-1"\n{body}'
+
+
+def _invalid_cases() -> list[Any]:
+    cases = []
+    for agent, table in ((False, AGGREGATOR_KEYS), (True, AGENT_KEYS)):
+        for (section, key), values in table.items():
+            for name, value in values:
+                text = value
+                if text is None:  # a choice in the wrong case
+                    text = f'"{CHOICES[section, key].upper()}"'
+                dotted = f"{section}.{key}" if section else key
+                cases.append(pytest.param(
+                    agent, section, key, _toml(section, key, text, agent),
+                    id=f"{'agent' if agent else 'aggregator'}:{dotted}={name}"))
+    return cases
+
+
+@pytest.mark.parametrize(("agent", "section", "key", "text"), _invalid_cases())
+def test_invalid_value_is_one_line_naming_file_and_key(
+    tmp_path: Path, agent: bool, section: str, key: str, text: str
+) -> None:
+    path = write(tmp_path, text, "agent.toml" if agent else "aggregator.toml")
+    with pytest.raises(ConfigError) as info:
+        (load_agent if agent else load_aggregator)(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert "\r" not in message, message
+    assert message.startswith(f"{path}: "), message
+    assert f"{_label(section, key)} = " in message, message
+    assert " must be " in message, message
+
+
+def _keys_of(cls: type[Any], section: str = "") -> set[tuple[str, str]]:
+    keys: set[tuple[str, str]] = set()
+    for f in dataclasses.fields(cls):
+        tp = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys |= _keys_of(tp, f.name)  # type: ignore[arg-type]
+        else:
+            keys.add((section, f.name))
+    return keys
+
+
+def test_the_table_covers_every_key() -> None:
+    assert _keys_of(AggregatorConfig) == set(AGGREGATOR_KEYS)
+    agent_keys = _keys_of(AgentConfig)
+    assert set(AGENT_KEYS) <= agent_keys
+    # The broker section is AggregatorConfig's too: its remaining keys are covered there.
+    assert {k for k in agent_keys - set(AGENT_KEYS) if k[0] != "broker"} == set()
+
+
+def test_every_numeric_key_has_a_range_rule() -> None:
+    def numeric(tp: Any) -> bool:
+        args = get_args(tp) or (tp,)
+        return any(a in (int, float) or get_origin(a) is list for a in args)
+
+    missing = []
+    for config in (AggregatorConfig(), AgentConfig()):
+        for section in dataclasses.fields(config):
+            cls = type(getattr(config, section.name))
+            if not dataclasses.is_dataclass(cls):
+                continue
+            hints = get_type_hints(cls)
+            missing += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls)
+                        if numeric(hints[f.name]) and f.name not in RULES.get(cls, {})]
+    assert missing == []
+
+
+# ---------------------------------------------------------------- edges that are fine
+
+EDGES = [
+    "[broker]\nport = 1\nkeepalive = 65535\nreconnect_min_s = 1e9\nreconnect_max_s = 1e9",
+    "[broker]\nport = 65535\nkeepalive = 1\nreconnect_min_s = 1e-6",
+    f"[model]\nlayers = [1, 1]\nseed = {(1 << 63) - 1}",
+    "[model]\nlayers = [32768, 65536, 1]",  # 2**31 weights: the largest tensor allowed
+    "[rounds]\nmin_updates = 5\nmax_updates = 5\ngrace_s = 0\ndeadline_s = 1e9"
+    "\nidle_warn_s = 0.001",
+    "[train]\nepochs = 1000\nbatch_size = 1048576\nlr = 100",
+    "[train]\nepochs = 1\nbatch_size = 1\nlr = 1e-9",
+    f"[sampling]\nrate = 0\nseed = {(1 << 63) - 1}",
+    "[sampling]\nrate = 1.0",
+    "[strategy]\nfold_threads = 1024\nserver_lr = 1e6",
+    "[robust]\nclip_norm = 100\nmax_norm = 100\ninitial_norm = 1e-9\ntarget_quantile = 0.999"
+    "\nadapt_rate = 10\nmode = \"reject\"",
+    "[robust]\ntarget_quantile = 1e-6\nadapt_rate = 1e-9\nmode = \"off\"",
+    "[compression]\nblock = 16777216\nfraction = 1\nmax_chunk_bytes = 4096",
+    "[compression]\nblock = 1\nmax_chunk_bytes = 67108864",
+    f"[durability]\nsession_expiry_s = {(1 << 32) - 1}\nsnapshot_every_updates = 0"
+    "\nsnapshot_every_s = 0",
+    "[durability]\nsession_expiry_s = 0\nhistory_keep = 1",
+    '[limits]\nmax_update_bytes = 4096\nmax_examples = 1\nweight_mode = "reject"'
+    "\nreject_log_every_s = 0.5\n[compression]\nmax_chunk_bytes = 4096",
+]
+
+
+@pytest.mark.parametrize("text", EDGES, ids=[f"edge-{i}" for i in range(len(EDGES))])
+def test_values_at_the_edges_of_their_ranges_load(tmp_path: Path, text: str) -> None:
+    load_aggregator(write(tmp_path, text))
+
+
+def test_agent_values_at_the_edges_load(tmp_path: Path) -> None:
+    cfg = load_agent(agent_file(
+        tmp_path, f"[data]\nnum_shards = 3\nshard = 2\nseed = {(1 << 32) - 1}",
+        device='id = "d"\noutbox_max_bytes = 1\noutbox_max_messages = 1'))
+    assert (cfg.data.shard, cfg.device.outbox_max_bytes) == (2, 1)
+
+
+def test_integers_are_read_as_floats_for_optional_float_keys(tmp_path: Path) -> None:
+    cfg = load_aggregator(write(tmp_path, "[robust]\nclip_norm = 5\ninitial_norm = 2"))
+    assert (cfg.robust.clip_norm, cfg.robust.initial_norm) == (5.0, 2.0)
+    assert type(cfg.robust.clip_norm) is float
+    assert type(cfg.robust.initial_norm) is float
+
+
+def test_the_examples_message(tmp_path: Path) -> None:
+    path = write(tmp_path, "[train]\nlr = nan\n", "aggregator.toml")
+    with pytest.raises(ConfigError) as info:
+        load_aggregator(path)
+    assert str(info.value) == f"{path}: [train] lr = nan must be a finite number in (0, 100]"
+
+
+def test_train_bounds_are_the_devices(tmp_path: Path) -> None:
+    """An announcement the config allows is one every device accepts, and the other way round."""
+    from device_agent import trainers
+
+    cfg = load_aggregator(write(
+        tmp_path, f"[train]\nepochs = {trainers.MAX_EPOCHS}\nbatch_size = "
+                  f"{trainers.MAX_BATCH_SIZE}\nlr = {trainers.MAX_LR}"))
+    trainers.TrainConfig(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+                         lr=cfg.train.lr)
+
+
+# ---------------------------------------------------------------- values that do not fit together
+
+
+@pytest.mark.parametrize(
+    ("text", "agent", "pattern"),
+    [
+        ("[broker]\nreconnect_min_s = 5\nreconnect_max_s = 1", False,
+         r"\[broker\] reconnect_min_s = 5.0 must be <= \[broker\] reconnect_max_s = 1.0$"),
+        ("[broker]\nreconnect_min_s = 60", True,
+         r"\[broker\] reconnect_min_s = 60.0 must be <= \[broker\] reconnect_max_s = 30.0$"),
+        ("[robust]\nclip_norm = 200", False,
+         r"\[robust\] clip_norm = 200.0 must be <= \[robust\] max_norm = 100.0$"),
+        ("[robust]\nclip_norm = 5\nmax_norm = 4.5", False,
+         r"\[robust\] clip_norm = 5.0 must be <= \[robust\] max_norm = 4.5$"),
+        ("[limits]\nmax_update_bytes = 100000", False,
+         r"\[compression\] max_chunk_bytes = 262144 must be <= \[limits\] max_update_bytes = "
+         r"100000$"),
+        ('[rounds]\nbelow_quorum = "reannounce"\nmax_extensions = 2', False,
+         r'\[rounds\] max_extensions = 2 only applies with \[rounds\] below_quorum = "extend"'),
+        ("[data]\nnum_shards = 3\nshard = 3", True,
+         r"\[data\] shard = 3 must be < \[data\] num_shards = 3$"),
+        ('[data]\nsource = "npz"', True, r'\[data\] source = "npz" needs \[data\] path$'),
+    ],
+    ids=["reconnect-min-above-max", "agent-reconnect-min-above-default-max",
+         "clip-above-max-norm", "clip-above-smaller-max-norm", "chunk-above-update-limit",
+         "extensions-with-reannounce", "shard-not-below-num-shards", "npz-without-path"],
+)
+def test_values_that_do_not_fit_together(
+    tmp_path: Path, text: str, agent: bool, pattern: str
+) -> None:
+    path = agent_file(tmp_path, text) if agent else write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {pattern}"):
+        (load_agent if agent else load_aggregator)(path)
+
+
+def test_device_id_problems_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    path = agent_file(tmp_path, device=f'id_from_env = "{DEVICE_ENV}"')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: \[device\] needs `id`"):
+        load_agent(path)
+
+
+def test_check_aggregator_applies_the_rules_to_configs_built_in_code() -> None:
+    check_aggregator(AggregatorConfig())
+    with pytest.raises(ConfigError, match=r"^config: \[train\] lr = nan must be"):
+        check_aggregator(AggregatorConfig(train=TrainSettings(lr=math.nan)))
+    with pytest.raises(ConfigError, match=r"^here: \[robust\] target_quantile = 1.0 must be"):
+        check_aggregator(AggregatorConfig(robust=RobustConfig(target_quantile=1.0)), "here")
+    with pytest.raises(ConfigError, match=r'^config: \[broker\] port = "x" must be'):
+        check_aggregator(AggregatorConfig(broker=BrokerConfig(port="x")))  # type: ignore[arg-type]
+
+
+def test_check_agent_applies_the_rules_to_configs_built_in_code() -> None:
+    check_agent(AgentConfig(device=DeviceConfig(id="d")))
+    with pytest.raises(ConfigError, match=r"^config: \[data\] seed = -1 must be"):
+        check_agent(AgentConfig(device=DeviceConfig(id="d"), data=DataConfig(seed=-1)))
+
+
+# ---------------------------------------------------------------- unreadable files
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [(b"\xff\xfe[rounds]", "is not valid TOML: not UTF-8"),
+     (b"a = " + b"9" * 5000, "is not valid TOML"),
+     (b'"a\\nb" = 2\n', r"unknown key `a b`")],
+    ids=["not-utf8", "5000-digit-integer", "newline-in-key"],
+)
+def test_unreadable_content_is_one_line(tmp_path: Path, content: bytes, pattern: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    for load in (load_aggregator, load_agent):
+        with pytest.raises(ConfigError, match=pattern) as info:
+            load(path)
+        assert "\n" not in str(info.value)
+        assert str(path) in str(info.value)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(tmp_path))} cannot be "
+                                          "read"):
+        load_aggregator(tmp_path)
