@@ -345,9 +345,13 @@ def _model(f: _Fields, fed: str) -> GlobalModel:
 
 def _update(f: _Fields, fed: str) -> ModelUpdate:
     chunks = f.optional("chunks", lambda k: f.int_(k, 1, MAX_CHUNKS), 1)
+    # The update's identity within the round (duplicates are told apart by it): never empty.
+    update_id = f.str_("update_id")
+    if not update_id:
+        raise DecodeError("update: field 'update_id' is empty")
     return ModelUpdate(
         federation=fed, device_id=f.str_("device"), round=f.int_("round"),
-        base_version=f.int_("base_version"), update_id=f.str_("update_id"),
+        base_version=f.int_("base_version"), update_id=update_id,
         num_examples=f.int_("num_examples"), tensors=_tensors(f), metrics=f.scalars("metrics"),
         chunk=f.optional("chunk", lambda k: f.int_(k, 0, chunks - 1), 0), chunks=chunks,
         run=_run(f),

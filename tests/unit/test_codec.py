@@ -485,6 +485,7 @@ MALFORMED: list[Any] = [
     pytest.param(_with("status", device="é" * 257), "malformed", id="device-too-long-unicode"),
     pytest.param(_with("status", kind="k" * 257), "malformed", id="kind-too-long"),
     pytest.param(_with("update", update_id="u" * 257), "malformed", id="update-id-too-long"),
+    pytest.param(_with("update", update_id=""), "malformed", id="update-id-empty"),
     pytest.param(_with_tensor("model", name="n" * 257), "malformed", id="tensor-name-too-long"),
     pytest.param(_with("status", future="x" * ((1 << 20) + 1)), "malformed",
                  id="huge-string-in-unknown-field"),
@@ -666,7 +667,7 @@ def test_random_valid_updates_round_trip(data: st.DataObject) -> None:
     msg = ModelUpdate(
         federation=data.draw(st.text(max_size=256)), device_id=data.draw(st.text(max_size=256)),
         round=data.draw(st.integers(0, MAX_INT)), base_version=data.draw(st.integers(0, MAX_INT)),
-        update_id=data.draw(st.text(max_size=256)),
+        update_id=data.draw(st.text(min_size=1, max_size=256)),
         num_examples=data.draw(st.integers(0, MAX_INT)), tensors=tuple(tensors),
         metrics=data.draw(st.dictionaries(
             st.text(max_size=20), st.floats(allow_nan=False, allow_infinity=False),
@@ -803,3 +804,15 @@ def test_protocol_example_sampling_matches_fedmq_sampling(
     assert doc_selected(seed, round_, device, rate) == sampling.selected(seed, round_, device, rate)
     assert doc_selected(seed, round_, device, 1.0)
     assert not doc_selected(seed, round_, device, 0.0)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunk"])
+def test_empty_update_id_is_malformed(chunked: bool) -> None:
+    """An update's id tells its duplicates apart within the round: an empty one is refused."""
+    changes: dict[str, Any] = {"chunk": 1, "chunks": 2} if chunked else {}
+    payload = encode(_update(SCALAR, update_id="", **changes))
+    with pytest.raises(DecodeError, match="'update_id' is empty") as info:
+        decode(payload)
+    assert info.value.reason == "malformed"
+    ok = decode_as(encode(_update(SCALAR, update_id="u", **changes)), ModelUpdate)
+    assert ok.update_id == "u"
