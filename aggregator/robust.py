@@ -38,9 +38,16 @@ __all__ = ["ChunkBudget", "NormBound", "bootstrap_size"]
 MAX_BOOTSTRAP = 32
 
 
-def bootstrap_size(min_updates: int) -> int:
-    """How many accepted norms start the estimate: the quorum, at most ``MAX_BOOTSTRAP``."""
-    return max(1, min(min_updates, MAX_BOOTSTRAP))
+#: Fewest norms the estimate starts from when a round may take that many: a median of one or
+#: two updates is whatever the first device sent.
+MIN_BOOTSTRAP = 8
+
+
+def bootstrap_size(min_updates: int, max_updates: int) -> int:
+    """How many accepted norms start the estimate: the quorum, but at least ``MIN_BOOTSTRAP``
+    (when a round can take that many) and at most ``MAX_BOOTSTRAP``. A round that closes with
+    fewer starts it from what it has."""
+    return max(1, min(max(min_updates, MIN_BOOTSTRAP), max_updates, MAX_BOOTSTRAP))
 
 
 def scale_for(norm: float, bound: float) -> float:

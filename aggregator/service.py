@@ -194,7 +194,7 @@ class AggregatorService:
                                          max_tensors=max(len(self.spec.names), 1),
                                          max_elements=max(self.spec.total, 1))
         self.stats = Stats()
-        self.bound = NormBound(config.robust, bootstrap_size(r.min_updates))
+        self.bound = NormBound(config.robust, bootstrap_size(r.min_updates, r.max_updates))
         self.reporter = Reporter(config.limits.reject_log_every_s, r.idle_warn_s)
         self.version = 0
         self.round = 0

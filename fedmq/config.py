@@ -128,14 +128,14 @@ class RobustConfig:
     clip_norm: float | None = None
     clip_multiplier: float = 3.0
     #: Hard ceiling on the bound, adaptive or not; also the bound before any estimate exists.
-    max_norm: float = 100.0
+    max_norm: float = 10_000.0
     #: The adaptive estimate's starting value (unset: the first round's median norm).
     initial_norm: float | None = None
     #: Which quantile of the norms the estimate tracks, and its geometric step per round.
     target_quantile: float = 0.5
     adapt_rate: float = 0.2
     #: A round whose new model moves farther than this (L2) from its base is abandoned.
-    max_change_norm: float = 1000.0
+    max_change_norm: float = 100_000.0
 
 
 @dataclass(frozen=True)

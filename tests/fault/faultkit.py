@@ -331,7 +331,7 @@ class Drill:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with self.log.open("a") as out:  # a file, not a pipe: nobody has to drain it
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "aggregator", "--config", str(self.config)], env=env,
+                aggregator_command(self.config), env=env,
                 stdout=out, stderr=subprocess.STDOUT, text=True)
 
     def kill_aggregator(self) -> None:
@@ -627,6 +627,18 @@ class Journals:
 _REJECTED = re.compile(r"rejected update '([^']*)' from (\S+): (\w+)")
 
 
+# The aggregator logs each rejection at DEBUG (INFO has a summary per interval); the drills read
+# the single lines, so its service logger runs at DEBUG (not the root: numba's would flood it).
+_AGGREGATOR_MAIN = ("import logging, sys; from fedmq.cli import main; "
+                    "logging.getLogger('aggregator.service').setLevel(logging.DEBUG); "
+                    "sys.exit(main(['aggregator', *sys.argv[1:]]))")
+
+
+def aggregator_command(config: Path) -> list[str]:
+    """``python -m aggregator --config CONFIG``, with every rejection logged."""
+    return [sys.executable, "-c", _AGGREGATOR_MAIN, "--config", str(config)]
+
+
 def verdicts(log: Path) -> dict[str, list[str]]:
     """Update id -> the reasons the aggregator rejected it for, once per rejection (its INFO
     log lines)."""
@@ -792,7 +804,7 @@ class AgentDrill:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with self.log.open("ab") as out:
             self.agg = subprocess.Popen(
-                [sys.executable, "-m", "aggregator", "--config", str(self.config)], env=env,
+                aggregator_command(self.config), env=env,
                 stdout=out, stderr=subprocess.STDOUT)
 
     def start_device(self, dev: DeviceProc) -> None:
