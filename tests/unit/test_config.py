@@ -633,7 +633,7 @@ def test_train_bounds_are_the_devices(tmp_path: Path) -> None:
          r"\[broker\] reconnect_min_s = 5.0 must be <= \[broker\] reconnect_max_s = 1.0$"),
         ("[broker]\nreconnect_min_s = 60", True,
          r"\[broker\] reconnect_min_s = 60.0 must be <= \[broker\] reconnect_max_s = 30.0$"),
-        ("[robust]\nclip_norm = 200", False,
+        ("[robust]\nclip_norm = 200\nmax_norm = 100", False,
          r"\[robust\] clip_norm = 200.0 must be <= \[robust\] max_norm = 100.0$"),
         ("[robust]\nclip_norm = 5\nmax_norm = 4.5", False,
          r"\[robust\] clip_norm = 5.0 must be <= \[robust\] max_norm = 4.5$"),
@@ -705,3 +705,15 @@ def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"config file {re.escape(str(tmp_path))} cannot be "
                                           "read"):
         load_aggregator(tmp_path)
+
+
+def test_every_key_is_documented() -> None:
+    rows = [line for line in (REPO / "docs" / "configuration.md").read_text().splitlines()
+            if line.startswith("| `")]
+    missing = []
+    for section, key in sorted(set(AGGREGATOR_KEYS) | set(AGENT_KEYS)):
+        head = f"`[{section}] " if section else "`"
+        if not any(row.startswith(f"| {head}") and (f"{head}{key}`" in row or f"`{key}`" in row)
+                   for row in rows):
+            missing.append(_label(section, key))
+    assert missing == []
