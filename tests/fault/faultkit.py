@@ -54,6 +54,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.history import ModelHistory
+from aggregator.robust import MAX_BOOTSTRAP
 from device_agent.outbox import Outbox
 from device_agent.service import AgentService
 from device_agent.trainers import EvalResult, FitResult, TrainConfig
@@ -322,7 +323,18 @@ class Drill:
         self.config.write_text(_aggregator_toml(
             self.federation, self.broker, self.state_dir / "state",
             f"layers = {self.layers}\nseed = {SEED}", min_updates=self.devices,
-            max_updates=self.devices, deadline_s=300, grace_s=5.0, max_rounds=max_rounds))
+            max_updates=self.devices, deadline_s=300, grace_s=5.0, max_rounds=max_rounds)
+            + self._robust_toml())
+
+    def _initial_norm(self) -> float | None:
+        # Up to MAX_BOOTSTRAP devices the estimate starts from all of round 1 (any arrival
+        # order gives the same median); above, from the first arrivals, which the reference
+        # cannot know: such drills give the estimate its starting value instead.
+        return None if self.devices <= MAX_BOOTSTRAP else 0.25
+
+    def _robust_toml(self) -> str:
+        start = self._initial_norm()
+        return "" if start is None else f"[robust]\ninitial_norm = {start}\n"
 
     def delta(self, round_: int, device: int) -> dict[str, F32]:
         rng = np.random.default_rng(round_ * 1000 + device)
@@ -342,10 +354,13 @@ class Drill:
         median of round 1's norms and moves once per round)."""
         model = init_mlp(self.layers, SEED)
         w = [d + 1 for d in range(self.devices)]
-        estimate: float | None = None
+        estimate = self._initial_norm()
         for r in range(1, self.rounds + 1):
             deltas = [self.delta(r, d) for d in range(self.devices)]
             norms = [math.sqrt(serial_sq_norm(list(delta.values()))) for delta in deltas]
+            # Every device in every round: round 1's norms start the estimate (and, being the
+            # bootstrap, do not move it); each later round moves it once.
+            first = estimate is None
             if estimate is None:
                 estimate = float(np.median(norms))
             bound = min(CLIP_MULTIPLIER * estimate, MAX_NORM)
@@ -354,8 +369,9 @@ class Drill:
                 deltas[d][k].astype(np.float64) * (w[d] * scales[d])
                 for d in range(self.devices)) / sum(w)).astype(np.float32)
                 for k, v in model.items()}
-            below = sum(n <= estimate for n in norms) / len(norms)
-            estimate *= math.exp(-ADAPT_RATE * (below - 0.5))
+            if not first:
+                below = sum(n <= estimate for n in norms) / len(norms)
+                estimate *= math.exp(-ADAPT_RATE * (below - 0.5))
         return model
 
     def start_aggregator(self) -> None:
