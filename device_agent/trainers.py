@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.models import Weights, layer_sizes_of
+from fedmq.models import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR, Weights, layer_sizes_of
 
 __all__ = [
     "EvalResult",
@@ -28,11 +28,6 @@ __all__ = [
     "loss_and_gradients",
 ]
 
-# Upper bounds on values that arrive from the network: a hostile or mistyped round announcement
-# must not be able to make a device train for days.
-MAX_EPOCHS = 1000
-MAX_BATCH_SIZE = 1 << 20
-MAX_LR = 100.0
 _MAX_SEED = (1 << 63) - 1
 # Rows per forward pass in evaluate(): bounds memory on 512 MB devices with large local sets.
 _EVAL_CHUNK = 4096

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from device_agent.trainers import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR
 from fedmq.codec import DEFAULT_LIMITS
 from fedmq.compression import MAX_BLOCK
 from fedmq.errors import ConfigError
-from fedmq.models import DEFAULT_LAYER_SIZES
+from fedmq.models import DEFAULT_LAYER_SIZES, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR
 from fedmq.topics import check_name
 
 C = TypeVar("C")

@@ -27,6 +27,13 @@ __all__ = [
     "unflatten",
 ]
 
+# Upper bounds on training settings, shared by the aggregator's config check and the device's
+# check of each announcement: a hostile or mistyped announcement must not make a device train
+# for days.
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 1 << 20
+MAX_LR = 100.0
+
 Weights = dict[str, npt.NDArray[np.float32]]
 """Named float32 tensors; insertion order is the tensor order on the wire."""
 

@@ -1,8 +1,9 @@
 """Check the layout's import boundaries (shared/design.md, "Layout").
 
 Only ``*/transport.py`` imports paho, only ``fedmq/codec.py`` imports msgpack, only
-``aggregator/kernel*.py`` imports numba, and amqtt only ``fedmq/broker.py``. Exit 1 and list the
-offending lines otherwise.
+``aggregator/kernel*.py`` imports numba, and amqtt only ``fedmq/broker.py``. The shared
+``fedmq`` core never imports either side at module level (the CLI and the demo, the composition
+roots, import them lazily inside functions). Exit 1 and list the offending lines otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
             yield node.lineno, node.module.split(".")[0]
 
 
+def top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, top-level module) of the imports a module runs when it is imported."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module.split(".")[0]
+
+
 def violations(root: Path = ROOT) -> list[str]:
     """Every import that crosses the layout, as ``path:line: message``."""
     found = []
@@ -46,6 +58,13 @@ def violations(root: Path = ROOT) -> list[str]:
                 if allowed is not None and not allowed(rel):
                     found.append(f"{rel}:{line}: imports {module}, which only "
                                  f"{_who(module)} may import")
+    for path in sorted((root / "fedmq").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        for line, module in top_level_imports(path):
+            if module in ("aggregator", "device_agent"):
+                found.append(f"{rel}:{line}: the shared core imports {module} at module "
+                             "level; import it lazily in a composition root, or move the "
+                             "shared part into fedmq")
     return found
 
 

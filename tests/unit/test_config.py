@@ -615,10 +615,11 @@ def test_the_examples_message(tmp_path: Path) -> None:
 def test_train_bounds_are_the_devices(tmp_path: Path) -> None:
     """An announcement the config allows is one every device accepts, and the other way round."""
     from device_agent import trainers
+    from fedmq import models
 
     cfg = load_aggregator(write(
-        tmp_path, f"[train]\nepochs = {trainers.MAX_EPOCHS}\nbatch_size = "
-                  f"{trainers.MAX_BATCH_SIZE}\nlr = {trainers.MAX_LR}"))
+        tmp_path, f"[train]\nepochs = {models.MAX_EPOCHS}\nbatch_size = "
+                  f"{models.MAX_BATCH_SIZE}\nlr = {models.MAX_LR}"))
     trainers.TrainConfig(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
                          lr=cfg.train.lr)
 
