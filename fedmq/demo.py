@@ -140,10 +140,12 @@ def run(args: argparse.Namespace) -> int:
         result.final_accuracy = result.rounds[-1]["accuracy"]
         rejected = sum(agg.stats.rejected.values())
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(agg.stats.rejected.items()))
+        clipped = agg.stats.clipped
     result.wall_s = round(time.monotonic() - started, 2)
     print(f"final held-out accuracy {result.final_accuracy:.4f} after {args.rounds} rounds "
           f"({args.partition}, {args.devices} devices, {args.codec}, {result.broker} broker, "
-          f"{result.wall_s:.1f} s, {rejected} updates rejected{': ' + reasons if reasons else ''})")
+          f"{result.wall_s:.1f} s, {rejected} updates rejected{': ' + reasons if reasons else ''}, "
+          f"{clipped} clipped to the norm bound)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.as_json(), indent=2))
@@ -193,6 +195,8 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],
             ev = scorer.evaluate(decode_all(model.tensors))
             entry = {"round": s.round, "version": version, "participants": s.participants,
                      "accuracy": ev.accuracy, "loss": ev.loss, "bytes_in": s.bytes_in,
+                     "norm_bound": s.metrics.get("norm_bound"),
+                     "clipped": int(s.metrics.get("clipped_updates", 0)),
                      "seconds": round(time.monotonic() - round_started, 3)}
             round_started = time.monotonic()
             result.rounds.append(entry)
