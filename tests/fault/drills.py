@@ -31,6 +31,15 @@ broker_ack_window
     SIGKILL lands 0, 0.5, 1, 2 or 5 ms after the publisher got its PUBACK, with the durable
     subscriber offline (message queued) or online. Exit status 0.
 
+poison
+    The demo setting (``--devices`` (20) devices, IID digits, the MLP, ``--rounds`` (20) rounds,
+    in this process over its own Mosquitto) with rounds closing at a quorum of half the devices
+    plus 2 s grace (deadline 30 s), run four times (poison.py): clean; ``huge`` (devices 0 and 1
+    replaced by attackers sending +3e38 everywhere at the maximum weight); ``noise`` (the same,
+    Gaussian sigma 10); ``bitflip`` (all honest, 5% of update messages get one bit flipped).
+    Passes when every run closes all its rounds with ``worker_errors`` = 0 and
+    ``max_accuracy_drop`` (clean minus scenario final held-out accuracy) <= 0.03.
+
 ``lost`` means an update the broker acknowledged (or, for the driven drills, one the driver
 published) that was never folded; for the agent drills an update rejected because it reached the
 aggregator after its round had closed (``stale``), or as a device's second update in a round
@@ -66,6 +75,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "drop_devices": {"drops": 24, "rounds": 20, "devices": 6},
     "soak": {"rounds": 100, "devices": 50},
     "broker_ack_window": {"trials": 20},
+    "poison": {"rounds": 20, "devices": 20},
 }
 ACK_WINDOW_DELAYS_MS = (0.0, 0.5, 1.0, 2.0, 5.0)
 SOAK_LAYERS = [64, 128, 10]
@@ -76,6 +86,10 @@ def passed(result: dict[str, Any]) -> bool:
     """Whether a drill's result meets its acceptance criteria."""
     if result["drill"] == "broker_ack_window":
         return True  # a measurement
+    if result["drill"] == "poison":
+        from poison import poison_passed  # every run closes all rounds, 0 worker errors, drop
+
+        return poison_passed(result)
     diff = result["max_abs_diff_vs_reference"]
     ok = (result["lost"] == 0 and result["double_counted"] == 0
           and diff is not None and diff <= 1e-9)
@@ -92,6 +106,10 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
     rng = random.Random(seed)
     if name == "broker_ack_window":
         return AckWindowProbe(tmp / "broker").run(opts["trials"], ACK_WINDOW_DELAYS_MS)
+    if name == "poison":
+        from poison import run_poison  # its own Mosquitto per run
+
+        return run_poison(seed=seed, rounds=opts["rounds"], devices=opts["devices"])
     if name == "kill9_aggregator":
         with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
             drill = Drill(broker_config(broker), tmp, devices=opts["devices"],
