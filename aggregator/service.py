@@ -3,11 +3,15 @@
 Threads: the transport's network thread only enqueues; one worker thread (``_work``) decodes,
 checks, folds and publishes, so a slow fold never stalls MQTT keep-alives. Every bad update is
 routed to a counted rejection reason; nothing a device sends can stop the worker.
+
+The parts it wires: ``admission`` (decode, check, weight, norm), ``robust`` (the norm bound),
+``rounds`` (when a round closes), ``strategies`` + ``kernels`` (the fold), ``chunks`` (chunked
+updates in flight), ``ledger`` (a round's counts), ``publishing`` (what goes out),
+``checkpoint`` + ``wal`` (crash safety), ``reporting`` (rate-limited operator lines).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import queue
@@ -17,14 +21,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from aggregator import kernels
+from aggregator import checkpoint, kernels
 from aggregator.admission import admit
+from aggregator.chunks import MAX_PENDING_CHUNKED, PendingChunks, overlaps
 from aggregator.history import ModelHistory
+from aggregator.ledger import RoundLedger
+from aggregator.publishing import Publisher
 from aggregator.reporting import Reporter
 from aggregator.robust import ChunkBudget, NormBound, bootstrap_size
 from aggregator.rounds import (
@@ -42,22 +48,14 @@ from aggregator.rounds import (
 )
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg, Strategy
-from aggregator.wal import REJECT, TICK, UPDATE, Snapshot, WriteAheadLog, read_records
+from aggregator.wal import REJECT, TICK, UPDATE, WriteAheadLog
 from fedmq import codec
-from fedmq.chunking import split_model
-from fedmq.compression import encode_all
-from fedmq.config import AggregatorConfig, CompressionConfig
+from fedmq.config import AggregatorConfig
 from fedmq.errors import ConfigError, ProtocolError
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
-from fedmq.wire import (
-    GlobalModel,
-    ModelUpdate,
-    RoundAnnouncement,
-    RoundSummary,
-    model_digest,
-)
+from fedmq.wire import ModelUpdate, RoundSummary
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +73,6 @@ ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "bel
 
 #: Most queued updates folded in one pass over the accumulator.
 FOLD_BATCH = 8
-
-#: Chunked updates that may be in flight at once (each costs a few bytes of bookkeeping).
-MAX_PENDING_CHUNKED = 100_000
-
-
-@dataclass
-class _Pending:
-    """A chunked update being received."""
-
-    header: tuple[int, int, int, int]  # round, base_version, chunks, num_examples
-    received: set[int]
-    covered: list[tuple[int, int]]  # flat [start, stop) ranges folded so far
-    budget: ChunkBudget  # what is left of its norm bound
 
 
 @dataclass
@@ -109,11 +94,6 @@ class Stats:
     abandoned: Counter[str] = field(default_factory=Counter)
 
 
-def _overlaps(ranges: list[tuple[int, int]]) -> bool:
-    """Whether any two of the sorted [start, stop) ranges share a coordinate."""
-    return any(b[0] < a[1] for a, b in itertools.pairwise(ranges))
-
-
 #: The last run id this process gave out (a list: module state without ``global``).
 _last_run_id = [0]
 
@@ -124,15 +104,6 @@ def new_run_id() -> int:
     strictly increasing within one process even when two runs start in the same millisecond."""
     _last_run_id[0] = max(time.time_ns() // 1_000_000, _last_run_id[0] + 1)
     return _last_run_id[0]
-
-
-def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
-    """The options of the configured codec, as announced to devices."""
-    if c.codec == "int8":
-        return {"block": c.block}
-    if c.codec == "topk":
-        return {"fraction": c.fraction, "values": c.values, "block": c.block}
-    return {}
 
 
 def initial_weights(config: AggregatorConfig) -> Weights:
@@ -165,7 +136,6 @@ class AggregatorService:
         # Set on every (re)connect; the worker then republishes the retained model and round,
         # which a broker restarted without persistence has forgotten.
         self._reconnected = threading.Event()
-        self._retained: list[tuple[str, bytes]] = []
         durable = config.durability.state_dir is not None
         # With a state directory: acknowledge updates only once they are in the log, and keep
         # a persistent session so the broker queues updates while the aggregator is down.
@@ -179,6 +149,7 @@ class AggregatorService:
         self.wal: WriteAheadLog | None = None
         self.history = (ModelHistory(self.state_dir / "models", config.durability.history_keep)
                         if self.state_dir is not None else None)
+        self.publisher = Publisher(config, self.transport, self.topics, self.history)
         self._replay_now: float | None = None
         self._current: Message | None = None
         base = dict(weights) if weights is not None else initial_weights(config)
@@ -202,24 +173,17 @@ class AggregatorService:
         self.run = 0
         self.done = threading.Event()
         self.last_summary: RoundSummary | None = None
-        self._model_sha = ""
         self._round_opened = 0.0
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending: dict[tuple[str, str], PendingChunks] = {}
         self._pending_devices: set[str] = set()
         self._pending_ids: set[str] = set()
-        self._round_events: list[list[Any]] = []
         self._since_snapshot = 0
         self._snapshot_at = 0.0
-        self._model_parts = 0
         # Accepted whole updates waiting for the batch's fold: (update, weight, squared norm).
         self._deferred: list[tuple[ModelUpdate, float, float]] = []
         # Accepted whole updates held back until the norm estimate is bootstrapped.
         self._held: list[tuple[ModelUpdate, float, float]] = []
-        self._round_clipped = 0
-        self._round_rejected: Counter[str] = Counter()
-        self._round_bytes = 0
-        self._round_metrics: dict[str, float] = {}
-        self._round_metric_weight = 0.0
+        self.ledger = RoundLedger()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
 
@@ -237,7 +201,7 @@ class AggregatorService:
             raise ConnectionError(f"aggregator could not connect to the broker at "
                                   f"{b.host}:{b.port} within {connect_timeout:.0f} s; check "
                                   "[broker] in the config and that the broker runs")
-        if not self._recover():
+        if not checkpoint.recover(self):
             self.run = new_run_id()
             log.info("starting run %d", self.run)
             self._publish_model(metrics={})
@@ -261,51 +225,6 @@ class AggregatorService:
     def _now(self) -> float:
         # While replaying the log, time is the time each record was first handled.
         return self._replay_now if self._replay_now is not None else self.clock()
-
-    def _recover(self) -> bool:
-        """Restore the last snapshot and replay the log; False if there is nothing to restore."""
-        if self.state_dir is None:
-            return False
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        snap = Snapshot.load(self.state_dir)
-        if snap is None:
-            self.wal = WriteAheadLog(self.state_dir, segment=0)
-            return False
-        meta = snap.meta
-        if list(snap.model) != list(self.spec.names) or any(
-                snap.model[n].shape != s for n, s in zip(self.spec.names, self.spec.shapes,
-                                                          strict=True)):
-            raise ConfigError(f"{self.state_dir}: the saved model does not match [model] in the "
-                              "config; point durability.state_dir elsewhere or restore the model")
-        self.model = dict(snap.model)
-        self.run = int(meta.get("run", 0))  # snapshots written before runs existed: 0
-        self.version = int(meta["version"])
-        self.round = int(meta["round"]) - 1
-        self.stats.rounds_completed = int(meta["rounds_completed"])
-        self._model_parts = int(meta["model_parts"])
-        records = list(read_records(self.state_dir, int(meta["wal_segment"])))
-        self.wal = None  # nothing is logged while the log itself is replayed
-        self._replay_now = float(meta["opened_at"])
-        try:
-            self._publish_model(metrics={})
-            self._open_round(float(meta["opened_at"]), snapshot=False)
-            self.bound.restore(meta.get("robust", {}))
-            if "mid" in meta and snap.acc is not None:
-                self._restore_mid(meta["mid"], snap.acc)
-            for rec in records:
-                self._replay_now = rec.now
-                if rec.kind == UPDATE:
-                    self.handle_message(Message(rec.topic, rec.payload, qos=0))
-                elif rec.kind == TICK:
-                    self._tick()
-                elif rec.kind == REJECT:
-                    self._count_rejection(rec.topic)
-        finally:
-            self._replay_now = None
-        self.wal = WriteAheadLog(self.state_dir, segment=int(meta["wal_segment"]))
-        log.warning("recovered round %d on model version %d from %s: replayed %d logged events",
-                    self.round, self.version, self.state_dir, len(records))
-        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until ``max_rounds`` rounds are done; True if they are."""
@@ -340,31 +259,21 @@ class AggregatorService:
             self.wal.sync()
         for msg in msgs:
             self.transport.ack(msg)  # after the sync: an acked update is never lost
-        if self._snapshot_due():
-            self._snapshot(self._round_opened, mid=True)
+        if checkpoint.due(self):
+            checkpoint.save(self, self._round_opened, mid=True)
         self._tick()
-
-    def _snapshot_due(self) -> bool:
-        d = self.config.durability
-        if (self.wal is None or self._replay_now is not None or not self._since_snapshot
-                or self._held):  # held updates are in no snapshot: the log keeps them
-            return False
-        return bool((d.snapshot_every_updates and self._since_snapshot
-                     >= d.snapshot_every_updates)
-                    or (d.snapshot_every_s and self.clock() - self._snapshot_at
-                        >= d.snapshot_every_s))
 
     def _tick(self) -> None:
         if self._reconnected.is_set() and self._worker is not None:
             self._reconnected.clear()
-            self._republish()
+            self.publisher.republish()
         actions = self.machine.handle(Tick(self._now()))
         if actions and self.wal is not None:
             # A tick that changes the round is logged too, so replay reaches the same state.
             self.wal.append(TICK, self._now())
             self.wal.sync()
         if any(isinstance(a, ExtendDeadline) for a in actions):
-            self._round_events.append(["t", self._now()])
+            self.ledger.events.append(["t", self._now()])
         self._apply(actions, None)
         if self._replay_now is None:
             m = self.machine
@@ -401,7 +310,7 @@ class AggregatorService:
             scale = self.bound.scale(math.sqrt(sq))
             if scale < 1.0:
                 self.stats.clipped += 1
-                self._round_clipped += 1
+                self.ledger.clipped += 1
             items.append((u.tensors, weight, scale))
         if len(items) == 1:
             self.strategy.fold(*items[0])
@@ -420,7 +329,7 @@ class AggregatorService:
         if not msg.topic.startswith(f"{self.topics.base}/update/"):
             return
         self.stats.bytes_in += len(msg.payload)
-        self._round_bytes += len(msg.payload)
+        self.ledger.bytes_in += len(msg.payload)
         if self._replay_now is None:
             self.reporter.received(self.clock())
         device = self.topics.device_of(msg.topic)
@@ -481,7 +390,7 @@ class AggregatorService:
                 return
             # The bound is fixed at the first chunk for the whole update.
             bound = self.bound.bound() if self.bound.active else math.inf
-            pending = _Pending(header, set(), [], ChunkBudget(bound))
+            pending = PendingChunks(header, set(), [], ChunkBudget(bound))
         elif header != pending.header:
             self._reject(update.device_id, update.update_id, "malformed")
             return
@@ -491,7 +400,7 @@ class AggregatorService:
         ranges = sorted((self.spec.offsets[self.spec.index(t.name)] + t.offset,
                          self.spec.offsets[self.spec.index(t.name)] + t.offset + t.span)
                         for t in update.tensors)
-        if _overlaps(sorted(pending.covered + ranges)):
+        if overlaps(sorted(pending.covered + ranges)):
             self._reject(update.device_id, update.update_id, "malformed")
             return
         if pending.budget.rejected:
@@ -530,7 +439,7 @@ class AggregatorService:
                 self.strategy.settle(key)
                 if pending.budget.spent < pending.budget.raw:
                     self.stats.clipped += 1
-                    self._round_clipped += 1
+                    self.ledger.clipped += 1
                 self._accepted(update, weight, pending.budget.raw)
         self._apply([a for a in actions if not isinstance(a, Accept)], (update, weight, sq))
 
@@ -546,7 +455,7 @@ class AggregatorService:
 
     def _count_rejection(self, reason: str) -> None:
         self.stats.rejected[reason] += 1
-        self._round_rejected[reason] += 1
+        self.ledger.rejected[reason] += 1
 
     def _apply(self, actions: list[Action],
                offered: tuple[ModelUpdate, float, float] | None) -> None:
@@ -577,13 +486,8 @@ class AggregatorService:
         self._since_snapshot += 1
         self.bound.observe(math.sqrt(sq))
         # What the round machine saw, in order, so a mid-round snapshot can rebuild it.
-        self._round_events.append(["u", update.device_id, update.update_id, self._now()])
-        self._add_metrics(update, weight)
-
-    def _add_metrics(self, update: ModelUpdate, w: float) -> None:
-        self._round_metric_weight += w
-        for key, value in update.metrics.items():
-            self._round_metrics[key] = self._round_metrics.get(key, 0.0) + w * value
+        self.ledger.events.append(["u", update.device_id, update.update_id, self._now()])
+        self.ledger.add_metrics(update.metrics, weight)
 
     # ---------------------------------------------------------------- rounds
 
@@ -591,126 +495,25 @@ class AggregatorService:
         self.round += 1
         self._deferred = []  # an abandoned round's accepted updates are dropped with it
         self._held = []
-        self._round_clipped = 0
+        self.ledger = RoundLedger()
         self.bound.new_round()
         self.strategy.init(self.model)
-        self._round_rejected = Counter()
-        self._round_bytes = 0
-        self._round_metrics = {}
-        self._round_metric_weight = 0.0
         self._round_opened = now
         self._pending = {}
         self._pending_devices = set()
         self._pending_ids = set()
-        self._round_events = []
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
         if snapshot and self.state_dir is not None and self.wal is not None:
-            self._snapshot(now)
+            checkpoint.save(self, now)
         self._announce(now + self.config.rounds.deadline_s)
 
-    def _republish(self) -> None:
-        """Publish the retained model and round again, byte for byte (receivers dedupe)."""
-        for topic, payload in self._retained:
-            self.transport.publish(topic, payload, qos=1, retain=True)
-
-    def _snapshot(self, opened_at: float, mid: bool = False) -> None:
-        """Save the state (at the round opening, or ``mid`` round) and start a new log segment."""
-        assert self.state_dir is not None
-        assert self.wal is not None
-        self.wal.sync()
-        segment = self.wal.segment + 1
-        meta: dict[str, Any] = {
-            "version": self.version, "round": self.round, "opened_at": opened_at,
-            "rounds_completed": self.stats.rounds_completed, "model_parts": self._model_parts,
-            "wal_segment": segment, "federation": self.config.federation, "run": self.run,
-            "robust": self.bound.export(),
-        }
-        acc = None
-        if mid:
-            acc, total_weight, contributors, parts = self.strategy.export_state()
-            meta["mid"] = {
-                "events": self._round_events, "total_weight": total_weight,
-                "contributors": contributors,
-                "open_parts": [[k[0], k[1], w, r] for k, w, r in parts],  # type: ignore[index]
-                "pending": [[k[0], k[1], list(p.header), sorted(p.received), p.covered,
-                             p.budget.export()] for k, p in self._pending.items()],
-                "clipped": self._round_clipped,
-                "metrics": self._round_metrics, "metric_weight": self._round_metric_weight,
-                "bytes": self._round_bytes, "rejected": dict(self._round_rejected),
-                "accepted": self.stats.accepted,
-            }
-        Snapshot(self.model, meta, acc).save(self.state_dir)
-        self.wal.rotate(segment)
-        self._since_snapshot = 0
-        self._snapshot_at = self.clock()
-
-    def _restore_mid(self, mid: Mapping[str, Any], acc: npt.NDArray[np.float64]) -> None:
-        """Bring a just-reopened round to a mid-round snapshot's state."""
-        for ev in mid["events"]:
-            if ev[0] == "u":
-                self.machine.handle(UpdateOffered(
-                    device_id=ev[1], round=self.round, base_version=self.version,
-                    update_id=ev[2], now=ev[3]))
-            else:
-                self.machine.handle(Tick(ev[1]))
-        self._round_events = [list(ev) for ev in mid["events"]]
-        self.strategy.import_state(acc, mid["total_weight"], mid["contributors"],
-                                   [((d, u), w, r) for d, u, w, r in mid["open_parts"]])
-        for d, u, header, received, covered, *budget in mid["pending"]:
-            saved = budget[0] if budget else [math.inf, 0.0, 0.0]  # snapshots before bounds
-            self._pending[(d, u)] = _Pending(tuple(header), set(received),
-                                             [(a, b) for a, b in covered],
-                                             ChunkBudget.restore(saved))
-            self._pending_devices.add(d)
-            self._pending_ids.add(u)
-        self._round_metrics = dict(mid["metrics"])
-        self._round_metric_weight = float(mid["metric_weight"])
-        self._round_bytes = int(mid["bytes"])
-        self._round_rejected = Counter(mid["rejected"])
-        self._round_clipped = int(mid.get("clipped", 0))
-        self.stats.accepted = int(mid["accepted"])
-
     def _announce(self, deadline: float, open_: bool = True) -> None:
-        cfg = self.config
-        ann = RoundAnnouncement(
-            federation=cfg.federation, round=self.round, base_version=self.version,
-            model_sha256=self._model_sha, deadline=deadline,
-            min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
-            train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
-                   "lr": cfg.train.lr},
-            sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
-            codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
-            max_chunk_bytes=self._chunk_limit(), open=open_, run=self.run)
-        payload = codec.encode(ann)
-        self.transport.publish(self.topics.round, payload, qos=1, retain=True)
-        self._retained = [r for r in self._retained if r[0] != self.topics.round]
-        self._retained.append((self.topics.round, payload))
-
-    def _chunk_limit(self) -> int:
-        limit = self.config.compression.max_chunk_bytes
-        broker = self.transport.max_packet_size
-        return min(limit, broker - 1024) if broker else limit
+        self.publisher.announce(round_=self.round, version=self.version, run=self.run,
+                                deadline=deadline, open_=open_)
 
     def _publish_model(self, metrics: Mapping[str, float]) -> None:
-        tensors = encode_all(self.model)
-        self._model_sha = model_digest(tensors)
-        model = GlobalModel(federation=self.config.federation, version=self.version,
-                            round=self.round, tensors=tensors, sha256=self._model_sha,
-                            metrics=dict(metrics), created=self._now(), run=self.run)
-        if self.history is not None:
-            self.history.save(model)  # the whole model, before it is split for the wire
-        messages = split_model(model, self._chunk_limit())
-        # Parts first, manifest last: a subscriber that sees the manifest has the parts coming.
-        out = [(self.topics.model_part(m.chunk), codec.encode(m))
-               for m in messages[1:] if m.chunk is not None]
-        out.append((self.topics.model, codec.encode(messages[0])))
-        for stale in range(len(messages) - 1, self._model_parts):
-            # Clear retained parts an earlier, larger split left behind.
-            self.transport.publish(self.topics.model_part(stale), b"", qos=1, retain=True)
-        self._model_parts = len(messages) - 1
-        for topic, payload in out:
-            self.transport.publish(topic, payload, qos=1, retain=True)
-        self._retained = out
+        self.publisher.model(self.model, version=self.version, round_=self.round, run=self.run,
+                             created=self._now(), metrics=metrics)
 
     def _finalize(self) -> tuple[Weights | None, str, str]:
         """The round's new model, or None with the reason it must not be published.
@@ -755,23 +558,22 @@ class AggregatorService:
         self.model = new
         self.bound.end_round()
         self.version += 1
-        weight = self._round_metric_weight
-        metrics = {k: v / weight for k, v in self._round_metrics.items()} if weight else {}
+        metrics = self.ledger.mean_metrics()
         participants = self.strategy.contributors
         self._publish_model(metrics | {"participants": float(participants)})
         summary = RoundSummary(
             federation=self.config.federation, round=self.round, version=self.version,
             participants=participants, closed_by=closed_by,
-            accepted=self.machine.accepted_ids, rejected=dict(self._round_rejected),
-            bytes_in=self._round_bytes, duration_s=now - self._round_opened,
+            accepted=self.machine.accepted_ids, rejected=dict(self.ledger.rejected),
+            bytes_in=self.ledger.bytes_in, duration_s=now - self._round_opened,
             metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {})
-            | ({"norm_bound": bound, "clipped_updates": float(self._round_clipped)}
+            | ({"norm_bound": bound, "clipped_updates": float(self.ledger.clipped)}
                if math.isfinite(bound) else {}))
-        self.transport.publish(self.topics.metrics, codec.encode(summary), qos=1)
+        self.publisher.summary(summary)
         self.last_summary = summary
         self.stats.rounds_completed += 1
         log.info("round %d closed by %s: %d participants (%d clipped), model version %d",
-                 self.round, closed_by, participants, self._round_clipped, self.version)
+                 self.round, closed_by, participants, self.ledger.clipped, self.version)
         max_rounds = self.config.rounds.max_rounds
         if max_rounds and self.stats.rounds_completed >= max_rounds:
             self._announce(now, open_=False)  # tells late devices there is nothing to train

@@ -646,7 +646,7 @@ def test_production_carries_chunked_models_and_large_updates_over_tls(
             assert agg.transport.max_packet_size == 1048576  # production.conf's limit
             first = app.wait_for_version(0, timeout=20)
             assert first is not None, "the chunked model did not reach the app"
-            assert agg._model_parts >= 2
+            assert agg.publisher.model_parts >= 2
             assert device.wait_connected(10)
             delta = {name: np.full(a.shape, 0.5, np.float32) for name, a in agg.model.items()}
             payload = update_payload(fed, "dev1", delta)

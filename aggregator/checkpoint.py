@@ -1,0 +1,133 @@
+"""Checkpoints of the aggregator's state: snapshots at round openings (and within rounds), and
+recovery from the last snapshot plus the write-ahead log (``aggregator.wal`` does the file I/O).
+
+Functions of the service rather than methods: they read and restore its whole state, but they
+are one responsibility, crash safety, kept apart from the worker's update path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.chunks import export_pending, restore_pending
+from aggregator.ledger import RoundLedger
+from aggregator.rounds import Tick, UpdateOffered
+from aggregator.wal import REJECT, TICK, UPDATE, Snapshot, WriteAheadLog, read_records
+from fedmq.errors import ConfigError
+from fedmq.transport import Message
+
+if TYPE_CHECKING:
+    from aggregator.service import AggregatorService
+
+__all__ = ["due", "recover", "restore_mid", "save"]
+
+log = logging.getLogger("aggregator.service")
+
+
+def recover(svc: AggregatorService) -> bool:
+    """Restore the last snapshot and replay the log; False if there is nothing to restore."""
+    if svc.state_dir is None:
+        return False
+    svc.state_dir.mkdir(parents=True, exist_ok=True)
+    snap = Snapshot.load(svc.state_dir)
+    if snap is None:
+        svc.wal = WriteAheadLog(svc.state_dir, segment=0)
+        return False
+    meta = snap.meta
+    if list(snap.model) != list(svc.spec.names) or any(
+            snap.model[n].shape != s for n, s in zip(svc.spec.names, svc.spec.shapes,
+                                                      strict=True)):
+        raise ConfigError(f"{svc.state_dir}: the saved model does not match [model] in the "
+                          "config; point durability.state_dir elsewhere or restore the model")
+    svc.model = dict(snap.model)
+    svc.run = int(meta.get("run", 0))  # snapshots written before runs existed: 0
+    svc.version = int(meta["version"])
+    svc.round = int(meta["round"]) - 1
+    svc.stats.rounds_completed = int(meta["rounds_completed"])
+    svc.publisher.model_parts = int(meta["model_parts"])
+    records = list(read_records(svc.state_dir, int(meta["wal_segment"])))
+    svc.wal = None  # nothing is logged while the log itself is replayed
+    svc._replay_now = float(meta["opened_at"])
+    try:
+        svc._publish_model(metrics={})
+        svc._open_round(float(meta["opened_at"]), snapshot=False)
+        svc.bound.restore(meta.get("robust", {}))
+        if "mid" in meta and snap.acc is not None:
+            restore_mid(svc, meta["mid"], snap.acc)
+        for rec in records:
+            svc._replay_now = rec.now
+            if rec.kind == UPDATE:
+                svc.handle_message(Message(rec.topic, rec.payload, qos=0))
+            elif rec.kind == TICK:
+                svc._tick()
+            elif rec.kind == REJECT:
+                svc._count_rejection(rec.topic)
+    finally:
+        svc._replay_now = None
+    svc.wal = WriteAheadLog(svc.state_dir, segment=int(meta["wal_segment"]))
+    log.warning("recovered round %d on model version %d from %s: replayed %d logged events",
+                svc.round, svc.version, svc.state_dir, len(records))
+    return True
+
+
+def due(svc: AggregatorService) -> bool:
+    d = svc.config.durability
+    if (svc.wal is None or svc._replay_now is not None or not svc._since_snapshot
+            or svc._held):  # held updates are in no snapshot: the log keeps them
+        return False
+    return bool((d.snapshot_every_updates and svc._since_snapshot
+                 >= d.snapshot_every_updates)
+                or (d.snapshot_every_s and svc.clock() - svc._snapshot_at
+                    >= d.snapshot_every_s))
+
+
+def save(svc: AggregatorService, opened_at: float, mid: bool = False) -> None:
+    """Save the state (at the round opening, or ``mid`` round) and start a new log segment."""
+    assert svc.state_dir is not None
+    assert svc.wal is not None
+    svc.wal.sync()
+    segment = svc.wal.segment + 1
+    meta: dict[str, Any] = {
+        "version": svc.version, "round": svc.round, "opened_at": opened_at,
+        "rounds_completed": svc.stats.rounds_completed,
+        "model_parts": svc.publisher.model_parts,
+        "wal_segment": segment, "federation": svc.config.federation, "run": svc.run,
+        "robust": svc.bound.export(),
+    }
+    acc = None
+    if mid:
+        acc, total_weight, contributors, parts = svc.strategy.export_state()
+        meta["mid"] = svc.ledger.export() | {
+            "total_weight": total_weight, "contributors": contributors,
+            "open_parts": [[k[0], k[1], w, r] for k, w, r in parts],  # type: ignore[index]
+            "pending": export_pending(svc._pending),
+            "accepted": svc.stats.accepted,
+        }
+    Snapshot(svc.model, meta, acc).save(svc.state_dir)
+    svc.wal.rotate(segment)
+    svc._since_snapshot = 0
+    svc._snapshot_at = svc.clock()
+
+
+def restore_mid(svc: AggregatorService, mid: Mapping[str, Any],
+                acc: npt.NDArray[np.float64]) -> None:
+    """Bring a just-reopened round to a mid-round snapshot's state."""
+    for ev in mid["events"]:
+        if ev[0] == "u":
+            svc.machine.handle(UpdateOffered(
+                device_id=ev[1], round=svc.round, base_version=svc.version,
+                update_id=ev[2], now=ev[3]))
+        else:
+            svc.machine.handle(Tick(ev[1]))
+    svc.ledger = RoundLedger.restore(mid)
+    svc.strategy.import_state(acc, mid["total_weight"], mid["contributors"],
+                               [((d, u), w, r) for d, u, w, r in mid["open_parts"]])
+    svc._pending = restore_pending(mid["pending"])
+    svc._pending_devices = {d for d, _ in svc._pending}
+    svc._pending_ids = {u for _, u in svc._pending}
+    svc.stats.accepted = int(mid["accepted"])

@@ -1,0 +1,53 @@
+"""One round's bookkeeping besides its sums: what its summary reports and what a mid-round
+snapshot must carry to rebuild it (events, rejections, bytes, weighted device metrics, clips)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RoundLedger"]
+
+
+@dataclass
+class RoundLedger:
+    """Counts of the open round; a new one for every round."""
+
+    #: What the round machine saw, in order: ``["u", device, update_id, now]`` for an accepted
+    #: update, ``["t", now]`` for a tick that extended the round.
+    events: list[list[Any]] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    #: Weighted sums of the devices' metrics, and the weight behind them.
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weight: float = 0.0
+    #: Accepted updates scaled down to the norm bound.
+    clipped: int = 0
+
+    def add_metrics(self, values: Mapping[str, float], weight: float) -> None:
+        """Add one accepted update's metrics, weighted like its update."""
+        self.metric_weight += weight
+        for key, value in values.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + weight * value
+
+    def mean_metrics(self) -> dict[str, float]:
+        """The weighted mean of each metric over the round's accepted updates."""
+        w = self.metric_weight
+        return {k: v / w for k, v in self.metric_sums.items()} if w else {}
+
+    def export(self) -> dict[str, Any]:
+        """The ledger as JSON-ready values, for a mid-round snapshot."""
+        return {"events": self.events, "rejected": dict(self.rejected), "bytes": self.bytes_in,
+                "metrics": self.metric_sums, "metric_weight": self.metric_weight,
+                "clipped": self.clipped}
+
+    @classmethod
+    def restore(cls, saved: Mapping[str, Any]) -> RoundLedger:
+        """Rebuild what ``export`` gave (snapshots written before clipping existed: 0 clips)."""
+        return cls(events=[list(ev) for ev in saved["events"]],
+                   rejected=Counter(saved["rejected"]), bytes_in=int(saved["bytes"]),
+                   metric_sums=dict(saved["metrics"]),
+                   metric_weight=float(saved["metric_weight"]),
+                   clipped=int(saved.get("clipped", 0)))

@@ -1,0 +1,106 @@
+"""What the aggregator publishes: the retained model (whole or chunked), the retained round
+announcement, and round summaries; and the same retained state again after a reconnect.
+
+``Publisher`` holds only what publishing needs to remember (the retained payloads, how many model
+parts the last split left, the current model's digest); the service decides when.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.history import ModelHistory
+from fedmq import codec
+from fedmq.chunking import split_model
+from fedmq.compression import encode_all
+from fedmq.config import AggregatorConfig, CompressionConfig
+from fedmq.topics import Topics
+from fedmq.transport import Transport
+from fedmq.wire import GlobalModel, RoundAnnouncement, RoundSummary, model_digest
+
+__all__ = ["Publisher", "codec_params"]
+
+
+def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
+    """The options of the configured codec, as announced to devices."""
+    if c.codec == "int8":
+        return {"block": c.block}
+    if c.codec == "topk":
+        return {"fraction": c.fraction, "values": c.values, "block": c.block}
+    return {}
+
+
+class Publisher:
+    """Publishes a federation's model, announcements and summaries on its topics."""
+
+    def __init__(self, config: AggregatorConfig, transport: Transport, topics: Topics,
+                 history: ModelHistory | None) -> None:
+        self.config = config
+        self.transport = transport
+        self.topics = topics
+        self.history = history
+        #: The retained messages as last published (republished byte for byte on reconnect).
+        self.retained: list[tuple[str, bytes]] = []
+        #: Parts of the last chunked model (0: it went out whole).
+        self.model_parts = 0
+        #: SHA-256 of the current model, as announced.
+        self.model_sha = ""
+
+    def chunk_limit(self) -> int:
+        """Largest message: ``max_chunk_bytes``, below the broker's Maximum Packet Size."""
+        limit = self.config.compression.max_chunk_bytes
+        broker = self.transport.max_packet_size
+        return min(limit, broker - 1024) if broker else limit
+
+    def model(self, weights: Mapping[str, npt.NDArray[np.float32]], *, version: int,
+              round_: int, run: int, created: float, metrics: Mapping[str, float]) -> None:
+        """Publish ``weights`` as model ``version`` (retained; chunked above the limit)."""
+        tensors = encode_all(weights)
+        self.model_sha = model_digest(tensors)
+        model = GlobalModel(federation=self.config.federation, version=version, round=round_,
+                            tensors=tensors, sha256=self.model_sha, metrics=dict(metrics),
+                            created=created, run=run)
+        if self.history is not None:
+            self.history.save(model)  # the whole model, before it is split for the wire
+        messages = split_model(model, self.chunk_limit())
+        # Parts first, manifest last: a subscriber that sees the manifest has the parts coming.
+        out = [(self.topics.model_part(m.chunk), codec.encode(m))
+               for m in messages[1:] if m.chunk is not None]
+        out.append((self.topics.model, codec.encode(messages[0])))
+        for stale in range(len(messages) - 1, self.model_parts):
+            # Clear retained parts an earlier, larger split left behind.
+            self.transport.publish(self.topics.model_part(stale), b"", qos=1, retain=True)
+        self.model_parts = len(messages) - 1
+        for topic, payload in out:
+            self.transport.publish(topic, payload, qos=1, retain=True)
+        self.retained = out
+
+    def announce(self, *, round_: int, version: int, run: int, deadline: float,
+                 open_: bool = True) -> None:
+        """Publish the round announcement (retained) for round ``round_`` on ``version``."""
+        cfg = self.config
+        ann = RoundAnnouncement(
+            federation=cfg.federation, round=round_, base_version=version,
+            model_sha256=self.model_sha, deadline=deadline,
+            min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
+            train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+                   "lr": cfg.train.lr},
+            sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
+            codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
+            max_chunk_bytes=self.chunk_limit(), open=open_, run=run)
+        payload = codec.encode(ann)
+        self.transport.publish(self.topics.round, payload, qos=1, retain=True)
+        self.retained = [r for r in self.retained if r[0] != self.topics.round]
+        self.retained.append((self.topics.round, payload))
+
+    def summary(self, summary: RoundSummary) -> None:
+        """Publish a closed round's summary on the metrics topic (not retained)."""
+        self.transport.publish(self.topics.metrics, codec.encode(summary), qos=1)
+
+    def republish(self) -> None:
+        """Publish the retained model and round again, byte for byte (receivers dedupe)."""
+        for topic, payload in self.retained:
+            self.transport.publish(topic, payload, qos=1, retain=True)
