@@ -256,12 +256,13 @@ ADAPT_RATE = 0.2
 
 
 def serial_sq_norm(arrays: Sequence[npt.NDArray[np.float32]]) -> float:
-    """Sum of squares in float64, one element after another (the order the fold's norm uses,
-    so a reference computes the same clip factors to the bit)."""
+    """Sum of squares in float64 per tensor in the kernels' order (eight lanes, element i in
+    lane i % 8; as tests/unit/naive.lane_sq_norm), so a reference gets the same clip factors."""
     total = 0.0
     for a in arrays:
-        v = a.astype(np.float64).ravel()
-        total += float(np.add.accumulate(v * v)[-1]) if v.size else 0.0
+        sq = np.square(a.astype(np.float64).ravel())
+        s = [float(np.add.accumulate(sq[j::8])[-1]) if sq[j::8].size else 0.0 for j in range(8)]
+        total += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
     return total
 
 

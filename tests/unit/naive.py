@@ -39,6 +39,14 @@ def sq_norm(x: F32) -> float:
     return float(np.sum(np.square(x.astype(np.float64))))
 
 
+def lane_sq_norm(x: npt.ArrayLike) -> float:
+    """Sum of squares in float64 in the kernels' order, to the bit: eight lanes (element i in
+    lane i % 8, each summed in order), combined as ((0+1)+(2+3))+((4+5)+(6+7))."""
+    sq = np.square(np.asarray(x, np.float64).ravel())
+    s = [float(np.add.accumulate(sq[j::8])[-1]) if sq[j::8].size else 0.0 for j in range(8)]
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
 def all_finite(x: F32) -> bool:
     """No NaN and no infinity."""
     return bool(np.isfinite(x).all())

@@ -784,3 +784,18 @@ def test_check_agrees_with_numpy_for_any_scale_bits(seed: int, n: int, block: in
     with np.errstate(over="ignore", invalid="ignore"):
         expected = bool(np.isfinite(decode_range(t)).all())
     assert KERNELS[codec].check(t) is expected
+
+
+@SETTINGS
+@given(n=st.integers(0, 300), block=st.sampled_from([1, 3, 8, 12, 256]),
+       codec=st.sampled_from(["fp32", "fp16", "int8", "topk"]), seed=st.integers(0, 2**31))
+def test_sq_norm_is_the_lane_order_sum_to_the_bit(n: int, block: int, codec: str,
+                                                  seed: int) -> None:
+    # The clip factor is bound / sqrt(sq_norm): references reproduce it only if they can
+    # reproduce the norm's bits (docs/robustness.md; naive.lane_sq_norm).
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32) * 3
+    t = encode("x", x, codec, block=block, fraction=0.5)
+    values = decode_range(t)
+    if codec == "topk":  # only the kept values count (the rest are 0), in index order
+        values = values[np.frombuffer(t.indices or b"", "<u4").astype(np.int64)]
+    assert KERNELS[codec].sq_norm(t) == naive.lane_sq_norm(values)

@@ -2,8 +2,8 @@
 references written here from docs/robustness.md, through the real service on a memory transport.
 
 References decode with ``fedmq.compression`` (the codecs' numpy reference decoder), compute
-squared norms one element after another in float64 (the order the kernels use, so both sides
-pick the same clip factor to the bit) and average in float64.
+squared norms in float64 in the kernels' order (``naive.lane_sq_norm``, so both sides pick
+the same clip factor to the bit) and average in float64.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from fedmq.topics import Topics
 from fedmq.transport import MemoryTransport, Message
 from fedmq.wire import ModelUpdate, Tensor
 
+from naive import lane_sq_norm
+
 FED = "robust-test"
 TOPICS = Topics(FED)
 LAYERS = [100, 60, 10]
@@ -55,9 +57,6 @@ class Clock:
         return self.now
 
 
-def serial_sq(values: F64) -> float:
-    """Sum of squares, one element after another (the kernels' order)."""
-    return float(np.add.accumulate(values * values)[-1]) if values.size else 0.0
 
 
 def service(n: int, robust: RobustConfig, codec_name: Codec = "fp32",
@@ -141,8 +140,8 @@ def test_clipped_fold_equals_numpy_reference(codec_name: Codec, chunked: bool, s
     if chunked:
         assert any(len(u) > 1 for u in ups)
     values = [decoded(u, agg.spec.total, offsets) for u in ups]
-    norms = [math.sqrt(sum(serial_sq(v) for _, v in vals)) for vals in values]
-    chunk_sq = [[serial_sq(v) for _, v in vals] for vals in values]
+    norms = [math.sqrt(sum(lane_sq_norm(v) for _, v in vals)) for vals in values]
+    chunk_sq = [[lane_sq_norm(v) for _, v in vals] for vals in values]
     bound = fixed if mode == "fixed" else min(3.0 * statistics.median(norms), 10_000.0)
 
     for u in ups:
@@ -162,7 +161,7 @@ def test_clipped_fold_equals_numpy_reference(codec_name: Codec, chunked: bool, s
             budget = ChunkBudget(bound if mode == "fixed" else 10_000.0)
             scales = []
             for m in ups[i]:
-                sq = sum(serial_sq(decode_range(t).astype(np.float64)) for t in m.tensors)
+                sq = sum(lane_sq_norm(decode_range(t).astype(np.float64)) for t in m.tensors)
                 s = budget.take(sq, clip=True)
                 assert s is not None
                 scales += [s] * len(m.tensors)
