@@ -78,7 +78,7 @@ def recover(svc: AggregatorService) -> bool:
 def due(svc: AggregatorService) -> bool:
     d = svc.config.durability
     if (svc.wal is None or svc._replay_now is not None or not svc._since_snapshot
-            or svc._held):  # held updates are in no snapshot: the log keeps them
+            or svc.holding()):  # held updates are in no snapshot: the log keeps them
         return False
     return bool((d.snapshot_every_updates and svc._since_snapshot
                  >= d.snapshot_every_updates)

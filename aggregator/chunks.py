@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aggregator.robust import ChunkBudget
+from fedmq.wire import Tensor
 
 __all__ = ["PendingChunks", "export_pending", "overlaps", "restore_pending"]
 
@@ -27,6 +28,9 @@ class PendingChunks:
     received: set[int]
     covered: list[tuple[int, int]]  # flat [start, stop) ranges folded so far
     budget: ChunkBudget  # what is left of its norm bound
+    #: Chunks held back, not folded, while the norm estimate is being bootstrapped:
+    #: (tensors, squared norm) in arrival order; None once its budget is fixed.
+    waiting: list[tuple[tuple[Tensor, ...], float]] | None = None
 
 
 def overlaps(ranges: list[tuple[int, int]]) -> bool:
@@ -36,6 +40,9 @@ def overlaps(ranges: list[tuple[int, int]]) -> bool:
 
 def export_pending(pending: Mapping[Key, PendingChunks]) -> list[list[Any]]:
     """JSON-ready rows, for a mid-round snapshot."""
+    if any(p.waiting is not None for p in pending.values()):
+        raise ValueError("chunks held back for the norm bound are in no snapshot (the log has "
+                         "them); snapshot once they are folded")
     return [[d, u, list(p.header), sorted(p.received), p.covered, p.budget.export()]
             for (d, u), p in pending.items()]
 

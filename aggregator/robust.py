@@ -87,7 +87,7 @@ class NormBound:
 
     @property
     def bootstrapping(self) -> bool:
-        """Whether whole updates should be held back until the estimate is known."""
+        """Whether updates should be held back (not folded) until the estimate is known."""
         return self.active and self.adaptive and self.estimate is None
 
     def bound(self) -> float:
@@ -109,24 +109,41 @@ class NormBound:
             return 1.0
         return scale_for(norm, self.bound())
 
-    def observe(self, norm: float) -> None:
-        """An update of this norm was accepted into the round."""
+    def held_scale(self, norm: float) -> float:
+        """The factor for an update held back while the estimate started: clipped in both
+        modes (in ``reject`` mode it was accepted before its bound was known)."""
+        return scale_for(norm, self.bound()) if self.active else 1.0
+
+    def observe(self, norm: float) -> bool:
+        """An update of this norm was accepted into the round; True when this completes a
+        bootstrap attempt (the estimate started, or could not: held updates are released).
+
+        A zero norm carries no scale: it counts towards the bootstrap's size but not into its
+        median, nor into the per-round fraction (a median of zeros would make a bound of 0
+        that no geometric step could leave).
+        """
         if self.estimate is None:
             # The estimate starts the moment the bootstrap's last norm is in, so the same
             # sequence of accepted updates gives the same bounds however it was batched.
             self.early.append(norm)
             if len(self.early) >= self.bootstrap:
                 self.start()
-            return
-        self.seen += 1
-        if norm <= self.estimate:
-            self.below += 1
+                return True
+            return False
+        if norm > 0.0:
+            self.seen += 1
+            if norm <= self.estimate:
+                self.below += 1
+        return False
 
     def start(self) -> None:
-        """Start the estimate from the norms gathered so far (at a round's close if fewer than
-        ``bootstrap`` arrived); nothing happens when there are none."""
-        if self.estimate is None and self.early:
-            self.estimate = float(statistics.median(self.early))
+        """Start the estimate from the non-zero norms gathered so far (at a round's close if
+        fewer than ``bootstrap`` arrived). With none, it stays unknown (the bound is
+        ``max_norm`` meanwhile) and the next accepted norms try again."""
+        if self.estimate is None:
+            positive = [x for x in self.early if x > 0.0]
+            if positive:
+                self.estimate = float(statistics.median(positive))
             self.early = []
 
     def end_round(self) -> None:

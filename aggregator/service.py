@@ -74,6 +74,19 @@ ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "bel
 #: Most queued updates folded in one pass over the accumulator.
 FOLD_BATCH = 8
 
+#: Most bytes of chunks held back while the norm estimate is bootstrapped (more are turned away
+#: as ``overload``): whole updates are at most ``robust.MAX_BOOTSTRAP``, chunks are bounded here.
+MAX_HELD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class HeldChunked:
+    """A complete chunked update accepted while its chunks were held back."""
+
+    key: tuple[str, str]
+    pending: PendingChunks
+    weight: float
+
 
 @dataclass
 class Stats:
@@ -181,8 +194,9 @@ class AggregatorService:
         self._snapshot_at = 0.0
         # Accepted whole updates waiting for the batch's fold: (update, weight, squared norm).
         self._deferred: list[tuple[ModelUpdate, float, float]] = []
-        # Accepted whole updates held back until the norm estimate is bootstrapped.
-        self._held: list[tuple[ModelUpdate, float, float]] = []
+        # Accepted updates held back until the norm estimate is bootstrapped, in order.
+        self._held: list[tuple[ModelUpdate, float, float] | HeldChunked] = []
+        self._held_bytes = 0  # chunks held back, in payload bytes
         self.ledger = RoundLedger()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -287,37 +301,83 @@ class AggregatorService:
         self._handle(msg)
         self._flush()
 
-    def _flush(self, closing: bool = False) -> None:
+    def _flush(self, closing: bool = False, release: bool = False) -> None:
         """Fold the accepted updates waiting in this batch, each clipped to the norm bound.
 
-        Until the bound's estimate is bootstrapped, whole updates are held back (at most
-        ``robust.MAX_BOOTSTRAP`` and a batch); at a round's close it starts from what is in.
+        While the bound's estimate is bootstrapped, updates are held back instead (whole ones
+        and chunks; at most ``robust.MAX_BOOTSTRAP`` updates and ``MAX_HELD_BYTES``); they are
+        folded, clipped to the bound just found, the moment the bootstrap ends (``release``)
+        or the round closes (then the estimate starts from what is in).
         """
         if closing and self.bound.bootstrapping:
             self.bound.start()
-        if self.bound.bootstrapping:
+            release = True
+        if release or (self.bound.bootstrapping and self._deferred):
             self._held.extend(self._deferred)
             self._deferred = []
+        if release:
+            self._release_held()
             return
-        batch = self._held + self._deferred
-        self._held = []
-        self._deferred = []
-        if not batch:
+        if self.bound.bootstrapping or not self._deferred:
             return
+        batch, self._deferred = self._deferred, []
         t0 = time.perf_counter()
         items = []
         for u, weight, sq in batch:
-            scale = self.bound.scale(math.sqrt(sq))
-            if scale < 1.0:
-                self.stats.clipped += 1
-                self.ledger.clipped += 1
-            items.append((u.tensors, weight, scale))
+            items.append((u.tensors, weight, self._clip(self.bound.scale(math.sqrt(sq)))))
         if len(items) == 1:
             self.strategy.fold(*items[0])
         else:
             self.strategy.fold_many(items)
         self.stats.last_fold_at = time.perf_counter()
         self.stats.fold_seconds += self.stats.last_fold_at - t0
+
+    def _clip(self, scale: float) -> float:
+        """Count a clip factor below 1 (the update was scaled down to the bound)."""
+        if scale < 1.0:
+            self.stats.clipped += 1
+            self.ledger.clipped += 1
+        return scale
+
+    def _release_held(self) -> None:
+        """Fold everything held back for the bootstrap, in the order it was accepted, then the
+        chunks of chunked updates still in flight; later chunks fold as they arrive."""
+        held, self._held = self._held, []
+        self._held_bytes = 0
+        t0 = time.perf_counter()
+        for item in held:
+            if isinstance(item, HeldChunked):
+                budget = self._fold_waiting(item.key, item.pending, item.weight)
+                self.strategy.settle(item.key)
+                self._clip(0.0 if budget.spent < budget.raw else 1.0)
+            else:
+                u, weight, sq = item
+                self.strategy.fold(u.tensors, weight,
+                                   self._clip(self.bound.held_scale(math.sqrt(sq))))
+        for key, pending in self._pending.items():
+            if pending.waiting is not None:
+                self._fold_waiting(key, pending, self._weight_of(pending))
+        self.stats.last_fold_at = time.perf_counter()
+        self.stats.fold_seconds += self.stats.last_fold_at - t0
+
+    def _fold_waiting(self, key: tuple[str, str], pending: PendingChunks,
+                      weight: float) -> ChunkBudget:
+        """Fold a chunked update's held chunks under a budget from the bound now in force."""
+        budget = ChunkBudget(self.bound.bound() if self.bound.active else math.inf)
+        for tensors, sq in pending.waiting or []:
+            scale = budget.take(sq, clip=True)  # held, so clipped in reject mode too
+            assert scale is not None
+            self.strategy.fold_part(key, tensors, weight, scale)
+        pending.budget = budget
+        pending.waiting = None
+        return budget
+
+    def _weight_of(self, pending: PendingChunks) -> float:
+        return float(min(pending.header[3], self.config.limits.max_examples))
+
+    def holding(self) -> bool:
+        """Whether anything is held back for the norm bound's bootstrap (no snapshot then)."""
+        return bool(self._held) or any(p.waiting is not None for p in self._pending.values())
 
     def _log(self) -> None:
         """Append the message being handled to the log (it was accepted or folded)."""
@@ -388,9 +448,11 @@ class AggregatorService:
             if reason is not None:
                 self._reject(update.device_id, update.update_id, reason)
                 return
-            # The bound is fixed at the first chunk for the whole update.
+            # The bound is fixed at the first chunk for the whole update; while it is being
+            # bootstrapped the chunks are held back and it is fixed when they are folded.
             bound = self.bound.bound() if self.bound.active else math.inf
-            pending = PendingChunks(header, set(), [], ChunkBudget(bound))
+            pending = PendingChunks(header, set(), [], ChunkBudget(bound),
+                                    [] if self.bound.bootstrapping else None)
         elif header != pending.header:
             self._reject(update.device_id, update.update_id, "malformed")
             return
@@ -403,23 +465,16 @@ class AggregatorService:
         if overlaps(sorted(pending.covered + ranges)):
             self._reject(update.device_id, update.update_id, "malformed")
             return
-        if pending.budget.rejected:
-            self._reject(update.device_id, update.update_id, "norm_bound")
+        if pending.waiting is not None:
+            size = len(self._current.payload) if self._current is not None else 0
+            if self._held_bytes + size > MAX_HELD_BYTES:
+                self._reject(update.device_id, update.update_id, "overload")
+                return
+            self._held_bytes += size
+            pending.waiting.append((update.tensors, sq))
+            self._log()
+        elif not self._fold_chunk(key, pending, update, weight, sq):
             return
-        scale = pending.budget.take(sq, clip=self.config.robust.mode != "reject")
-        if scale is None:
-            # Over the bound in reject mode: what was folded stays as an incomplete update
-            # (within the bound); this chunk and every later one are turned away.
-            self._pending[key] = pending
-            self._pending_devices.add(update.device_id)
-            self._pending_ids.add(update.update_id)
-            self._reject(update.device_id, update.update_id, "norm_bound",
-                         f"over {pending.budget.bound:.4g}")
-            return
-        t0 = time.perf_counter()
-        self.strategy.fold_part(key, update.tensors, weight, scale)
-        self._log()
-        self.stats.fold_seconds += time.perf_counter() - t0
         pending.received.add(update.chunk)
         pending.covered.extend(ranges)
         self._pending[key] = pending
@@ -435,13 +490,42 @@ class AggregatorService:
             return
         actions = self.machine.handle(offer)
         for action in actions:
-            if isinstance(action, Accept):
+            if not isinstance(action, Accept):
+                continue
+            if pending.waiting is not None:
+                # Folded when the bootstrap ends, which accepting it may do right now.
+                self._held.append(HeldChunked(key, pending, weight))
+                self._accepted(update, weight, sum(sq for _, sq in pending.waiting))
+            else:
                 self.strategy.settle(key)
-                if pending.budget.spent < pending.budget.raw:
-                    self.stats.clipped += 1
-                    self.ledger.clipped += 1
+                self._clip(0.0 if pending.budget.spent < pending.budget.raw else 1.0)
                 self._accepted(update, weight, pending.budget.raw)
         self._apply([a for a in actions if not isinstance(a, Accept)], (update, weight, sq))
+
+    def _fold_chunk(self, key: tuple[str, str], pending: PendingChunks, update: ModelUpdate,
+                    weight: float, sq: float) -> bool:
+        """Fold one chunk under its update's budget; False if it was rejected instead."""
+        if pending.budget.rejected:
+            self._reject(update.device_id, update.update_id, "norm_bound")
+            return False
+        scale = pending.budget.take(sq, clip=self.config.robust.mode != "reject")
+        if scale is None:
+            # Over the bound in reject mode: what was folded stays as an incomplete update
+            # (within the bound); this chunk and every later one are turned away.
+            self._pending[key] = pending
+            self._pending_devices.add(update.device_id)
+            self._pending_ids.add(update.update_id)
+            self._reject(update.device_id, update.update_id, "norm_bound",
+                         f"over {pending.budget.bound:.4g}")
+            return False
+        # Whole updates accepted before this chunk fold first: the same order as replay,
+        # which folds each message as it is handled (so the same bits after a crash).
+        self._flush()
+        t0 = time.perf_counter()
+        self.strategy.fold_part(key, update.tensors, weight, scale)
+        self._log()
+        self.stats.fold_seconds += time.perf_counter() - t0
+        return True
 
     def _reject(self, device: str, update_id: str, reason: str, detail: str = "") -> None:
         self._count_rejection(reason)
@@ -484,7 +568,8 @@ class AggregatorService:
     def _accepted(self, update: ModelUpdate, weight: float, sq: float) -> None:
         self.stats.accepted += 1
         self._since_snapshot += 1
-        self.bound.observe(math.sqrt(sq))
+        if self.bound.observe(math.sqrt(sq)):
+            self._flush(release=True)  # the bootstrap is complete: fold what it held
         # What the round machine saw, in order, so a mid-round snapshot can rebuild it.
         self.ledger.events.append(["u", update.device_id, update.update_id, self._now()])
         self.ledger.add_metrics(update.metrics, weight)
@@ -495,6 +580,7 @@ class AggregatorService:
         self.round += 1
         self._deferred = []  # an abandoned round's accepted updates are dropped with it
         self._held = []
+        self._held_bytes = 0
         self.ledger = RoundLedger()
         self.bound.new_round()
         self.strategy.init(self.model)

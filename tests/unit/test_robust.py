@@ -156,9 +156,9 @@ def test_clipped_fold_equals_numpy_reference(codec_name: Codec, chunked: bool, s
         if len(ups[i]) == 1:
             scales = [scale_for(norms[i], bound)] * len(vals)
         else:  # per message, in order: a message's tensors share its chunk's factor
-            # A chunked update that starts before the estimate exists (here: every one, as
-            # the estimate starts with the fifth update) is bounded by the ceiling only.
-            budget = ChunkBudget(bound if mode == "fixed" else 10_000.0)
+            # Chunks that arrive before the estimate exists (here: every one, as it starts
+            # with the fifth update) are held back and folded under the bound it gives.
+            budget = ChunkBudget(bound)
             scales = []
             for m in ups[i]:
                 sq = sum(lane_sq_norm(decode_range(t).astype(np.float64)) for t in m.tensors)
@@ -168,8 +168,8 @@ def test_clipped_fold_equals_numpy_reference(codec_name: Codec, chunked: bool, s
             # Independent of the budget's code: under the bound nothing is scaled, and over
             # it the folded norm is the bound.
             folded = math.sqrt(sum(s * s * q for s, q in zip(scales, chunk_sq[i], strict=True)))
-            assert folded == pytest.approx(min(norms[i], budget.bound), rel=1e-9)
-        clipped += norms[i] > (bound if len(ups[i]) == 1 else budget.bound)
+            assert folded == pytest.approx(min(norms[i], bound), rel=1e-9)
+        clipped += norms[i] > bound
         for (start, v), s in zip(vals, scales, strict=True):
             acc[start:start + v.size] += (weights[i] * s) * v
     assert agg.stats.clipped == clipped
