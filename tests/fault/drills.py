@@ -25,6 +25,15 @@ soak
     (psutil) when round 5 closes and when the last one does. Passes with ``rss_growth_ratio``
     <= 1.10 and ``lost`` = ``double_counted`` = 0.
 
+burst
+    For each shipped broker config (dev, docker, production with TLS, passwords and the ACL), an
+    authenticated hostile device publishes 10,000 unpaced QoS 1 messages of an update's size on
+    its update topic while ``--devices`` (4) real agents train (digits, the MLP) for a real
+    durable aggregator, until ``--rounds`` (4) rounds are closed (burst.py). Passes when every
+    config has ``valid_lost`` = 0 (acknowledged updates the aggregator never saw) and
+    ``max_delivery_gap_s`` <= 5 (the aggregator hearing nothing while acknowledged messages
+    were undelivered).
+
 broker_ack_window
     Not a pass/fail drill: measures whether a kill -9 of the persisting Mosquitto loses a message
     it has already acknowledged (faultkit.AckWindowProbe), ``--trials`` (20) times per case: the
@@ -74,6 +83,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "restart_broker": {"kills": 10, "rounds": 10, "devices": 5},
     "drop_devices": {"drops": 24, "rounds": 20, "devices": 6},
     "soak": {"rounds": 100, "devices": 50},
+    "burst": {"rounds": 4, "devices": 4},
     "broker_ack_window": {"trials": 20},
     "poison": {"rounds": 20, "devices": 20},
 }
@@ -86,6 +96,10 @@ def passed(result: dict[str, Any]) -> bool:
     """Whether a drill's result meets its acceptance criteria."""
     if result["drill"] == "broker_ack_window":
         return True  # a measurement
+    if result["drill"] == "burst":
+        from burst import passed as burst_passed  # valid_lost 0, max_delivery_gap_s <= 5
+
+        return burst_passed(result)
     if result["drill"] == "poison":
         from poison import poison_passed  # every run closes all rounds, 0 worker errors, drop
 
@@ -110,6 +124,10 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         from poison import run_poison  # its own Mosquitto per run
 
         return run_poison(seed=seed, rounds=opts["rounds"], devices=opts["devices"])
+    if name == "burst":
+        from burst import run_burst  # a Mosquitto per shipped config
+
+        return run_burst(tmp, devices=opts["devices"], rounds=opts["rounds"], seed=seed)
     if name == "kill9_aggregator":
         with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
             drill = Drill(broker_config(broker), tmp, devices=opts["devices"],
