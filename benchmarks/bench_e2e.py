@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = [int(x) for x in args.publishers.split(",")]
     result: dict[str, float | int | str] = {"params": params, "codec": "int8",
                                              "repeats": repeats}
-    # The dev config caps each client's queue at 1000 messages / 256 MiB. Publishers on this
+    # The dev config caps each client's queue (100,000 messages / 1 GiB). Publishers on this
     # host send faster than any subscriber reads, so a queue builds; at the cap Mosquitto drops
     # QoS 1 messages for online clients, and a slower run would lose updates instead of being
     # slower. The bench lifts the caps, nothing else.
