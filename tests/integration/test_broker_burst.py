@@ -17,12 +17,12 @@ messages, the real aggregator and training devices).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import queue
-import shutil
 import ssl
-import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +39,10 @@ from fedmq.broker import MosquittoBroker, default_config_dir
 from fedmq.config import BrokerConfig
 from fedmq.transport import PahoTransport
 
+# The production broker is set up exactly as ``scripts/faults burst`` does it (tests/fault).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fault"))
+burst = importlib.import_module("burst")
+
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 BURST = 2_000
@@ -49,39 +53,6 @@ SIZE = 38_000
 WORK_S = 0.0005
 MAX_GAP_S = 5.0
 USERS = ("aggregator", "mallory", "dev1")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if path is None:
-        pytest.skip(f"{name} not found (Debian: apt-get install mosquitto openssl)")
-    return path
-
-
-def _run(*command: str, cwd: Path) -> None:
-    subprocess.run(command, cwd=cwd, check=True, capture_output=True)
-
-
-def _production_conf(etc: Path) -> Path:
-    """production.conf with its paths in ``etc``, certificates and users made as
-    broker_config/README.md says (password ``<user>-secret``), acl.template as the ACL."""
-    openssl, mosquitto_passwd = _tool("openssl"), _tool("mosquitto_passwd")
-    certs = etc / "certs"
-    certs.mkdir(parents=True)
-    _run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=fedmq-test-ca", "-keyout", "ca.key", "-out", "ca.crt", cwd=certs)
-    _run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-keyout", "server.key", "-out", "server.csr", cwd=certs)
-    (certs / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt", cwd=certs)
-    (etc / "passwd").touch()
-    for user in USERS:
-        _run(mosquitto_passwd, "-b", "passwd", user, f"{user}-secret", cwd=etc)
-    shutil.copy(default_config_dir() / "acl.template", etc / "acl")
-    text = (default_config_dir() / "production.conf").read_text(encoding="utf-8")
-    (etc / "production.conf").write_text(text.replace("/etc/mosquitto/fedmq/", f"{etc}/"))
-    return etc / "production.conf"
 
 
 @dataclass
@@ -102,7 +73,8 @@ def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
     binary = require_mosquitto()
     name: str = request.param
     if name == "production":
-        conf, ca = _production_conf(tmp_path / "etc"), tmp_path / "etc" / "certs" / "ca.crt"
+        conf = burst.production_etc(tmp_path / "etc", USERS)
+        ca = tmp_path / "etc" / "certs" / "ca.crt"
     else:
         conf, ca = default_config_dir() / f"{name}.conf", None
     with MosquittoBroker(conf, binary=binary) as broker:
