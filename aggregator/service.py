@@ -316,7 +316,9 @@ class AggregatorService:
             self._held.extend(self._deferred)
             self._deferred = []
         if release:
-            self._release_held()
+            # A bootstrap that found no non-zero norm releases only what it held whole (zero
+            # updates); chunks in flight wait for a bound, or for the round's close.
+            self._release_held(in_flight=closing or not self.bound.bootstrapping)
             return
         if self.bound.bootstrapping or not self._deferred:
             return
@@ -339,11 +341,11 @@ class AggregatorService:
             self.ledger.clipped += 1
         return scale
 
-    def _release_held(self) -> None:
-        """Fold everything held back for the bootstrap, in the order it was accepted, then the
-        chunks of chunked updates still in flight; later chunks fold as they arrive."""
+    def _release_held(self, in_flight: bool = True) -> None:
+        """Fold everything held back for the bootstrap, in the order it was accepted, then (with
+        ``in_flight``) the chunks of chunked updates still in flight; their later chunks fold as
+        they arrive."""
         held, self._held = self._held, []
-        self._held_bytes = 0
         t0 = time.perf_counter()
         for item in held:
             if isinstance(item, HeldChunked):
@@ -354,9 +356,11 @@ class AggregatorService:
                 u, weight, sq = item
                 self.strategy.fold(u.tensors, weight,
                                    self._clip(self.bound.held_scale(math.sqrt(sq))))
-        for key, pending in self._pending.items():
-            if pending.waiting is not None:
-                self._fold_waiting(key, pending, self._weight_of(pending))
+        if in_flight:
+            self._held_bytes = 0
+            for key, pending in self._pending.items():
+                if pending.waiting is not None:
+                    self._fold_waiting(key, pending, self._weight_of(pending))
         self.stats.last_fold_at = time.perf_counter()
         self.stats.fold_seconds += self.stats.last_fold_at - t0
 
@@ -480,20 +484,30 @@ class AggregatorService:
         self._pending[key] = pending
         self._pending_devices.add(update.device_id)
         self._pending_ids.add(update.update_id)
-        if len(pending.received) < update.chunks:
-            return
-        del self._pending[key]
+        if len(pending.received) == update.chunks:
+            self._complete_chunked(pending, update, offer, weight, sq)
+
+    def _complete_chunked(self, pending: PendingChunks, update: ModelUpdate,
+                          offer: UpdateOffered, weight: float, sq: float) -> None:
+        """Every chunk of ``update`` is in: offer it to the round."""
+        key = (update.device_id, update.update_id)
         if sum(b - a for a, b in pending.covered) != self.spec.total:
             # All chunks are in but leave coordinates out: it stays an incomplete update (it
             # counts where it delivered, like one whose chunks were lost) and is rejected.
+            if pending.waiting is None:
+                del self._pending[key]
+            # else it stays in flight, so its held chunks are folded with the others
             self._reject(update.device_id, update.update_id, "malformed")
             return
+        del self._pending[key]
         actions = self.machine.handle(offer)
         for action in actions:
             if not isinstance(action, Accept):
                 continue
             if pending.waiting is not None:
-                # Folded when the bootstrap ends, which accepting it may do right now.
+                # Folded when the bootstrap ends, which accepting it may do right now; whole
+                # updates accepted before it in this batch are held first (acceptance order).
+                self._flush()
                 self._held.append(HeldChunked(key, pending, weight))
                 self._accepted(update, weight, sum(sq for _, sq in pending.waiting))
             else:

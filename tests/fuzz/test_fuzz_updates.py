@@ -46,7 +46,13 @@ from aggregator.strategies import FedAvg
 from fedmq import codec
 from fedmq.chunking import ModelAssembler
 from fedmq.compression import decode_all, decode_range, encode
-from fedmq.config import AggregatorConfig, LimitsConfig, ModelConfig, RoundsConfig
+from fedmq.config import (
+    AggregatorConfig,
+    LimitsConfig,
+    ModelConfig,
+    RobustConfig,
+    RoundsConfig,
+)
 from fedmq.errors import DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import MemoryTransport, Message
@@ -113,6 +119,10 @@ def make_service(min_updates: int, max_updates: int) -> tuple[AggregatorService,
         # Over-weight updates are hostile cases here (rejected); cap mode has its own tests.
         limits=LimitsConfig(max_update_bytes=MAX_BYTES, max_examples=MAX_EXAMPLES,
                             weight_mode="reject"),
+        # No norm bound: these tests check the decoder's and the rounds' verdicts and plain
+        # FedAvg of the valid updates, with every chunk folded as it arrives; the bound (and
+        # its bootstrap, which holds chunks back) is fuzzed in test_fuzz_poison.py.
+        robust=RobustConfig(mode="off"),
     )
     clock = FakeClock()
     transport = MemoryTransport()
