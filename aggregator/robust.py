@@ -196,9 +196,10 @@ class ChunkBudget:
         if not clip:
             self.rejected = True
             return None
-        s = math.sqrt(room / sq_norm)
-        self.spent += s * s * sq_norm
-        return s
+        # This chunk takes what is left: the budget is spent, exactly (the rounding of
+        # spent + s*s*sq would leave a crumb that later chunks would share by chance).
+        self.spent = self.bound * self.bound
+        return math.sqrt(room / sq_norm)
 
     def export(self) -> list[float]:
         """The state, for a snapshot."""
