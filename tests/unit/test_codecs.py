@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator import kernels
+from aggregator import kernel_jit
 from aggregator.kernels import KERNELS, fold_int8, fold_topk
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg
@@ -227,7 +227,7 @@ def test_the_integer_fp16_conversion_is_exact_for_every_bit_pattern() -> None:
     bits = np.arange(1 << 16, dtype=np.uint16)
     with np.errstate(invalid="ignore"):
         expected = bits.view(np.float16).astype(np.float64)
-    got = np.array([kernels._half_sw(b) for b in bits])
+    got = np.array([kernel_jit._half_sw(b) for b in bits])
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got[~nan], expected[~nan])

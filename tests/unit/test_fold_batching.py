@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator import kernels
+from aggregator import kernel_batch, kernels
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg
 from fedmq import compression
@@ -99,10 +99,10 @@ def test_fold_many_checks_every_item_before_folding() -> None:
 @pytest.fixture
 def monkeypatch_block() -> Iterator[None]:
     # Small cache blocks so that short tensors still cross several block boundaries.
-    saved = kernels.CACHE_BLOCK
-    kernels.CACHE_BLOCK = 4096
+    saved = kernel_batch.CACHE_BLOCK
+    kernel_batch.CACHE_BLOCK = 4096
     yield
-    kernels.CACHE_BLOCK = saved
+    kernel_batch.CACHE_BLOCK = saved
 
 
 @pytest.fixture

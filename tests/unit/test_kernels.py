@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import kernels
+from aggregator import kernel_batch, kernel_jit, kernel_scans, kernels
 from aggregator.kernels import (
     KERNELS,
     Buffer,
@@ -295,13 +295,13 @@ def test_codec_dispatch_table() -> None:
 
 
 PRIVATE_KERNELS = (
-    kernels._first_bad_index,
-    kernels._fold_fp32, kernels._fold_fp16, kernels._fold_int8, kernels._fold_topk_int8,
-    kernels._fold_topk_fp16,
-    kernels._all_finite_fp32, kernels._all_finite_fp16, kernels._all_finite_int8,
-    kernels._sq_norm_fp32, kernels._sq_norm_fp16, kernels._sq_norm_int8,
-    kernels._fold_fp32_2, kernels._fold_fp32_4, kernels._fold_fp16_2, kernels._fold_fp16_4,
-    kernels._fold_int8_2, kernels._fold_int8_4,
+    kernel_jit._first_bad_index,
+    kernel_batch._fold_fp32, kernel_batch._fold_fp16, kernel_batch._fold_int8,
+    kernels._fold_topk_int8, kernels._fold_topk_fp16,
+    kernel_scans._all_finite_fp32, kernel_scans._all_finite_fp16, kernel_scans._all_finite_int8,
+    kernel_scans._sq_norm_fp32, kernel_scans._sq_norm_fp16, kernel_scans._sq_norm_int8,
+    kernel_batch._fold_fp32_2, kernel_batch._fold_fp32_4, kernel_batch._fold_fp16_2,
+    kernel_batch._fold_fp16_4, kernel_batch._fold_int8_2, kernel_batch._fold_int8_4,
 )
 
 
@@ -347,7 +347,7 @@ def test_warmup_compiles_the_only_specialization_each_kernel_needs() -> None:
         if signatures is not None:  # None when NUMBA_DISABLE_JIT=1
             assert len(signatures) == 1, (k, signatures)
     # Called only from other kernels: compiled for one type, or (loaded from the cache) none.
-    assert len(getattr(kernels._half, "signatures", None) or []) <= 1
+    assert len(getattr(kernel_jit._half, "signatures", None) or []) <= 1
 
 
 def test_jit_compiles_without_cache_when_no_cache_dir_is_writable(
@@ -364,6 +364,6 @@ def test_jit_compiles_without_cache_when_no_cache_dir_is_writable(
     def f(x: int) -> int:
         return x + 1
 
-    monkeypatch.setattr(kernels, "njit", fake_njit)
-    assert kernels._jit(f)(1) == 2
+    monkeypatch.setattr(kernel_jit, "njit", fake_njit)
+    assert kernel_jit._jit(f)(1) == 2
     assert calls == [True, False]
