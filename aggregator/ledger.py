@@ -1,5 +1,6 @@
-"""One round's bookkeeping besides its sums: what its summary reports and what a mid-round
-snapshot must carry to rebuild it (events, rejections, bytes, weighted device metrics, clips)."""
+"""The aggregator's counters: ``Stats`` since start, and ``RoundLedger``, one round's
+bookkeeping besides its sums (what its summary reports, and what a mid-round snapshot must carry
+to rebuild it: events, rejections, bytes, weighted device metrics, clips)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RoundLedger"]
+__all__ = ["RoundLedger", "Stats"]
 
 
 @dataclass
@@ -51,3 +52,22 @@ class RoundLedger:
                    metric_sums=dict(saved["metrics"]),
                    metric_weight=float(saved["metric_weight"]),
                    clipped=int(saved.get("clipped", 0)))
+
+
+@dataclass
+class Stats:
+    """Counters since start (read them from any thread; only the worker writes)."""
+
+    accepted: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    rounds_completed: int = 0
+    fold_seconds: float = 0.0
+    #: ``time.perf_counter()`` when the latest fold finished (0.0 before the first).
+    last_fold_at: float = 0.0
+    #: The latest rejection, with what was wrong (for logs and operators).
+    last_rejection: str = ""
+    #: Accepted updates scaled down to the norm bound.
+    clipped: int = 0
+    #: Rounds whose result was dropped unpublished, by reason (``ABANDON_REASONS``).
+    abandoned: Counter[str] = field(default_factory=Counter)

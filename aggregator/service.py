@@ -17,9 +17,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +26,9 @@ import numpy.typing as npt
 from aggregator import checkpoint, kernels
 from aggregator.admission import admit
 from aggregator.chunks import MAX_PENDING_CHUNKED, PendingChunks, overlaps
+from aggregator.folding import BoundedFold
 from aggregator.history import ModelHistory
-from aggregator.ledger import RoundLedger
+from aggregator.ledger import RoundLedger, Stats
 from aggregator.publishing import Publisher
 from aggregator.reporting import Reporter
 from aggregator.robust import ChunkBudget, NormBound, bootstrap_size
@@ -74,37 +73,6 @@ ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "bel
 #: Most queued updates folded in one pass over the accumulator.
 FOLD_BATCH = 8
 
-#: Most bytes of chunks held back while the norm estimate is bootstrapped (more are turned away
-#: as ``overload``): whole updates are at most ``robust.MAX_BOOTSTRAP``, chunks are bounded here.
-MAX_HELD_BYTES = 256 * 1024 * 1024
-
-
-@dataclass
-class HeldChunked:
-    """A complete chunked update accepted while its chunks were held back."""
-
-    key: tuple[str, str]
-    pending: PendingChunks
-    weight: float
-
-
-@dataclass
-class Stats:
-    """Counters since start (read them from any thread; only the worker writes)."""
-
-    accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    bytes_in: int = 0
-    rounds_completed: int = 0
-    fold_seconds: float = 0.0
-    #: ``time.perf_counter()`` when the latest fold finished (0.0 before the first).
-    last_fold_at: float = 0.0
-    #: The latest rejection, with what was wrong (for logs and operators).
-    last_rejection: str = ""
-    #: Accepted updates scaled down to the norm bound.
-    clipped: int = 0
-    #: Rounds whose result was dropped unpublished, by reason (``ABANDON_REASONS``).
-    abandoned: Counter[str] = field(default_factory=Counter)
 
 
 #: The last run id this process gave out (a list: module state without ``global``).
@@ -192,14 +160,20 @@ class AggregatorService:
         self._pending_ids: set[str] = set()
         self._since_snapshot = 0
         self._snapshot_at = 0.0
-        # Accepted whole updates waiting for the batch's fold: (update, weight, squared norm).
-        self._deferred: list[tuple[ModelUpdate, float, float]] = []
-        # Accepted updates held back until the norm estimate is bootstrapped, in order.
-        self._held: list[tuple[ModelUpdate, float, float] | HeldChunked] = []
-        self._held_bytes = 0  # chunks held back, in payload bytes
-        self.ledger = RoundLedger()
+        self.folder = BoundedFold(self.strategy, self.bound, self.stats,
+                                  max_examples=config.limits.max_examples,
+                                  reject_mode=config.robust.mode == "reject")
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+
+    @property
+    def ledger(self) -> RoundLedger:
+        """The open round's counts (kept by the fold, which counts its clips)."""
+        return self.folder.ledger
+
+    @ledger.setter
+    def ledger(self, value: RoundLedger) -> None:
+        self.folder.ledger = value
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -302,86 +276,11 @@ class AggregatorService:
         self._flush()
 
     def _flush(self, closing: bool = False, release: bool = False) -> None:
-        """Fold the accepted updates waiting in this batch, each clipped to the norm bound.
-
-        While the bound's estimate is bootstrapped, updates are held back instead (whole ones
-        and chunks; at most ``robust.MAX_BOOTSTRAP`` updates and ``MAX_HELD_BYTES``); they are
-        folded, clipped to the bound just found, the moment the bootstrap ends (``release``)
-        or the round closes (then the estimate starts from what is in).
-        """
-        if closing and self.bound.bootstrapping:
-            self.bound.start()
-            release = True
-        if release or (self.bound.bootstrapping and self._deferred):
-            self._held.extend(self._deferred)
-            self._deferred = []
-        if release:
-            # A bootstrap that found no non-zero norm releases only what it held whole (zero
-            # updates); chunks in flight wait for a bound, or for the round's close.
-            self._release_held(in_flight=closing or not self.bound.bootstrapping)
-            return
-        if self.bound.bootstrapping or not self._deferred:
-            return
-        batch, self._deferred = self._deferred, []
-        t0 = time.perf_counter()
-        items = []
-        for u, weight, sq in batch:
-            items.append((u.tensors, weight, self._clip(self.bound.scale(math.sqrt(sq)))))
-        if len(items) == 1:
-            self.strategy.fold(*items[0])
-        else:
-            self.strategy.fold_many(items)
-        self.stats.last_fold_at = time.perf_counter()
-        self.stats.fold_seconds += self.stats.last_fold_at - t0
-
-    def _clip(self, scale: float) -> float:
-        """Count a clip factor below 1 (the update was scaled down to the bound)."""
-        if scale < 1.0:
-            self.stats.clipped += 1
-            self.ledger.clipped += 1
-        return scale
-
-    def _release_held(self, in_flight: bool = True) -> None:
-        """Fold everything held back for the bootstrap, in the order it was accepted, then (with
-        ``in_flight``) the chunks of chunked updates still in flight; their later chunks fold as
-        they arrive."""
-        held, self._held = self._held, []
-        t0 = time.perf_counter()
-        for item in held:
-            if isinstance(item, HeldChunked):
-                budget = self._fold_waiting(item.key, item.pending, item.weight)
-                self.strategy.settle(item.key)
-                self._clip(0.0 if budget.spent < budget.raw else 1.0)
-            else:
-                u, weight, sq = item
-                self.strategy.fold(u.tensors, weight,
-                                   self._clip(self.bound.held_scale(math.sqrt(sq))))
-        if in_flight:
-            self._held_bytes = 0
-            for key, pending in self._pending.items():
-                if pending.waiting is not None:
-                    self._fold_waiting(key, pending, self._weight_of(pending))
-        self.stats.last_fold_at = time.perf_counter()
-        self.stats.fold_seconds += self.stats.last_fold_at - t0
-
-    def _fold_waiting(self, key: tuple[str, str], pending: PendingChunks,
-                      weight: float) -> ChunkBudget:
-        """Fold a chunked update's held chunks under a budget from the bound now in force."""
-        budget = ChunkBudget(self.bound.bound() if self.bound.active else math.inf)
-        for tensors, sq in pending.waiting or []:
-            scale = budget.take(sq, clip=True)  # held, so clipped in reject mode too
-            assert scale is not None
-            self.strategy.fold_part(key, tensors, weight, scale)
-        pending.budget = budget
-        pending.waiting = None
-        return budget
-
-    def _weight_of(self, pending: PendingChunks) -> float:
-        return float(min(pending.header[3], self.config.limits.max_examples))
+        self.folder.flush(self._pending, closing=closing, release=release)
 
     def holding(self) -> bool:
         """Whether anything is held back for the norm bound's bootstrap (no snapshot then)."""
-        return bool(self._held) or any(p.waiting is not None for p in self._pending.values())
+        return self.folder.holding(self._pending)
 
     def _log(self) -> None:
         """Append the message being handled to the log (it was accepted or folded)."""
@@ -471,11 +370,9 @@ class AggregatorService:
             return
         if pending.waiting is not None:
             size = len(self._current.payload) if self._current is not None else 0
-            if self._held_bytes + size > MAX_HELD_BYTES:
+            if not self.folder.hold_chunk(pending, update, sq, size):
                 self._reject(update.device_id, update.update_id, "overload")
                 return
-            self._held_bytes += size
-            pending.waiting.append((update.tensors, sq))
             self._log()
         elif not self._fold_chunk(key, pending, update, weight, sq):
             return
@@ -505,14 +402,11 @@ class AggregatorService:
             if not isinstance(action, Accept):
                 continue
             if pending.waiting is not None:
-                # Folded when the bootstrap ends, which accepting it may do right now; whole
-                # updates accepted before it in this batch are held first (acceptance order).
-                self._flush()
-                self._held.append(HeldChunked(key, pending, weight))
+                # Folded when the bootstrap ends, which accepting it may do right now.
+                self.folder.hold_chunked(key, pending, weight)
                 self._accepted(update, weight, sum(sq for _, sq in pending.waiting))
             else:
-                self.strategy.settle(key)
-                self._clip(0.0 if pending.budget.spent < pending.budget.raw else 1.0)
+                self.folder.settle(key, pending)
                 self._accepted(update, weight, pending.budget.raw)
         self._apply([a for a in actions if not isinstance(a, Accept)], (update, weight, sq))
 
@@ -522,8 +416,7 @@ class AggregatorService:
         if pending.budget.rejected:
             self._reject(update.device_id, update.update_id, "norm_bound")
             return False
-        scale = pending.budget.take(sq, clip=self.config.robust.mode != "reject")
-        if scale is None:
+        if self.folder.fold_chunk(key, pending, update, weight, sq) is None:
             # Over the bound in reject mode: what was folded stays as an incomplete update
             # (within the bound); this chunk and every later one are turned away.
             self._pending[key] = pending
@@ -532,13 +425,7 @@ class AggregatorService:
             self._reject(update.device_id, update.update_id, "norm_bound",
                          f"over {pending.budget.bound:.4g}")
             return False
-        # Whole updates accepted before this chunk fold first: the same order as replay,
-        # which folds each message as it is handled (so the same bits after a crash).
-        self._flush()
-        t0 = time.perf_counter()
-        self.strategy.fold_part(key, update.tensors, weight, scale)
         self._log()
-        self.stats.fold_seconds += time.perf_counter() - t0
         return True
 
     def _reject(self, device: str, update_id: str, reason: str, detail: str = "") -> None:
@@ -561,7 +448,7 @@ class AggregatorService:
             match action:
                 case Accept():
                     assert offered is not None
-                    self._deferred.append(offered)  # folded by _flush, with its batch
+                    self.folder.accept(offered)  # folded by _flush, with its batch
                     self._log()
                     self._accepted(*offered)
                 case Reject(device_id=dev, update_id=uid, reason=reason):
@@ -592,10 +479,8 @@ class AggregatorService:
 
     def _open_round(self, now: float, snapshot: bool = True) -> None:
         self.round += 1
-        self._deferred = []  # an abandoned round's accepted updates are dropped with it
-        self._held = []
-        self._held_bytes = 0
-        self.ledger = RoundLedger()
+        # An abandoned round's accepted updates are dropped with it.
+        self.folder.new_round(RoundLedger())
         self.bound.new_round()
         self.strategy.init(self.model)
         self._round_opened = now
