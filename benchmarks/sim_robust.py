@@ -26,22 +26,9 @@ from aggregator.robust import NormBound, bootstrap_size
 from device_agent.trainers import MLPTrainer, TrainConfig
 from fedmq.config import RobustConfig
 from fedmq.datasets import load_digits_split, partition
-from fedmq.models import DEFAULT_LAYER_SIZES, Weights, init_mlp
+from fedmq.models import DEFAULT_LAYER_SIZES, flatten, init_mlp, unflatten
 
 F64 = npt.NDArray[np.float64]
-
-
-def _flat(w: Weights) -> F64:
-    return np.concatenate([v.reshape(-1).astype(np.float64) for v in w.values()])
-
-
-def _unflat(like: Weights, x: F64) -> Weights:
-    out: Weights = {}
-    i = 0
-    for k, v in like.items():
-        out[k] = x[i:i + v.size].reshape(v.shape).astype(np.float32)
-        i += v.size
-    return out
 
 
 def simulate(*, scheme: Literal["iid", "shards"], seed: int, attack: str | None,
@@ -57,7 +44,7 @@ def simulate(*, scheme: Literal["iid", "shards"], seed: int, attack: str | None,
     rng = np.random.default_rng(seed + 99)
     bound = NormBound(robust, bootstrap_size(devices, devices)) if robust else None
     for r in range(rounds):
-        base = _flat(model)
+        base = flatten(model)
         ups: list[tuple[F64, float]] = []
         for d, t in enumerate(trainers):
             if attack is not None and d < attackers:
@@ -66,7 +53,7 @@ def simulate(*, scheme: Literal["iid", "shards"], seed: int, attack: str | None,
                 ups.append((delta, float(cap)))
                 continue
             fit = t.fit(model, cfg, r * devices + d)
-            ups.append((_flat(fit.weights) - base, float(min(fit.num_examples, cap))))
+            ups.append((flatten(fit.weights) - base, float(min(fit.num_examples, cap))))
         norms = [math.sqrt(float(np.dot(u, u))) for u, _ in ups]
         if bound is not None:
             for n in norms:  # every update is accepted; held ones fold once the bound is known
@@ -79,7 +66,7 @@ def simulate(*, scheme: Literal["iid", "shards"], seed: int, attack: str | None,
             s = bound.scale(n) if bound is not None else 1.0
             acc += (w * s) * u
             total += w
-        model = _unflat(model, base + acc / total)
+        model = unflatten(base + acc / total, model)
         if bound is not None:
             bound.end_round()
     return float(test.evaluate(model).accuracy)
