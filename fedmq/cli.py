@@ -88,9 +88,20 @@ def cmd_history(args: argparse.Namespace) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``with`` and ``finally`` cleans up."""
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedmq import demo
 
+    # The demo owns a broker process and a temporary directory: a SIGTERM must unwind the
+    # ExitStack that closes them, as Ctrl-C does, instead of ending the process where it is.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     return demo.run(args)
 
 
@@ -146,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"fedmq {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        # Ctrl-C (or SIGTERM in the demo) once everything has been closed: one line, no traceback.
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"fedmq {args.command}: {what}; everything it started is stopped", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return code
 
 
