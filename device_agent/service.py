@@ -19,7 +19,9 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -393,11 +395,7 @@ def build_trainer(config: AgentConfig) -> Trainer:
     """The trainer an agent config names, on the local data it names."""
     kind = config.trainer.kind
     if ":" in kind:  # "package.module:factory" — a user trainer, called with the config
-        module_name, _, attr = kind.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"trainer.kind {kind!r}: cannot load it ({exc})") from None
+        factory = _load_factory(kind)
         trainer: Trainer = factory(config)
         return trainer
     x, y = load_local_data(config)
@@ -409,6 +407,33 @@ def build_trainer(config: AgentConfig) -> Trainer:
         return SoftmaxTrainer(x, y, num_classes=num_classes)
     raise ConfigError(f"trainer.kind {kind!r} is not known: use 'mlp', 'softmax' or "
                       "'package.module:factory'")
+
+
+def _load_factory(kind: str) -> Callable[..., Any]:
+    """The callable ``[trainer] kind = "package.module:factory"`` names.
+
+    The module is looked for in the working directory too: the ``fedmq`` console script's
+    ``sys.path`` does not hold it, yet that is where a trainer kept beside agent.toml lives.
+    It stays on ``sys.path``, so the module's own lazy imports of its neighbours work as well.
+    """
+    module_name, _, attr = kind.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"[trainer] kind = {kind!r}: expected 'package.module:factory'")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"[trainer] kind = {kind!r}: cannot import module {module_name!r} "
+                          f"(from {cwd} or sys.path): {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ConfigError(f"[trainer] kind = {kind!r}: module {module_name!r} "
+                          f"({getattr(module, '__file__', '?')}) has no attribute {attr!r}")
+    if not callable(factory):
+        raise ConfigError(f"[trainer] kind = {kind!r}: {attr!r} is not callable")
+    return factory  # type: ignore[no-any-return]
 
 
 def load_local_data(config: AgentConfig) -> tuple[np.ndarray, np.ndarray]:
