@@ -35,7 +35,13 @@ import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.outbox import Outbox, OutboxFullError
-from device_agent.trainers import MLPTrainer, SoftmaxTrainer, TrainConfig, Trainer
+from device_agent.trainers import (
+    MLPTrainer,
+    SoftmaxTrainer,
+    TrainConfig,
+    Trainer,
+    check_trainer,
+)
 from fedmq import __version__, codec, compression
 from fedmq.chunking import ModelAssembler, place, split_update
 from fedmq.config import AgentConfig, BrokerConfig, DeviceConfig
@@ -140,7 +146,11 @@ class AgentService:
         outbox = Outbox(Path(state) / "outbox" if state else None, d.outbox_max_bytes,
                         d.outbox_max_messages)
         trained = Path(state) / f"trained-{config.federation}.json" if state else None
-        return cls.over_mqtt(config.federation, device_id, trainer or build_trainer(config),
+        if trainer is None:
+            trainer = build_trainer(config)  # checked there, failing as a ConfigError
+        else:
+            check_trainer(trainer)  # fails at start-up, not at the first round
+        return cls.over_mqtt(config.federation, device_id, trainer,
                              config.broker, feedback=compression.ErrorFeedback(path),
                              outbox=outbox, trained_path=trained)
 
@@ -397,6 +407,10 @@ def build_trainer(config: AgentConfig) -> Trainer:
     if ":" in kind:  # "package.module:factory" — a user trainer, called with the config
         factory = _load_factory(kind)
         trainer: Trainer = factory(config)
+        try:
+            check_trainer(trainer)
+        except TypeError as exc:
+            raise ConfigError(f"[trainer] kind = {kind!r}: {exc}") from None
         return trainer
     x, y = load_local_data(config)
     # A shard may hold only a few labels: the class count comes from the whole data set.

@@ -8,6 +8,7 @@ Everything is float32 numpy so it runs on Raspberry Pi class hardware.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ __all__ = [
     "SoftmaxTrainer",
     "TrainConfig",
     "Trainer",
+    "check_trainer",
     "loss_and_gradients",
 ]
 
@@ -126,6 +128,34 @@ class Trainer(Protocol):
     def evaluate(self, weights: Weights) -> EvalResult:
         """Loss and accuracy of ``weights`` on local data."""
         ...
+
+
+#: The methods a trainer must have, and the parameters the agent passes them (positionally).
+_METHODS = {"fit": ("weights", "config", "round_seed"), "evaluate": ("weights",)}
+
+
+def check_trainer(trainer: object) -> None:
+    """Raise ``TypeError`` (one line, naming the method) unless ``trainer`` fits :class:`Trainer`.
+
+    Run at start-up, so a wrong signature fails there and not at the first round. Lenient:
+    extra parameters with defaults, ``*args`` and ``**kwargs`` are fine; what matters is that
+    ``fit(weights, config, round_seed)`` and ``evaluate(weights)`` can be called as the agent
+    calls them.
+    """
+    for name, params in _METHODS.items():
+        wanted = f"{name}({', '.join(params)})"
+        method = getattr(trainer, name, None)
+        if method is None or not callable(method):
+            raise TypeError(f"{type(trainer).__name__} has no callable {wanted}")
+        try:
+            signature = inspect.signature(method)
+        except (TypeError, ValueError):  # no introspectable signature (a C callable): trust it
+            continue
+        try:
+            signature.bind(*params)
+        except TypeError as exc:
+            raise TypeError(f"{type(trainer).__name__}.{name}{signature} cannot be called as "
+                            f"{wanted}: {exc}") from None
 
 
 _Layer = tuple[npt.NDArray[Any], npt.NDArray[Any]]
