@@ -93,7 +93,8 @@ def initial_weights(config: AggregatorConfig) -> Weights:
         path = Path(config.model.path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {name: np.ascontiguousarray(data[name], dtype=np.float32)
+                # np.array, not np.ascontiguousarray: that makes a 0-d (scalar) tensor 1-d.
+                return {name: np.array(data[name], dtype=np.float32, order="C", copy=True)
                         for name in data.files}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.path {path}: cannot load arrays ({exc})") from None
@@ -134,7 +135,8 @@ class AggregatorService:
         self._replay_now: float | None = None
         self._current: Message | None = None
         base = dict(weights) if weights is not None else initial_weights(config)
-        self.model: Weights = {k: np.ascontiguousarray(v, dtype=np.float32)
+        # np.asarray(order="C"), not np.ascontiguousarray: that makes a scalar (0-d) tensor 1-d.
+        self.model: Weights = {k: np.asarray(v, dtype=np.float32, order="C")
                                for k, v in base.items()}
         self.spec = ModelSpec.from_weights(self.model)
         self.strategy: Strategy = FedAvg(self.spec, server_lr=config.strategy.server_lr)

@@ -7,12 +7,35 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
+from aggregator.service import AggregatorService, initial_weights
 from device_agent.service import AgentService, build_trainer
-from device_agent.trainers import MLPTrainer, SoftmaxTrainer, check_trainer
-from fedmq.config import AgentConfig, DataConfig, DeviceConfig, TrainerConfig
+from device_agent.trainers import (
+    EvalResult,
+    FitResult,
+    MLPTrainer,
+    SoftmaxTrainer,
+    TrainConfig,
+    check_trainer,
+)
+from fedmq import codec
+from fedmq.compression import decode_all
+from fedmq.config import (
+    AgentConfig,
+    AggregatorConfig,
+    DataConfig,
+    DeviceConfig,
+    ModelConfig,
+    RoundsConfig,
+    TrainerConfig,
+)
 from fedmq.errors import ConfigError
+from fedmq.models import Weights
+from fedmq.topics import Topics
+from fedmq.transport import MemoryHub, MemoryTransport
+from fedmq.wire import GlobalModel
 
 # A user trainer module as one would keep it next to agent.toml; the factory takes the config.
 TRAINER_MODULE = '''
@@ -166,3 +189,70 @@ def test_a_trainer_passed_in_is_checked_too() -> None:
 
     with pytest.raises(TypeError, match=r"fit\(weights, config, round_seed\)"):
         AgentService.from_config(agent_config("mlp"), NoRoundSeed())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- a scalar tensor in the model
+
+
+class ShiftTrainer:
+    """Adds 0.5 to every tensor, keeping its shape (a scalar stays a scalar)."""
+
+    def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:
+        out = {k: np.asarray(v + np.float32(0.5), dtype=np.float32) for k, v in weights.items()}
+        return FitResult(weights=out, num_examples=4)
+
+    def evaluate(self, weights: Weights) -> EvalResult:
+        return EvalResult(loss=0.0, accuracy=1.0, num_examples=4)
+
+
+def test_a_scalar_tensor_keeps_shape_0d_through_a_round(tmp_path: Path) -> None:
+    path = tmp_path / "model.npz"
+    arrays: dict[str, npt.NDArray[np.float32]] = {
+        "dense0.weight": np.ones((3, 2), np.float32), "dense0.bias": np.zeros(2, np.float32),
+        "temperature": np.array(2.0, np.float32)}  # shape ()
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    config = AggregatorConfig(
+        federation="sdk", model=ModelConfig(path=str(path)),
+        rounds=RoundsConfig(min_updates=1, max_updates=1, deadline_s=60.0, grace_s=5.0,
+                            max_rounds=1))
+    assert initial_weights(config)["temperature"].shape == ()
+
+    hub = MemoryHub()
+    now = [1_000.0]
+    agg_transport = MemoryTransport(hub)
+    aggregator = AggregatorService(config, agg_transport, clock=lambda: now[0])
+    assert aggregator.model["temperature"].shape == ()
+    transport = MemoryTransport(hub)
+    agent = AgentService("sdk", "dev-1", ShiftTrainer(), transport, clock=lambda: now[0])
+    topics = Topics("sdk")
+    transport.subscribe(topics.model, qos=1)
+    transport.subscribe(topics.round, qos=1)
+    transport.start()
+    aggregator.start(connect_timeout=0.0)
+    aggregator.stop()
+    for _ in range(100):  # deliver until quiet, as tests/unit/test_services.py's Fleet.pump
+        busy = False
+        while not transport.inbox.empty():
+            agent.handle_message(transport.inbox.get_nowait())
+            busy = True
+        while not agg_transport.inbox.empty():
+            aggregator.handle_message(agg_transport.inbox.get_nowait())
+            aggregator.step()
+            busy = True
+        aggregator.step()
+        if not busy:
+            break
+
+    models = [codec.decode_as(m.payload, GlobalModel) for m in agg_transport.published
+              if m.topic == topics.model]
+    shapes = {t.name: tuple(t.shape) for t in models[0].tensors}
+    assert shapes["temperature"] == ()
+    assert not agent.ignored
+    assert agent.updates_sent == 1
+    assert aggregator.stats.accepted == 1
+    assert not aggregator.stats.rejected
+    assert [m.version for m in models] == [0, 1]
+    final = decode_all(models[1].tensors)
+    assert final["temperature"].shape == ()
+    np.testing.assert_allclose(final["temperature"], 2.5, rtol=1e-6)
+    np.testing.assert_allclose(final["dense0.weight"], 1.5, rtol=1e-6)
