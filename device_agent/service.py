@@ -413,8 +413,9 @@ def build_trainer(config: AgentConfig) -> Trainer:
             raise ConfigError(f"[trainer] kind = {kind!r}: {exc}") from None
         return trainer
     x, y = load_local_data(config)
-    # A shard may hold only a few labels: the class count comes from the whole data set.
-    num_classes = 10 if config.data.source == "digits" else int(y.max()) + 1
+    # A device may hold only a few labels: the class count comes from the whole data set
+    # (digits), or from the model it is sent (npz: None, the last layer's output size).
+    num_classes = 10 if config.data.source == "digits" else None
     if kind == "mlp":
         return MLPTrainer(x, y, num_classes=num_classes)
     if kind == "softmax":

@@ -239,11 +239,13 @@ class MLPTrainer:
     """Minibatch SGD on local data for any chain of dense layers (ReLU hidden, softmax output).
 
     The architecture is read from the weights passed to :meth:`fit`, so one trainer serves
-    softmax regression and MLPs alike. ``fit`` is deterministic in
+    softmax regression and MLPs alike. With ``num_classes=None`` the class count is the model's
+    output size too (the local labels need only be below it): a device's own labels may well
+    lack the top classes. ``fit`` is deterministic in
     ``(weights, config, round_seed)`` and never modifies the weights passed in.
     """
 
-    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int) -> None:
+    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int | None) -> None:
         xa = np.asarray(x)
         ya = np.asarray(y)
         if xa.ndim != 2:
@@ -256,11 +258,12 @@ class MLPTrainer:
             raise ValueError("no local examples: a trainer needs at least one (x, y) row")
         if not np.issubdtype(ya.dtype, np.integer):
             raise ValueError(f"y must hold integer class labels, got dtype {ya.dtype}")
-        if num_classes < 1:
+        if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if ya.min() < 0 or ya.max() >= num_classes:
+        if ya.min() < 0 or (num_classes is not None and ya.max() >= num_classes):
             raise ValueError(
-                f"labels must be in [0, {num_classes}), got range [{ya.min()}, {ya.max()}]"
+                f"labels must be in [0, {num_classes or 'classes'}), got range "
+                f"[{ya.min()}, {ya.max()}]"
             )
         if not np.isfinite(xa).all():
             raise ValueError("x contains NaN or infinite values")
@@ -279,7 +282,11 @@ class MLPTrainer:
             raise ValueError(
                 f"model takes {sizes[0]} inputs but local data has {self._x.shape[1]} features"
             )
-        if sizes[-1] != self.num_classes:
+        if self.num_classes is None:  # the model says how many classes there are
+            if sizes[-1] <= self._y.max():
+                raise ValueError(f"model outputs {sizes[-1]} classes but the local labels go "
+                                 f"up to {self._y.max()}")
+        elif sizes[-1] != self.num_classes:
             raise ValueError(
                 f"model outputs {sizes[-1]} classes but the trainer expects {self.num_classes}"
             )

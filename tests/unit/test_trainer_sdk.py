@@ -32,7 +32,7 @@ from fedmq.config import (
     TrainerConfig,
 )
 from fedmq.errors import ConfigError
-from fedmq.models import Weights
+from fedmq.models import Weights, init_mlp
 from fedmq.topics import Topics
 from fedmq.transport import MemoryHub, MemoryTransport
 from fedmq.wire import GlobalModel
@@ -256,3 +256,26 @@ def test_a_scalar_tensor_keeps_shape_0d_through_a_round(tmp_path: Path) -> None:
     assert final["temperature"].shape == ()
     np.testing.assert_allclose(final["temperature"], 2.5, rtol=1e-6)
     np.testing.assert_allclose(final["dense0.weight"], 1.5, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- npz labels lacking the top class
+
+
+def test_npz_device_without_the_top_classes_trains_a_ten_class_model(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    data = tmp_path / "local.npz"
+    np.savez(data, x=rng.normal(size=(24, 64)).astype(np.float32),
+             y=np.arange(24) % 8)  # labels 0..7 only
+    trainer = build_trainer(agent_config("mlp", source="npz", path=str(data)))
+    weights = init_mlp([64, 16, 10], seed=0)
+    result = trainer.fit(weights, TrainConfig(epochs=1, batch_size=8, lr=0.1), 7)
+    assert list(result.weights) == list(weights)
+    assert {k: v.shape for k, v in result.weights.items()} == {
+        k: v.shape for k, v in weights.items()}
+    assert result.num_examples == 24
+    assert trainer.evaluate(result.weights).num_examples == 24
+    # softmax regression too, and a model with fewer outputs than the labels need is refused
+    softmax = build_trainer(agent_config("softmax", source="npz", path=str(data)))
+    assert softmax.fit(init_mlp([64, 10], seed=0), TrainConfig(epochs=1), 1).num_examples == 24
+    with pytest.raises(ValueError, match="labels"):
+        trainer.fit(init_mlp([64, 16, 5], seed=0), TrainConfig(epochs=1), 1)
