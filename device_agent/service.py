@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -406,12 +407,24 @@ def build_trainer(config: AgentConfig) -> Trainer:
     kind = config.trainer.kind
     if ":" in kind:  # "package.module:factory" — a user trainer, called with the config
         factory = _load_factory(kind)
-        trainer: Trainer = factory(config)
+        options = dict(config.trainer.options)
+        try:  # a wrong option is a config error, not a TypeError from inside the factory
+            inspect.signature(factory).bind(config, **options)
+        except TypeError as exc:
+            raise ConfigError(f"[trainer] options = {sorted(options)}: {kind!r} cannot be "
+                              f"called as factory(config, **options): {exc}") from None
+        except ValueError:  # no introspectable signature: let the call tell
+            pass
+        trainer: Trainer = factory(config, **options)
         try:
             check_trainer(trainer)
         except TypeError as exc:
             raise ConfigError(f"[trainer] kind = {kind!r}: {exc}") from None
         return trainer
+    if config.trainer.options and kind in ("mlp", "softmax"):
+        raise ConfigError(f"[trainer] options = {sorted(config.trainer.options)}: the built-in "
+                          f"trainer {kind!r} takes no options (they are for a "
+                          "'package.module:factory' trainer)")
     x, y = load_local_data(config)
     # A device may hold only a few labels: the class count comes from the whole data set
     # (digits), or from the model it is sent (npz: None, the last layer's output size).

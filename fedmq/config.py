@@ -237,6 +237,9 @@ class TrainerConfig:
     """Which trainer runs on the device: "mlp", "softmax", or "package.module:factory"."""
 
     kind: str = "mlp"
+    #: Keyword arguments of a "package.module:factory" trainer: ``factory(config, **options)``.
+    #: The built-in trainers take none.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -458,6 +461,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is list:
         (item,) = get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:  # a free-form table ([trainer] options): any TOML values, string keys
+        return isinstance(value, dict)
     if tp is type(None):
         return value is None
     if tp is bool:
@@ -477,6 +482,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(json.dumps(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_describe(get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return "a table"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 

@@ -474,6 +474,7 @@ AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("data", "shard_from_env"): ENV_NAME,
     ("data", "seed"): [*INT_NON_NEGATIVE, ("2**32", str(1 << 32))],
     ("trainer", "kind"): TEXT,
+    ("trainer", "options"): [("integer", "3"), ("string", '"hidden=32"'), ("list", "[1, 2]")],
 }
 
 
@@ -700,6 +701,15 @@ def test_unreadable_content_is_one_line(tmp_path: Path, content: bytes, pattern:
             load(path)
         assert "\n" not in str(info.value)
         assert str(path) in str(info.value)
+
+
+def test_trainer_options_table_loads_as_written(tmp_path: Path) -> None:
+    cfg = load_agent(agent_file(
+        tmp_path, '[trainer]\nkind = "my.mod:make"\n[trainer.options]\nhidden = 32\n'
+                  'name = "cnn"\nsizes = [1, 2]\nnested = {a = 1.5}'))
+    assert cfg.trainer.options == {"hidden": 32, "name": "cnn", "sizes": [1, 2],
+                                   "nested": {"a": 1.5}}
+    assert load_agent(agent_file(tmp_path)).trainer.options == {}
 
 
 def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:

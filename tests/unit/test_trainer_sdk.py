@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -279,3 +281,50 @@ def test_npz_device_without_the_top_classes_trains_a_ten_class_model(tmp_path: P
     assert softmax.fit(init_mlp([64, 10], seed=0), TrainConfig(epochs=1), 1).num_examples == 24
     with pytest.raises(ValueError, match="labels"):
         trainer.fit(init_mlp([64, 16, 5], seed=0), TrainConfig(epochs=1), 1)
+
+
+# ---------------------------------------------------------------- [trainer] options
+
+
+OPTIONS_MODULE = '''
+class T:
+    def __init__(self, hidden, name):
+        self.hidden, self.name = hidden, name
+    def fit(self, weights, config, round_seed): ...
+    def evaluate(self, weights): ...
+
+
+def make(config, *, hidden, name="plain"):
+    return T(hidden, name)
+'''
+
+
+def options_config(kind: str, options: dict[str, Any]) -> AgentConfig:
+    return dataclasses.replace(agent_config(kind),
+                               trainer=TrainerConfig(kind=kind, options=options))
+
+
+def test_trainer_options_are_the_factorys_keyword_arguments(workdir: Path) -> None:
+    write_module(workdir, "sdk_options", OPTIONS_MODULE)
+    try:
+        trainer = build_trainer(options_config("sdk_options:make", {"hidden": 32}))
+        assert (trainer.hidden, trainer.name) == (32, "plain")  # type: ignore[attr-defined]
+        trainer = build_trainer(options_config("sdk_options:make",
+                                               {"hidden": 8, "name": "cnn"}))
+        assert (trainer.hidden, trainer.name) == (8, "cnn")  # type: ignore[attr-defined]
+        # an option the factory does not take, or a missing required one: one ConfigError
+        for options, word in (({"hidden": 8, "depth": 2}, "depth"), ({}, "hidden")):
+            with pytest.raises(ConfigError) as info:
+                build_trainer(options_config("sdk_options:make", options))
+            message = str(info.value)
+            assert "[trainer] options" in message
+            assert word in message
+            assert "\n" not in message
+    finally:
+        sys.modules.pop("sdk_options", None)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "softmax"])
+def test_built_in_trainers_refuse_options(kind: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[trainer\] options .*hidden"):
+        build_trainer(options_config(kind, {"hidden": 32}))
