@@ -172,6 +172,19 @@ class _Body(bytearray):
     filled = 0
 
 
+def describe_connect_error(exc: BaseException) -> str:
+    """A short, operator-facing reason a TCP (or TLS) connect failed."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror or exc}"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc}"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 class _Client(mqtt.Client):
     """paho's client with a receive path that copies a large inbound packet less.
 
@@ -190,6 +203,21 @@ class _Client(mqtt.Client):
     handled exactly as paho's own ``_handle_publish`` does (callback, then PUBACK unless
     acknowledged manually); QoS 2 and anything malformed go to paho's code unchanged.
     """
+
+    #: Called before each connection attempt (refreshes the last will) and with the error of
+    #: a failed one; set by ``PahoTransport``.
+    before_connect: Callable[[], None] | None = None
+    connect_error: BaseException | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        if self.before_connect is not None:
+            self.before_connect()
+        self.connect_error = None
+        try:
+            return super().reconnect()
+        except OSError as exc:  # paho's loop reports it as on_connect_fail, without the error
+            self.connect_error = exc
+            raise
 
     def _sock_recv(self, bufsize: int) -> bytes:
         p = self._in_packet
@@ -280,15 +308,34 @@ class _Client(mqtt.Client):
         return self._send_puback(mid)
 
 
+#: The broker's MQTT 5 DISCONNECT reason when another client connected with our client id.
+SESSION_TAKEN_OVER = 0x8E
+#: A connection dropped sooner than this after its CONNACK counts as a quick drop; this many
+#: quick drops in a row (MQTT 3.1.1 gives no reason) mean another client shares our id.
+QUICK_DROP_S = 2.0
+QUICK_DROPS = 3
+#: At most one "waiting for the broker" line per this many seconds, and one duplicate-id line
+#: per ``DUPLICATE_REPEAT_S``.
+WAITING_REPEAT_S = 30.0
+DUPLICATE_REPEAT_S = 60.0
+
+
 class PahoTransport:
-    """A paho-mqtt client with its own network thread and jittered reconnects."""
+    """A paho-mqtt client with its own network thread and jittered reconnects.
+
+    What it waits for is logged: one WARNING when the broker cannot be reached (then at most one
+    per ``WAITING_REPEAT_S`` while that lasts), one INFO line per successful connect, and one
+    ERROR (at most per ``DUPLICATE_REPEAT_S``) when another client uses the same client id.
+    ``will`` may be a callable: it is called before each connection attempt, so the last will
+    can carry the connect time.
+    """
 
     def __init__(
         self,
         broker: BrokerConfig,
         client_id: str,
         *,
-        will: Will | None = None,
+        will: Will | Callable[[], Will] | None = None,
         on_connect: Callable[[], None] | None = None,
         inbox_size: int = 10_000,
         seed: int | None = None,
@@ -317,6 +364,16 @@ class PahoTransport:
         self.last_error: str | None = None
         #: The broker's Maximum Packet Size from CONNACK (MQTT 5), None when it sets none.
         self.max_packet_size: int | None = None
+        # What-we-wait-for lines (monotonic times; see the class docstring).
+        self._clock: Callable[[], float] = time.monotonic
+        self._failing_since: float | None = None
+        self._waiting_logged: float | None = None
+        self._connected_at: float | None = None
+        self._quick_drops = 0
+        self._duplicate_logged: float | None = None
+        #: Times another client was seen using our client id.
+        self.duplicate_id_seen = 0
+        self._will = will
 
         protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
         persistent = session_expiry_s > 0
@@ -328,12 +385,22 @@ class PahoTransport:
         if broker.tls:
             self._client.tls_set(ca_certs=broker.ca_file, certfile=broker.cert_file,
                                  keyfile=broker.key_file, cert_reqs=ssl.CERT_REQUIRED)
-        if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._set_will()
+        self._client.before_connect = self._set_will
         self._client.on_connect = self._handle_connect
         self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+
+    def _set_will(self) -> None:
+        will = self._will() if callable(self._will) else self._will
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the broker, for log lines."""
+        return f"{self.broker.host}:{self.broker.port}"
 
     # ---- paho callbacks: run on the network thread, so they only record and enqueue
 
@@ -343,6 +410,9 @@ class PahoTransport:
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.client_id, self.last_error)
             return
+        log.info("connected to %s as %s", self.address, self.client_id)
+        self._failing_since = self._waiting_logged = None
+        self._connected_at = self._clock()
         # paho does not enforce the broker's limit; an oversize publish is dropped or gets us
         # disconnected, so remember it and let senders chunk below it.
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -361,7 +431,28 @@ class PahoTransport:
         self._connected.clear()
         if not self._stopping.is_set():
             log.info("%s: disconnected (%s)", self.client_id, reason)
+            self._check_duplicate(reason)
             self._jitter_next_delay()
+
+    def _check_duplicate(self, reason: ReasonCode) -> None:
+        """Report, in one line, a broker that keeps handing our session to another client."""
+        now = self._clock()
+        lived = None if self._connected_at is None else now - self._connected_at
+        self._connected_at = None
+        taken_over = reason.value == SESSION_TAKEN_OVER
+        if lived is not None and lived < QUICK_DROP_S:
+            self._quick_drops += 1
+        else:
+            self._quick_drops = 0
+        if not taken_over and self._quick_drops < QUICK_DROPS:
+            return
+        self.duplicate_id_seen += 1
+        if (self._duplicate_logged is not None
+                and now - self._duplicate_logged < DUPLICATE_REPEAT_S):
+            return
+        self._duplicate_logged = now
+        log.error("another client is connected with client id %s (the broker handed it our "
+                  "session): every device needs its own [device] id", self.client_id)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:
@@ -369,7 +460,16 @@ class PahoTransport:
                                msg.mid))
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self.last_error = f"cannot reach {self.broker.host}:{self.broker.port}"
+        error = self._client.connect_error
+        why = describe_connect_error(error) if error is not None else "cannot connect"
+        self.last_error = f"cannot reach {self.address}: {why}"
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        if self._waiting_logged is None or now - self._waiting_logged >= WAITING_REPEAT_S:
+            self._waiting_logged = now
+            log.warning("waiting for the broker at %s (%s); retrying with back-off",
+                        self.address, why)
         self._jitter_next_delay()
 
     def _jitter_next_delay(self) -> None:
