@@ -66,6 +66,10 @@ F32 = npt.NDArray[np.float32]
 
 #: After a reconnect, how long paho gets to resend what it holds before the outbox resends it.
 RESEND_GRACE_S = 5.0
+#: Connected this long (service clock) without a round announcement: say what the agent waits
+#: for, then again at most every ``ROUND_WAIT_REPEAT_S`` while it lasts.
+ROUND_WAIT_WARN_S = 3.0
+ROUND_WAIT_REPEAT_S = 30.0
 
 
 class AgentService:
@@ -119,6 +123,10 @@ class AgentService:
         self._resend_due: float | None = None
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        # The "no round announcement yet" line (service clock times; see check_waiting).
+        self._round_seen = False
+        self._waiting_since: float | None = None
+        self._round_wait_logged: float | None = None
 
     @classmethod
     def over_mqtt(cls, federation: str, device_id: str, trainer: Trainer,
@@ -126,10 +134,18 @@ class AgentService:
                   feedback: compression.ErrorFeedback | None = None,
                   outbox: Outbox | None = None,
                   trained_path: Path | None = None) -> AgentService:
-        """A service on a real broker, with a last will that marks the device offline."""
+        """A service on a real broker, with a last will that marks the device offline.
+
+        The will is built before each connection attempt, so its ``ts`` is that connect's time
+        (the broker publishes it later, when the device vanishes, as it was then).
+        """
         service: AgentService
-        will = Will(Topics(federation).status(device_id),
-                    codec.encode(_status(federation, device_id, "offline", 0.0)))
+
+        def will() -> Will:
+            return Will(Topics(federation).status(device_id),
+                        codec.encode(_status(federation, device_id, "offline",
+                                             service.clock())))
+
         transport = PahoTransport(broker, client_id=f"fedmq-device-{device_id}", will=will,
                                   # a lambda: `service` does not exist yet
                                   on_connect=lambda: service.on_connected())  # noqa: PLW0108
@@ -188,6 +204,28 @@ class AgentService:
         """The transport's connect hook (paho's network thread): only records and enqueues."""
         self.publish_status("online")
         self._connected_again.set()
+
+    def check_waiting(self) -> None:
+        """Connected, yet no round announcement after ``ROUND_WAIT_WARN_S``: say so (the worker
+        calls this every turn; the transport itself reports an unreachable broker)."""
+        if self._round_seen:
+            return
+        if not self.transport.wait_connected(0):
+            self._waiting_since = None
+            return
+        now = self.clock()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since < ROUND_WAIT_WARN_S:
+            return
+        if (self._round_wait_logged is not None
+                and now - self._round_wait_logged < ROUND_WAIT_REPEAT_S):
+            return
+        self._round_wait_logged = now
+        where = (self.transport.address if isinstance(self.transport, PahoTransport)
+                 else "the broker")
+        log.warning("no round announcement on %s yet (connected to %s); is the aggregator "
+                    "running and is the federation name right?", self.topics.round, where)
 
     # ---------------------------------------------------------------- outbox
 
@@ -271,6 +309,7 @@ class AgentService:
                 self.pump_outbox()
             except Exception:  # e.g. a disk error: the device keeps following rounds
                 log.exception("device %s: outbox error", self.device_id)
+            self.check_waiting()
             try:
                 msg = self.transport.inbox.get(timeout=0.1)
             except queue.Empty:
@@ -297,6 +336,7 @@ class AgentService:
                 return  # a part of a chunked model; the rest is on its way
             actions = self.machine.on_model(whole)
         elif msg.topic == self.topics.round and isinstance(decoded, RoundAnnouncement):
+            self._round_seen = True
             actions = self.machine.on_round(decoded)
         else:
             self.ignored["unexpected"] += 1

@@ -385,7 +385,8 @@ class PahoTransport:
         if broker.tls:
             self._client.tls_set(ca_certs=broker.ca_file, certfile=broker.cert_file,
                                  keyfile=broker.key_file, cert_reqs=ssl.CERT_REQUIRED)
-        self._set_will()
+        if not callable(will):  # a callable will is built before each connection attempt
+            self._set_will()
         self._client.before_connect = self._set_will
         self._client.on_connect = self._handle_connect
         self._client.on_connect_fail = self._handle_connect_fail
