@@ -3,8 +3,9 @@
 - Rejections: each one is logged at DEBUG; at INFO, one summary line per reason window
   (``reject_log_every_s``) says how many were rejected for what, and the latest detail. A flood
   of bad messages therefore writes a line a minute, not a line a message.
-- Waiting: a round below quorum that has received nothing for ``idle_warn_s`` gets one WARNING
-  line saying what it waits for, repeated at most that often.
+- Waiting: a round below quorum that has received nothing for ``FIRST_STATUS_S`` (5 s) gets one
+  INFO line saying what it waits for; after ``idle_warn_s`` of silence a WARNING line, repeated
+  at most that often.
 
 The clock is an argument: ``tick(now, ...)`` is called from the worker, never from a timer.
 """
@@ -15,7 +16,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["Reporter"]
+__all__ = ["FIRST_STATUS_S", "Reporter"]
+
+#: Silence below quorum after which one INFO line says what the round waits for.
+FIRST_STATUS_S = 5.0
 
 log = logging.getLogger("aggregator.service")
 
@@ -34,6 +38,8 @@ class Reporter:
     last_received_at: float | None = None
     last_warned_at: float | None = None
     quiet_since_start: bool = False
+    #: The INFO line for this quiet spell was written.
+    status_said: bool = False
     #: Warnings written (for tests and operators).
     idle_warnings: int = 0
 
@@ -41,6 +47,7 @@ class Reporter:
         """A message arrived on an update topic."""
         self.last_received_at = now
         self.quiet_since_start = False
+        self.status_said = False
 
     def rejected(self, reason: str, device: str, update_id: str, detail: str = "") -> None:
         """Count one rejection; the single line goes to DEBUG."""
@@ -58,16 +65,20 @@ class Reporter:
             self.flush(now)
         if not waiting:
             self.last_warned_at = None
+            self.status_said = False
             return
         if self.last_received_at is None:  # nothing yet: count from the first waiting tick
             self.last_received_at = now
             self.quiet_since_start = True
+        left = f", deadline in {deadline - now:.0f} s" if deadline is not None else ""
+        if not self.status_said and now - self.last_received_at >= FIRST_STATUS_S:
+            log.info("round %d waiting: %d/%d updates%s", round_, accepted, quorum, left)
+            self.status_said = True
         quiet_from = max(self.last_received_at, self.last_warned_at or self.last_received_at)
         if now - quiet_from < self.idle_warn_s:
             return
         heard = ("nothing received since it started" if self.quiet_since_start
                  else f"nothing received for {now - self.last_received_at:.0f} s")
-        left = f", deadline in {deadline - now:.0f} s" if deadline is not None else ""
         log.warning("round %d waiting for updates: %d/%d of its quorum in, %s%s", round_,
                     accepted, quorum, heard, left)
         self.last_warned_at = now

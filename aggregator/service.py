@@ -458,8 +458,10 @@ class AggregatorService:
                 case CloseRound(closed_by=closed_by):
                     self._close_round(closed_by)
                 case ExtendDeadline(deadline=deadline):
-                    log.info("round %d below quorum at its deadline: extended to %.1f",
-                             self.round, deadline)
+                    log.info("round %d below quorum at its deadline (%d/%d updates): extended "
+                             "by %.0f s, to %s", self.round, self.machine.accepted,
+                             self.config.rounds.min_updates, deadline - self._now(),
+                             time.strftime("%H:%M:%S", time.localtime(deadline)))
                     self._announce(deadline)
                 case AbandonRound(accepted=accepted):
                     log.warning("round %d abandoned below quorum (%d updates discarded); "

@@ -83,3 +83,20 @@ def test_service_warns_while_a_round_waits(caplog: pytest.LogCaptureFixture) -> 
     agg.step()
     assert agg.reporter.idle_warnings == 1
     assert "round 1 waiting for updates: 0/2" in caplog.records[-1].getMessage()
+
+
+def test_a_short_silence_below_quorum_is_one_info_line_within_5_s(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 10: an aggregator waiting for a second update said nothing for minutes.
+    caplog.set_level(logging.INFO, logger="aggregator.service")
+    r = Reporter(reject_every_s=60.0, idle_warn_s=30.0)
+    r.received(0.0)
+    waiting(r, 4.9, accepted=1)
+    assert not caplog.records
+    waiting(r, 5.0, accepted=1)
+    waiting(r, 9.0, accepted=1)
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "round 3 waiting: 1/2 updates, deadline in 95 s"]
+    r.received(10.0)  # something arrived: the next quiet spell is said again
+    waiting(r, 15.0, accepted=1)
+    assert len(caplog.records) == 2
