@@ -1,0 +1,285 @@
+"""The configuration's keys and defaults: one frozen dataclass per TOML section.
+
+``fedmq.config`` reads files into these strictly (types, ranges, one line per failure) and is
+the module to import them from; ``docs/configuration.md`` lists every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fedmq.errors import ConfigError
+from fedmq.models import DEFAULT_LAYER_SIZES
+from fedmq.topics import check_name
+
+__all__ = [
+    "AgentConfig",
+    "AggregatorConfig",
+    "BrokerConfig",
+    "CompressionConfig",
+    "DataConfig",
+    "DeviceConfig",
+    "DurabilityConfig",
+    "LimitsConfig",
+    "ModelConfig",
+    "RobustConfig",
+    "RoundsConfig",
+    "SamplingConfig",
+    "StrategyConfig",
+    "TrainSettings",
+    "TrainerConfig",
+]
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    #: MQTT 5 by default; set false for MQTT 3.1.1-only brokers (the embedded amqtt one).
+    mqtt5: bool = True
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    client_id: str | None = None
+    #: Reconnect back-off: full jitter between 0 and min(max, min * 2**attempt) seconds.
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The initial global model: a chain of dense layers, or arrays from an ``.npz`` file."""
+
+    layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYER_SIZES))
+    seed: int = 0
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """When a round closes (see docs/rounds.md)."""
+
+    min_updates: int = 2
+    max_updates: int = 100
+    deadline_s: float = 60.0
+    grace_s: float = 5.0
+    below_quorum: Literal["extend", "reannounce"] = "extend"
+    max_extensions: int = 0
+    #: Stop after this many completed rounds (0 = run until stopped).
+    max_rounds: int = 0
+    #: Below quorum with nothing received for this long: one warning line (repeated at most
+    #: this often) saying what the round waits for.
+    idle_warn_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training settings sent to devices in each round announcement."""
+
+    # Tuned on digits (benchmarks/sim_fedavg.py); device_agent.trainers.TrainConfig agrees.
+    epochs: int = 5
+    batch_size: int = 10
+    lr: float = 0.3
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Server-free device selection: each device decides from hash(seed, round, id) < rate."""
+
+    rate: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Caps on what the network may send."""
+
+    max_update_bytes: int = 64 * 1024 * 1024
+    #: The most examples one update may count with: the weight of any one device is bounded.
+    #: Size it to the largest honest local data set (docs/robustness.md).
+    max_examples: int = 10_000
+    #: Over ``max_examples``: "cap" counts the update with ``max_examples``; "reject" rejects
+    #: it (``invalid_weight``).
+    weight_mode: Literal["cap", "reject"] = "cap"
+    #: Rejections are logged as one summary line per reason at most this often (each single
+    #: rejection at DEBUG).
+    reject_log_every_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Bounded influence of any one update (docs/robustness.md)."""
+
+    #: Over the norm bound an update is scaled down to it ("clip"), rejected ("reject"), or
+    #: nothing is bounded ("off").
+    mode: Literal["clip", "reject", "off"] = "clip"
+    #: A fixed L2 bound on each update; unset: adaptive, ``clip_multiplier`` times a running
+    #: estimate of the median norm of accepted updates (Andrew et al. 2021).
+    clip_norm: float | None = None
+    clip_multiplier: float = 3.0
+    #: Hard ceiling on the bound, adaptive or not; also the bound before any estimate exists.
+    max_norm: float = 10_000.0
+    #: The adaptive estimate's starting value (unset: the first round's median norm).
+    initial_norm: float | None = None
+    #: Which quantile of the norms the estimate tracks, and its geometric step per round.
+    target_quantile: float = 0.5
+    adapt_rate: float = 0.2
+    #: A round whose new model moves farther than this (L2) from its base is abandoned.
+    max_change_norm: float = 100_000.0
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The aggregation strategy."""
+
+    name: Literal["fedavg"] = "fedavg"
+    server_lr: float = 1.0
+    #: Threads for folding a dense tensor of at least 2M elements (0 = every core, the
+    #: default: the kernels release the GIL, and measured ingest over a broker on the same
+    #: 2-core host was no worse for it). Set 1 to keep folding on one core.
+    fold_threads: int = 0
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How devices encode updates (sent in each announcement) and how big a message may be."""
+
+    codec: Literal["fp32", "fp16", "int8", "topk"] = "fp32"
+    #: int8 (and topk with int8 values): values per float32 scale.
+    block: int = 256
+    #: topk: fraction of entries kept.
+    fraction: float = 0.01
+    #: topk: how kept values are encoded.
+    values: Literal["int8", "fp16"] = "int8"
+    #: Larger updates and models are split into chunks (also never above the broker's
+    #: Maximum Packet Size from CONNACK).
+    max_chunk_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class DurabilityConfig:
+    """Crash safety (docs/operations.md): write-ahead log, snapshots, persistent session."""
+
+    #: Directory for the log and snapshots; unset = nothing survives a restart.
+    state_dir: str | None = None
+    #: How long the broker keeps the aggregator's session (and queues updates) while it is down.
+    session_expiry_s: int = 86_400
+    #: Published models kept in ``state_dir``/models for rollback (docs/operations.md).
+    history_keep: int = 10
+    #: Also snapshot within a round after this many accepted updates (0: never), or after
+    #: this many seconds with new updates (0: never); bounds the replay after a crash.
+    snapshot_every_updates: int = 1000
+    snapshot_every_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """``fedmq aggregator --config aggregator.toml``."""
+
+    federation: str = "default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    durability: DurabilityConfig = field(default_factory=DurabilityConfig)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Who this device is."""
+
+    id: str | None = None
+    #: Read the id from this environment variable when ``id`` is not set (e.g. HOSTNAME).
+    id_from_env: str | None = None
+    #: Where the agent keeps state that must survive a restart (the compression residual and
+    #: the outbox of unacknowledged updates). Unset: kept in memory only.
+    state_dir: str | None = None
+    #: Bounds of the outbox (``state_dir``/outbox): when a new update does not fit, the oldest
+    #: whole updates are dropped (device_agent/outbox.py).
+    outbox_max_bytes: int = 64 * 1024 * 1024
+    outbox_max_messages: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.outbox_max_bytes < 1 or self.outbox_max_messages < 1:
+            raise ValueError("outbox_max_bytes and outbox_max_messages must be positive")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the device's local data comes from."""
+
+    #: "digits" (scikit-learn's bundled set, one shard of it) or "npz" (arrays x and y in ``path``).
+    source: Literal["digits", "npz"] = "digits"
+    path: str | None = None
+    partition: Literal["iid", "shards"] = "iid"
+    num_shards: int = 1
+    shard: int = 0
+    shard_from_env: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Which trainer runs on the device: "mlp", "softmax", or "package.module:factory"."""
+
+    kind: str = "mlp"
+    #: Keyword arguments of a "package.module:factory" trainer: ``factory(config, **options)``.
+    #: The built-in trainers take none.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """``fedmq agent --config agent.toml``."""
+
+    federation: str = "default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def device_id(self) -> str:
+        """The configured device id, from ``id`` or the named environment variable."""
+        value = self.device.id
+        if value is None and self.device.id_from_env:
+            value = os.environ.get(self.device.id_from_env)
+        if not value:
+            raise ConfigError("[device] needs `id`, or `id_from_env` naming a set environment "
+                              "variable")
+        try:
+            return check_name(value, "device id")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def shard(self) -> int:
+        """The data shard index: ``shard``, or the named environment variable.
+
+        When ``shard_from_env`` names a variable that is not set (replicas of one container
+        share one environment), the shard is sha256(device id) mod ``num_shards``: stable per
+        device, spread across the shards.
+        """
+        var = self.data.shard_from_env
+        if var:
+            raw = os.environ.get(var)
+            if raw is None:
+                digest = hashlib.sha256(self.device_id().encode()).digest()
+                return int.from_bytes(digest[:8], "big") % self.data.num_shards
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"${var}={raw!r} is not an integer shard index") from None
+        return self.data.shard
