@@ -282,7 +282,7 @@ class AggregatorService:
 
     def holding(self) -> bool:
         """Whether anything is held back for the norm bound's bootstrap (no snapshot then)."""
-        return self.folder.holding(self._pending)
+        return self.folder.holding()
 
     def _log(self) -> None:
         """Append the message being handled to the log (it was accepted or folded)."""
