@@ -81,8 +81,9 @@ from fedmq.config import (
     StrategyConfig,
 )
 from fedmq.errors import DecodeError
+from fedmq.memory_transport import MemoryTransport
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, Message
+from fedmq.transport import Message
 from fedmq.wire import GlobalModel, ModelUpdate, RoundAnnouncement, RoundSummary, Tensor
 
 FED = "poison-fed"

@@ -54,8 +54,9 @@ from fedmq.config import (
     RoundsConfig,
 )
 from fedmq.errors import DecodeError
+from fedmq.memory_transport import MemoryTransport
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, Message
+from fedmq.transport import Message
 from fedmq.wire import (
     CODECS,
     TOPK_VALUES,

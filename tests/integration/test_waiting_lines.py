@@ -26,8 +26,9 @@ from fedmq import codec
 from fedmq.broker import MosquittoBroker, find_free_port
 from fedmq.config import BrokerConfig
 from fedmq.datasets import load_digits_split
+from fedmq.memory_transport import MemoryTransport
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, PahoTransport
+from fedmq.transport import PahoTransport
 from fedmq.wire import DeviceStatus
 
 from fedhelpers import unique_federation

@@ -13,10 +13,11 @@ from device_agent.trainers import MLPTrainer
 from fedmq import codec
 from fedmq.compression import encode_all
 from fedmq.errors import ProtocolError
+from fedmq.memory_transport import MemoryTransport
 from fedmq.models import init_mlp
 from fedmq.sampling import selected
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, Message
+from fedmq.transport import Message
 from fedmq.wire import GlobalModel, RoundAnnouncement, Tensor, model_digest
 
 FED = "fleet"

@@ -15,9 +15,10 @@ from device_agent.service import AgentService
 from device_agent.trainers import MLPTrainer
 from fedmq import codec
 from fedmq.compression import encode_all
+from fedmq.memory_transport import MemoryTransport
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
-from fedmq.transport import Delivery, MemoryTransport, Message
+from fedmq.transport import Delivery, Message
 from fedmq.wire import GlobalModel, ModelUpdate, RoundAnnouncement, model_digest
 
 FED = "fleet"

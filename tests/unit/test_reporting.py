@@ -9,8 +9,9 @@ import pytest
 from aggregator.reporting import Reporter
 from aggregator.service import AggregatorService
 from fedmq.config import AggregatorConfig, LimitsConfig, ModelConfig, RoundsConfig
+from fedmq.memory_transport import MemoryTransport
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, Message
+from fedmq.transport import Message
 
 
 def waiting(r: Reporter, now: float, accepted: int = 0) -> None:

@@ -33,8 +33,9 @@ from fedmq.config import (
     RobustConfig,
     RoundsConfig,
 )
+from fedmq.memory_transport import MemoryTransport
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, Message
+from fedmq.transport import Message
 from fedmq.wire import ModelUpdate, Tensor
 
 from naive import lane_sq_norm

@@ -44,9 +44,10 @@ from fedmq.config import (
     RoundsConfig,
     StrategyConfig,
 )
+from fedmq.memory_transport import MemoryTransport
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
-from fedmq.transport import MemoryTransport, Message
+from fedmq.transport import Message
 from fedmq.wire import ModelUpdate, Tensor
 
 from naive import lane_sq_norm

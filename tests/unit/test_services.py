@@ -17,8 +17,9 @@ from device_agent.trainers import MLPTrainer
 from fedmq import codec
 from fedmq.compression import decode_all, encode_all
 from fedmq.config import AggregatorConfig, ModelConfig, RoundsConfig, TrainSettings
+from fedmq.memory_transport import MemoryHub, MemoryTransport
 from fedmq.topics import Topics
-from fedmq.transport import MemoryHub, MemoryTransport, Message
+from fedmq.transport import Message
 from fedmq.wire import GlobalModel, ModelUpdate, RoundAnnouncement, RoundSummary
 
 FED = "svc-test"

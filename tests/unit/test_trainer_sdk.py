@@ -34,9 +34,9 @@ from fedmq.config import (
     TrainerConfig,
 )
 from fedmq.errors import ConfigError
+from fedmq.memory_transport import MemoryHub, MemoryTransport
 from fedmq.models import Weights, init_mlp
 from fedmq.topics import Topics
-from fedmq.transport import MemoryHub, MemoryTransport
 from fedmq.wire import GlobalModel
 
 # A user trainer module as one would keep it next to agent.toml; the factory takes the config.

@@ -19,7 +19,8 @@ from fedmq.config import (
     ModelConfig,
     RoundsConfig,
 )
-from fedmq.transport import MemoryHub, MemoryTransport, Message
+from fedmq.memory_transport import MemoryHub, MemoryTransport
+from fedmq.transport import Message
 from fedmq.wire import GlobalModel, ModelUpdate, RoundSummary
 
 
