@@ -16,13 +16,9 @@ in the common case. Duplicates are harmless: the aggregator rejects them as ``du
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -35,10 +31,9 @@ import numpy as np
 import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
+from device_agent.factory import build_trainer
 from device_agent.outbox import Outbox, OutboxFullError
 from device_agent.trainers import (
-    MLPTrainer,
-    SoftmaxTrainer,
     TrainConfig,
     Trainer,
     check_trainer,
@@ -47,7 +42,7 @@ from fedmq import __version__, codec, compression
 from fedmq.chunking import ModelAssembler, place, split_update
 from fedmq.config import AgentConfig, BrokerConfig, DeviceConfig
 from fedmq.durable import atomic_write
-from fedmq.errors import BrokerError, ConfigError, DecodeError
+from fedmq.errors import BrokerError, DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Delivery, Message, PahoTransport, Transport, Will
 from fedmq.wire import (
@@ -440,86 +435,6 @@ def codec_options(params: Mapping[str, float | int | str]) -> dict[str, Any]:
 def _status(federation: str, device_id: str, state: str, ts: float) -> DeviceStatus:
     return DeviceStatus(federation=federation, device_id=device_id, state=state,
                         agent_version=__version__, capabilities=CODECS, ts=ts)
-
-
-def build_trainer(config: AgentConfig) -> Trainer:
-    """The trainer an agent config names, on the local data it names."""
-    kind = config.trainer.kind
-    if ":" in kind:  # "package.module:factory" — a user trainer, called with the config
-        factory = _load_factory(kind)
-        options = dict(config.trainer.options)
-        try:  # a wrong option is a config error, not a TypeError from inside the factory
-            inspect.signature(factory).bind(config, **options)
-        except TypeError as exc:
-            raise ConfigError(f"[trainer] options = {sorted(options)}: {kind!r} cannot be "
-                              f"called as factory(config, **options): {exc}") from None
-        except ValueError:  # no introspectable signature: let the call tell
-            pass
-        trainer: Trainer = factory(config, **options)
-        try:
-            check_trainer(trainer)
-        except TypeError as exc:
-            raise ConfigError(f"[trainer] kind = {kind!r}: {exc}") from None
-        return trainer
-    if config.trainer.options and kind in ("mlp", "softmax"):
-        raise ConfigError(f"[trainer] options = {sorted(config.trainer.options)}: the built-in "
-                          f"trainer {kind!r} takes no options (they are for a "
-                          "'package.module:factory' trainer)")
-    x, y = load_local_data(config)
-    # A device may hold only a few labels: the class count comes from the whole data set
-    # (digits), or from the model it is sent (npz: None, the last layer's output size).
-    num_classes = 10 if config.data.source == "digits" else None
-    if kind == "mlp":
-        return MLPTrainer(x, y, num_classes=num_classes)
-    if kind == "softmax":
-        return SoftmaxTrainer(x, y, num_classes=num_classes)
-    raise ConfigError(f"trainer.kind {kind!r} is not known: use 'mlp', 'softmax' or "
-                      "'package.module:factory'")
-
-
-def _load_factory(kind: str) -> Callable[..., Any]:
-    """The callable ``[trainer] kind = "package.module:factory"`` names.
-
-    The module is looked for in the working directory too: the ``fedmq`` console script's
-    ``sys.path`` does not hold it, yet that is where a trainer kept beside agent.toml lives.
-    It stays on ``sys.path``, so the module's own lazy imports of its neighbours work as well.
-    """
-    module_name, _, attr = kind.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"[trainer] kind = {kind!r}: expected 'package.module:factory'")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"[trainer] kind = {kind!r}: cannot import module {module_name!r} "
-                          f"(from {cwd} or sys.path): {exc}") from None
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise ConfigError(f"[trainer] kind = {kind!r}: module {module_name!r} "
-                          f"({getattr(module, '__file__', '?')}) has no attribute {attr!r}")
-    if not callable(factory):
-        raise ConfigError(f"[trainer] kind = {kind!r}: {attr!r} is not callable")
-    return factory  # type: ignore[no-any-return]
-
-
-def load_local_data(config: AgentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The device's own examples, as (x float32, y int64)."""
-    d = config.data
-    if d.source == "npz":
-        if not d.path:
-            raise ConfigError("data.source = 'npz' needs data.path")
-        with np.load(d.path, allow_pickle=False) as f:
-            return np.asarray(f["x"], dtype=np.float32), np.asarray(f["y"], dtype=np.int64)
-    from fedmq.datasets import load_digits_split, partition
-
-    x_train, y_train, _, _ = load_digits_split(d.seed)
-    shard = config.shard()
-    if not 0 <= shard < d.num_shards:
-        raise ConfigError(f"data.shard {shard} is outside 0..{d.num_shards - 1}")
-    idx = partition(y_train, d.num_shards, d.partition, d.seed)[shard]
-    return x_train[idx], y_train[idx]
 
 
 def _load_trained(path: Path | None) -> tuple[int, int, str, float] | None:

@@ -13,7 +13,8 @@ import numpy.typing as npt
 import pytest
 
 from aggregator.service import AggregatorService, initial_weights
-from device_agent.service import AgentService, build_trainer
+from device_agent.factory import build_trainer
+from device_agent.service import AgentService
 from device_agent.trainers import (
     EvalResult,
     FitResult,
