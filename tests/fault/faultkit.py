@@ -24,6 +24,7 @@ Run as a script, this file is the device process (``device_main``).
 from __future__ import annotations
 
 import heapq
+import importlib
 import itertools
 import json
 import logging
@@ -68,6 +69,9 @@ from fedmq.transport import PahoTransport
 from fedmq.wire import ModelUpdate, RoundAnnouncement, RoundSummary
 
 ROOT = Path(__file__).resolve().parents[2]
+# The kernels' numpy references (tests/unit/naive.py): one copy, for the drills' references too.
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+naive = importlib.import_module("naive")
 F32 = npt.NDArray[np.float32]
 
 
@@ -255,17 +259,6 @@ MAX_NORM = 10_000.0
 ADAPT_RATE = 0.2
 
 
-def serial_sq_norm(arrays: Sequence[npt.NDArray[np.float32]]) -> float:
-    """Sum of squares in float64 per tensor in the kernels' order (eight lanes, element i in
-    lane i % 8; as tests/unit/naive.lane_sq_norm), so a reference gets the same clip factors."""
-    total = 0.0
-    for a in arrays:
-        sq = np.square(a.astype(np.float64).ravel())
-        s = [float(np.add.accumulate(sq[j::8])[-1]) if sq[j::8].size else 0.0 for j in range(8)]
-        total += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
-    return total
-
-
 def _aggregator_toml(federation: str, broker: BrokerConfig, state: Path, model: str, *,
                      min_updates: int, max_updates: int, deadline_s: float, grace_s: float,
                      max_rounds: int) -> str:
@@ -358,7 +351,9 @@ class Drill:
         estimate = self._initial_norm()
         for r in range(1, self.rounds + 1):
             deltas = [self.delta(r, d) for d in range(self.devices)]
-            norms = [math.sqrt(serial_sq_norm(list(delta.values()))) for delta in deltas]
+            # Per tensor in the kernels' order (naive.lane_sq_norm), summed like the admission's.
+            norms = [math.sqrt(sum(naive.lane_sq_norm(a) for a in delta.values()))
+                     for delta in deltas]
             # Every device in every round: round 1's norms start the estimate (and, being the
             # bootstrap, do not move it); each later round moves it once.
             first = estimate is None
