@@ -1,4 +1,4 @@
-"""Bytes to ``fedmq.wire`` messages and back: the one module that imports msgpack.
+"""Bytes to ``fedmq.wire`` messages and back (msgpack; ``msgpack_views`` unpacks without copies).
 
 ``encode(message) -> bytes`` and ``decode(payload, limits) -> message``. Decoding never trusts the
 payload: sizes are capped before unpacking, every field's type is checked, every tensor's byte
@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from fedmq.errors import DecodeError
+from fedmq.msgpack_views import VIEW_MIN_BYTES, unpack
 from fedmq.wire import (
     CODECS,
     DEVICE_STATES,
@@ -24,17 +25,21 @@ from fedmq.wire import (
     TOPK_VALUES,
     Blob,
     DeviceStatus,
+    Evaluation,
     GlobalModel,
     Message,
+    ModelEvaluation,
     ModelUpdate,
     RoundAnnouncement,
+    RoundProgress,
     RoundSummary,
     Tensor,
     blocks,
 )
 
 T = TypeVar("T")
-M = TypeVar("M", RoundAnnouncement, GlobalModel, ModelUpdate, DeviceStatus, RoundSummary)
+M = TypeVar("M", RoundAnnouncement, GlobalModel, ModelUpdate, DeviceStatus, RoundSummary,
+            Evaluation, ModelEvaluation, RoundProgress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,23 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "bytes_in": msg.bytes_in, "duration_s": float(msg.duration_s),
                 "metrics": dict(msg.metrics),
             }
+        case Evaluation():
+            return head | {
+                "kind": "eval", "device": msg.device_id, "version": msg.version,
+                "num_examples": msg.num_examples, "metrics": dict(msg.metrics),
+                "ts": float(msg.ts)} | ({"run": msg.run} if msg.run else {})
+        case ModelEvaluation():
+            return head | {
+                "kind": "model_eval", "version": msg.version, "devices": msg.devices,
+                "num_examples": msg.num_examples, "metrics": dict(msg.metrics),
+                "ts": float(msg.ts)} | ({"run": msg.run} if msg.run else {})
+        case RoundProgress():
+            return head | {
+                "kind": "progress", "round": msg.round, "base_version": msg.base_version,
+                "accepted": msg.accepted, "min_updates": msg.min_updates,
+                "max_updates": msg.max_updates, "deadline": float(msg.deadline),
+                "rejected": dict(msg.rejected), "ts": float(msg.ts),
+            } | ({"run": msg.run} if msg.run else {})
     raise TypeError(f"not a fedmq message: {type(msg).__name__}")
 
 
@@ -379,127 +401,57 @@ def _summary(f: _Fields, fed: str) -> RoundSummary:
         if not (isinstance(a, list) and len(a) == 2 and all(isinstance(s, str) for s in a)):
             raise DecodeError("summary: accepted must be a list of [device, update_id] pairs")
         accepted.append((a[0], a[1]))
-    rejected_raw: Mapping[str, Any] = f.optional("rejected", f.map_, {})
-    if len(rejected_raw) > f.limits.max_entries or not all(
-            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in rejected_raw.items()):
-        raise DecodeError("summary: rejected must map reasons to non-negative counts")
     return RoundSummary(
         federation=fed, round=f.int_("round"), version=f.int_("version"),
         participants=f.int_("participants"), closed_by=f.str_("closed_by"),
-        accepted=tuple(accepted), rejected=dict(rejected_raw),
+        accepted=tuple(accepted), rejected=_counts(f, "rejected"),
         bytes_in=f.optional("bytes_in", f.int_, 0),
         duration_s=f.optional("duration_s", f.float_, 0.0), metrics=f.scalars("metrics"),
     )
 
 
+def _counts(f: _Fields, key: str) -> dict[str, int]:
+    """A map of reason to non-negative count (``rejected``)."""
+    raw: Mapping[str, Any] = f.optional(key, f.map_, {})
+    if len(raw) > f.limits.max_entries or not all(
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in raw.items()):
+        raise DecodeError(f"{f.where}: {key} must map reasons to non-negative counts")
+    return dict(raw)
+
+
+def _eval(f: _Fields, fed: str) -> Evaluation:
+    return Evaluation(
+        federation=fed, device_id=f.str_("device"), version=f.int_("version"),
+        num_examples=f.int_("num_examples"), metrics=f.scalars("metrics"), run=_run(f),
+        ts=f.optional("ts", f.float_, 0.0))
+
+
+def _model_eval(f: _Fields, fed: str) -> ModelEvaluation:
+    return ModelEvaluation(
+        federation=fed, version=f.int_("version"), devices=f.int_("devices"),
+        num_examples=f.int_("num_examples"), metrics=f.scalars("metrics"), run=_run(f),
+        ts=f.optional("ts", f.float_, 0.0))
+
+
+def _progress(f: _Fields, fed: str) -> RoundProgress:
+    return RoundProgress(
+        federation=fed, round=f.int_("round"), base_version=f.int_("base_version"),
+        accepted=f.int_("accepted"), min_updates=f.int_("min_updates"),
+        max_updates=f.int_("max_updates"), deadline=f.float_("deadline"),
+        rejected=_counts(f, "rejected"), run=_run(f), ts=f.optional("ts", f.float_, 0.0))
+
+
 _READERS: Mapping[str, Callable[[_Fields, str], Message]] = {
     "round": _round, "model": _model, "update": _update, "status": _status, "summary": _summary,
+    "eval": _eval, "model_eval": _model_eval, "progress": _progress,
 }
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise DecodeError(f"msgpack extension type {code} is not allowed")
-
-
-#: Binary fields at least this long are not copied out of the payload: the decoded tensor views
-#: them in place (see ``_unpack``). A 1 MB update used to be copied once more, on the hot path.
-VIEW_MIN_BYTES = 16 * 1024
-#: The scan that finds them walks the document object by object in Python; a document with more
-#: objects than this (never a fedmq message) is simply unpacked the ordinary, copying way.
-_SCAN_MAX_OBJECTS = 4096
-#: The extension type that stands for a viewed binary inside the rewritten document. Real
-#: extensions are refused, so the only ones msgpack meets there are these.
-_VIEW_EXT = 0x11
-# msgpack markers: fixed-size objects (marker -> bytes after it), and the sized ones
-# (marker -> width of their big-endian length field).
-_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
-          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
-_BIN = {0xC4: 1, 0xC5: 2, 0xC6: 4}
-_STR = {0xD9: 1, 0xDA: 2, 0xDB: 4}
-_ARRAY = {0xDC: 2, 0xDD: 4}
-_MAP = {0xDE: 2, 0xDF: 4}
-
-
-def _large_bins(buf: memoryview) -> list[tuple[int, int, int]] | None:
-    """(marker offset, data offset, length) of every binary of ``VIEW_MIN_BYTES`` or more.
-
-    None when the document is not one plain msgpack object the scan can walk (truncated, trailing
-    bytes, extensions, the reserved marker, too many objects): the caller then unpacks it the
-    ordinary way, which reports whatever is wrong with it.
-    """
-    n = len(buf)
-    pos, pending, objects = 0, 1, 0
-    found: list[tuple[int, int, int]] = []
-    while pending:
-        objects += 1
-        if pos >= n or objects > _SCAN_MAX_OBJECTS:
-            return None
-        m = buf[pos]
-        pending -= 1
-        if m <= 0x7F or m >= 0xE0:  # positive / negative fixint
-            pos += 1
-        elif m <= 0x8F:  # fixmap
-            pending += 2 * (m & 0x0F)
-            pos += 1
-        elif m <= 0x9F:  # fixarray
-            pending += m & 0x0F
-            pos += 1
-        elif m <= 0xBF:  # fixstr
-            pos += 1 + (m & 0x1F)
-        elif m in _FIXED:
-            pos += 1 + _FIXED[m]
-        else:
-            width = _BIN.get(m) or _STR.get(m) or _ARRAY.get(m) or _MAP.get(m)
-            if width is None or pos + 1 + width > n:  # an extension, 0xC1, or truncated
-                return None
-            length = int.from_bytes(buf[pos + 1:pos + 1 + width], "big")
-            pos += 1 + width
-            if m in _ARRAY:
-                pending += length
-            elif m in _MAP:
-                pending += 2 * length
-            else:
-                if m in _BIN and length >= VIEW_MIN_BYTES:
-                    found.append((pos - 1 - width, pos, length))
-                pos += length
-    return found if pos == n else None
-
-
 def _unpack(payload: bytes | bytearray | memoryview, limits: DecodeLimits) -> Any:
-    """msgpack.unpackb with our caps; large binaries come back as read-only views, not copies.
-
-    When the payload holds large binaries, a small copy of it is unpacked in which each of them
-    is replaced by a 5-byte extension carrying its number; the extension hook hands back a view
-    of the original bytes. The payload must not change while the result is in use (bytes never
-    do; the transport hands over bytes). One difference from plain msgpack: a binary of
-    ``VIEW_MIN_BYTES`` or more used as a map key is refused (no fedmq map has binary keys).
-    """
-    caps: dict[str, Any] = {
-        "raw": False, "strict_map_key": True, "use_list": True, "max_str_len": 1 << 20,
-        "max_bin_len": limits.max_payload_bytes,
-        "max_array_len": max(limits.max_tensors, limits.max_entries, limits.max_ndim, 1 << 16),
-        "max_map_len": 1 << 12,
-    }
-    view = memoryview(payload).cast("B").toreadonly()
-    bins = _large_bins(view) if len(view) >= VIEW_MIN_BYTES else None
-    if not bins:
-        return msgpack.unpackb(payload, ext_hook=_reject_ext, max_ext_len=0, **caps)
-    pieces: list[bytes | memoryview] = []
-    views: list[memoryview] = []
-    start = 0
-    for marker, data, length in bins:
-        pieces.append(view[start:marker])
-        pieces.append(bytes((0xD6, _VIEW_EXT)) + len(views).to_bytes(4, "big"))  # fixext 4
-        views.append(view[data:data + length])
-        start = data + length
-    pieces.append(view[start:])
-
-    def viewed(code: int, data: bytes) -> memoryview:
-        if code != _VIEW_EXT:
-            _reject_ext(code, data)
-        return views[int.from_bytes(data, "big")]
-
-    return msgpack.unpackb(b"".join(pieces), ext_hook=viewed, max_ext_len=4, **caps)
+    """``msgpack_views.unpack`` with the caps ``limits`` sets."""
+    return unpack(payload, max_bin_len=limits.max_payload_bytes,
+                  max_array_len=max(limits.max_tensors, limits.max_entries, limits.max_ndim,
+                                    1 << 16))
 
 
 def decode(payload: bytes | bytearray | memoryview,

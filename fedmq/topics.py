@@ -53,6 +53,24 @@ class Topics:
         return f"{self.base}/metrics"
 
     @property
+    def model_eval(self) -> str:
+        """The federated evaluation of each model version (``ModelEvaluation``, retained)."""
+        return f"{self.base}/metrics/eval"
+
+    @property
+    def progress(self) -> str:
+        """The open round's progress (``RoundProgress``, retained)."""
+        return f"{self.base}/metrics/progress"
+
+    @property
+    def evals(self) -> str:
+        """Subscription filter for every device's evaluation reports."""
+        return f"{self.base}/eval/+"
+
+    def eval(self, device_id: str) -> str:
+        return f"{self.base}/eval/{check_name(device_id, 'device id')}"
+
+    @property
     def updates(self) -> str:
         """Subscription filter for every device's updates."""
         return f"{self.base}/update/+"
@@ -68,13 +86,14 @@ class Topics:
         return f"{self.base}/status/{check_name(device_id, 'device id')}"
 
     def device_of(self, topic: str) -> str | None:
-        """The device id in an ``update/{id}`` or ``status/{id}`` topic of this federation.
+        """The device id in an ``update/{id}``, ``status/{id}`` or ``eval/{id}`` topic of this
+        federation.
 
         None when the topic is not one of those or its last level is not a valid device id
         (``update/+`` also matches an empty level).
         """
         parts = topic.split("/")
         if len(parts) == 5 and "/".join(parts[:3]) == self.base and parts[3] in (
-                "update", "status") and _NAME.fullmatch(parts[4]):
+                "update", "status", "eval") and _NAME.fullmatch(parts[4]):
             return parts[4]
         return None

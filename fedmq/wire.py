@@ -12,6 +12,9 @@ class                      kind        topic
 ``ModelUpdate``            ``update``  ``fedmq/v1/{fed}/update/{device}``
 ``DeviceStatus``           ``status``  ``fedmq/v1/{fed}/status/{device}``
 ``RoundSummary``           ``summary`` ``fedmq/v1/{fed}/metrics``
+``Evaluation``             ``eval``    ``fedmq/v1/{fed}/eval/{device}``
+``ModelEvaluation``        ``model_eval`` ``fedmq/v1/{fed}/metrics/eval``
+``RoundProgress``          ``progress`` ``fedmq/v1/{fed}/metrics/progress``
 =========================  ==========  =================================
 
 Evolving the schema: a new optional field may be added under the same ``"v"`` (decoders ignore
@@ -187,7 +190,59 @@ class RoundSummary:
     metrics: Metrics = field(default_factory=dict)
 
 
-Message = RoundAnnouncement | GlobalModel | ModelUpdate | DeviceStatus | RoundSummary
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """A device's evaluation of global model ``version`` on its held-out data (not retained).
+
+    ``metrics`` holds at least ``loss`` and ``accuracy`` for the built-in trainers (any scalar a
+    trainer's ``evaluate`` gives is carried); ``num_examples`` is the size of the held-out set,
+    the report's weight in the federation's mean.
+    """
+
+    federation: str
+    device_id: str
+    version: int
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+    #: The run of the model evaluated (``newer``); 0 when not given.
+    run: int = 0
+    ts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvaluation:
+    """The federated evaluation of model ``version``: example-weighted means of the devices'
+    reports on that version (``eval_loss``, ``eval_accuracy``, ...). Retained; published again
+    as more reports arrive, so the latest one for a version holds all reports so far."""
+
+    federation: str
+    version: int
+    devices: int
+    num_examples: int
+    metrics: Metrics = field(default_factory=dict)
+    run: int = 0
+    ts: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundProgress:
+    """The open round as the aggregator sees it: updates in against the quorum, the deadline,
+    rejections so far. Retained; published when it changes (at most about once a second)."""
+
+    federation: str
+    round: int
+    base_version: int
+    accepted: int
+    min_updates: int
+    max_updates: int
+    deadline: float
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    run: int = 0
+    ts: float = 0.0
+
+
+Message = (RoundAnnouncement | GlobalModel | ModelUpdate | DeviceStatus | RoundSummary
+           | Evaluation | ModelEvaluation | RoundProgress)
 
 
 def newer(run: int, number: int, than_run: int, than_number: int) -> bool:
