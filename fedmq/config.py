@@ -34,6 +34,7 @@ from fedmq.config_schema import (
     DeviceConfig,
     DurabilityConfig,
     LimitsConfig,
+    MetricsConfig,
     ModelConfig,
     RobustConfig,
     RoundsConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "DeviceConfig",
     "DurabilityConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "ModelConfig",
     "RobustConfig",
     "RoundsConfig",
@@ -136,6 +138,15 @@ _LAYERS = Rule(
     "a list of at least 2 sizes >= 1 (input, ..., output), the product of each two neighbours "
     f"at most {_MAX_TENSOR} (the largest tensor a device decodes)")
 
+
+def _is_listen(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return value == "" or (bool(sep) and port.isdigit() and 1 <= int(port) <= 65535
+                           and "\0" not in host)
+
+
+_LISTEN = Rule(_is_listen, "HOST:PORT (e.g. 0.0.0.0:9464 or 127.0.0.1:9464), or empty for none")
+
 #: Per section, per key: what a value must be beyond its type (checked for every value read from
 #: a file, and by ``check_aggregator`` / ``check_agent``). Keys without a rule are the booleans,
 #: the choices (``Literal``: the type check already limits them) and the broker credentials.
@@ -210,7 +221,9 @@ RULES: dict[type, dict[str, Rule]] = {
         "shard": _ints(0),
         "shard_from_env": _ENV,
         "seed": _ints(0, (1 << 32) - 1),  # scikit-learn's random_state splits the digits
+        "eval_fraction": _numbers(0.0, 1.0, lo_open=False),
     },
+    MetricsConfig: {"listen": _LISTEN},
     TrainerConfig: {"kind": _TEXT},
 }
 

@@ -24,6 +24,7 @@ __all__ = [
     "DeviceConfig",
     "DurabilityConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "ModelConfig",
     "RobustConfig",
     "RoundsConfig",
@@ -182,6 +183,15 @@ class DurabilityConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The aggregator's Prometheus endpoint (``/metrics``) and health check (``/healthz``)."""
+
+    #: ``HOST:PORT`` to serve on (e.g. ``0.0.0.0:9464``); empty: no HTTP endpoint. Needs the
+    #: ``prometheus-client`` package (the ``aggregator`` extra).
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """``fedmq aggregator --config aggregator.toml``."""
 
@@ -196,6 +206,7 @@ class AggregatorConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,9 @@ class DataConfig:
     shard: int = 0
     shard_from_env: str | None = None
     seed: int = 0
+    #: Fraction of the local examples held out (never trained on) to evaluate every new global
+    #: model on (federated evaluation). 0: no evaluation reports; 1: an evaluation-only device.
+    eval_fraction: float = 0.2
 
 
 @dataclass(frozen=True)

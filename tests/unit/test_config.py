@@ -451,6 +451,9 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("durability", "history_keep"): INT_POSITIVE,
     ("durability", "snapshot_every_updates"): INT_NON_NEGATIVE,
     ("durability", "snapshot_every_s"): SECONDS_OR_ZERO,
+    ("metrics", "listen"): [("no-port", '"0.0.0.0"'), ("port-0", '"host:0"'),
+                            ("port-65536", '"host:65536"'), ("port-word", '"host:http"'),
+                            ("int", "9464"), ("bool", "true")],
 }
 
 AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
@@ -473,6 +476,7 @@ AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("data", "shard"): INT_NON_NEGATIVE,
     ("data", "shard_from_env"): ENV_NAME,
     ("data", "seed"): [*INT_NON_NEGATIVE, ("2**32", str(1 << 32))],
+    ("data", "eval_fraction"): UNIT,
     ("trainer", "kind"): TEXT,
     ("trainer", "options"): [("integer", "3"), ("string", '"hidden=32"'), ("list", "[1, 2]")],
 }
