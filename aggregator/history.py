@@ -24,6 +24,8 @@ CLI: ``python -m aggregator.history list --dir DIR`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -105,6 +107,28 @@ class ModelHistory:
         """The file that holds ``version`` (whether or not it exists)."""
         return self.directory / f"model-{version:06d}.msgpack"
 
+    def eval_path(self, version: int) -> Path:
+        """The small JSON file beside ``version`` with its federated evaluation (``eval_*``).
+
+        Kept apart from the model file: the evaluation arrives after the version was published
+        and is rewritten as reports come in, and a model file may be large.
+        """
+        return self.directory / f"model-{version:06d}.eval.json"
+
+    def stored_eval(self, version: int) -> dict[str, float]:
+        """``version``'s federated evaluation, or {} (none yet, or an unreadable file)."""
+        try:
+            raw = json.loads(self.eval_path(version).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.eval_path(version), exc)
+            return {}
+        if not isinstance(raw, dict):
+            return {}
+        return {str(k): float(v) for k, v in raw.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)}
+
     def versions(self) -> list[int]:
         """The versions on disk, oldest first (temporary and unrelated files are ignored)."""
         if not self.directory.is_dir():
@@ -150,7 +174,9 @@ class ModelHistory:
             raise HistoryError(f"{path} is damaged: its tensors hash to sha256 {digest[:16]}…, "
                                f"the model says {model.sha256[:16]}…; roll back to another "
                                "version")
-        return model
+        evaluated = self.stored_eval(version)
+        # The metrics as published, plus the devices' evaluation of this version once known.
+        return dataclasses.replace(model, metrics=dict(model.metrics) | evaluated)
 
     def export_npz(self, version: int, path: Path | str) -> Path:
         """Write ``version``'s weights to ``path`` as an .npz, tensors in order (float32).
@@ -190,6 +216,15 @@ class ModelHistory:
         self._prune()
         return path
 
+    def save_eval(self, version: int, metrics: Mapping[str, float]) -> bool:
+        """Store ``version``'s federated evaluation beside it (durably); False if the version
+        is not (or no longer) in the history."""
+        if not self.path(version).is_file():
+            return False
+        _write_durably(self.eval_path(version), json.dumps(dict(metrics), sort_keys=True)
+                       .encode())
+        return True
+
     def _supersede_newer(self, model: GlobalModel) -> None:
         """Move files of an earlier line of models (versions >= this one) out of the way."""
         stale = [v for v in self.versions() if v >= model.version]
@@ -200,6 +235,8 @@ class ModelHistory:
         target = self._new_superseded_dir()
         for v in stale:
             os.replace(self.path(v), target / self.path(v).name)
+            if self.eval_path(v).exists():
+                os.replace(self.eval_path(v), target / self.eval_path(v).name)
         fsync_dir(target)
         fsync_dir(self.directory)
         log.warning("model history %s: saving version %d, but versions %s of an earlier run were "
@@ -238,6 +275,7 @@ class ModelHistory:
         removed = False
         for v in self.versions()[:-self.keep]:
             self.path(v).unlink(missing_ok=True)
+            self.eval_path(v).unlink(missing_ok=True)
             removed = True
         for entry in self.directory.iterdir():
             # Only this aggregator writes here, and its own temporary file is renamed by now.

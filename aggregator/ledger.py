@@ -71,3 +71,7 @@ class Stats:
     clipped: int = 0
     #: Rounds whose result was dropped unpublished, by reason (``ABANDON_REASONS``).
     abandoned: Counter[str] = field(default_factory=Counter)
+    #: Devices' evaluation reports counted, and those not counted by reason
+    #: (``aggregator.evaluation.EVAL_REJECT_REASONS``; not update rejections).
+    eval_reports: int = 0
+    eval_rejected: Counter[str] = field(default_factory=Counter)

@@ -1,5 +1,6 @@
 """What the aggregator publishes: the retained model (whole or chunked), the retained round
-announcement, and round summaries; and the same retained state again after a reconnect.
+announcement, round summaries, the federated evaluation of each version and the open round's
+progress; and the same retained state again after a reconnect.
 
 ``Publisher`` holds only what publishing needs to remember (the retained payloads, how many model
 parts the last split left, the current model's digest); the service decides when.
@@ -7,6 +8,7 @@ parts the last split left, the current model's digest); the service decides when
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,9 +21,18 @@ from fedmq.compression import encode_all
 from fedmq.config import AggregatorConfig, CompressionConfig
 from fedmq.topics import Topics
 from fedmq.transport import Transport
-from fedmq.wire import GlobalModel, RoundAnnouncement, RoundSummary, model_digest
+from fedmq.wire import (
+    GlobalModel,
+    ModelEvaluation,
+    RoundAnnouncement,
+    RoundProgress,
+    RoundSummary,
+    model_digest,
+)
 
 __all__ = ["Publisher", "codec_params"]
+
+log = logging.getLogger("aggregator.service")
 
 
 def codec_params(c: CompressionConfig) -> dict[str, float | int | str]:
@@ -76,7 +87,9 @@ class Publisher:
         self.model_parts = len(messages) - 1
         for topic, payload in out:
             self.transport.publish(topic, payload, qos=1, retain=True)
-        self.retained = out
+        # The model replaces the previous one's messages; the round and the metrics stay.
+        keep = (self.topics.round, self.topics.model_eval, self.topics.progress)
+        self.retained = [r for r in self.retained if r[0] in keep] + out
 
     def announce(self, *, round_: int, version: int, run: int, deadline: float,
                  open_: bool = True) -> None:
@@ -93,12 +106,34 @@ class Publisher:
             max_chunk_bytes=self.chunk_limit(), open=open_, run=run)
         payload = codec.encode(ann)
         self.transport.publish(self.topics.round, payload, qos=1, retain=True)
-        self.retained = [r for r in self.retained if r[0] != self.topics.round]
-        self.retained.append((self.topics.round, payload))
+        self._retain(self.topics.round, payload)
 
     def summary(self, summary: RoundSummary) -> None:
         """Publish a closed round's summary on the metrics topic (not retained)."""
         self.transport.publish(self.topics.metrics, codec.encode(summary), qos=1)
+
+    def model_eval(self, evaluation: ModelEvaluation) -> None:
+        """Publish a version's federated evaluation (retained: a new dashboard gets the latest)
+        and keep it beside that version in the history."""
+        payload = codec.encode(evaluation)
+        self.transport.publish(self.topics.model_eval, payload, qos=1, retain=True)
+        self._retain(self.topics.model_eval, payload)
+        if self.history is not None:
+            try:
+                self.history.save_eval(evaluation.version, evaluation.metrics)
+            except OSError as exc:  # metrics only: the federation goes on
+                log.warning("cannot store the evaluation of version %d in the history: %s",
+                            evaluation.version, exc)
+
+    def progress(self, progress: RoundProgress) -> None:
+        """Publish the open round's progress (retained, QoS 0: a newer one follows soon)."""
+        payload = codec.encode(progress)
+        self.transport.publish(self.topics.progress, payload, qos=0, retain=True)
+        self._retain(self.topics.progress, payload)
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        self.retained = [r for r in self.retained if r[0] != topic]
+        self.retained.append((topic, payload))
 
     def republish(self) -> None:
         """Publish the retained model and round again, byte for byte (receivers dedupe)."""

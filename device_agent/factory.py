@@ -3,6 +3,7 @@ checked at start-up) and its local data."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
@@ -16,7 +17,7 @@ from device_agent.trainers import MLPTrainer, SoftmaxTrainer, Trainer, check_tra
 from fedmq.config import AgentConfig
 from fedmq.errors import ConfigError
 
-__all__ = ["build_trainer", "load_local_data"]
+__all__ = ["build_trainer", "load_local_data", "split_holdout"]
 
 
 def build_trainer(config: AgentConfig) -> Trainer:
@@ -43,15 +44,40 @@ def build_trainer(config: AgentConfig) -> Trainer:
                           f"trainer {kind!r} takes no options (they are for a "
                           "'package.module:factory' trainer)")
     x, y = load_local_data(config)
+    x_train, y_train, x_eval, y_eval = split_holdout(
+        x, y, config.data.eval_fraction, _holdout_seed(config))
     # A device may hold only a few labels: the class count comes from the whole data set
     # (digits), or from the model it is sent (npz: None, the last layer's output size).
     num_classes = 10 if config.data.source == "digits" else None
+    holdout = (x_eval, y_eval) if len(y_eval) else None
     if kind == "mlp":
-        return MLPTrainer(x, y, num_classes=num_classes)
+        return MLPTrainer(x_train, y_train, num_classes=num_classes, holdout=holdout)
     if kind == "softmax":
-        return SoftmaxTrainer(x, y, num_classes=num_classes)
+        return SoftmaxTrainer(x_train, y_train, num_classes=num_classes, holdout=holdout)
     raise ConfigError(f"trainer.kind {kind!r} is not known: use 'mlp', 'softmax' or "
                       "'package.module:factory'")
+
+
+def split_holdout(x: np.ndarray, y: np.ndarray, fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_eval, y_eval): a seeded random ``fraction`` of the rows held out.
+
+    At least one row goes each way when the fraction is strictly between 0 and 1 and there are
+    two rows or more; 0 holds nothing out, 1 everything (an evaluation-only device).
+    """
+    n = len(y)
+    k = round(n * fraction)
+    if 0.0 < fraction < 1.0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    held, kept = np.sort(order[:k]), np.sort(order[k:])
+    return x[kept], y[kept], x[held], y[held]
+
+
+def _holdout_seed(config: AgentConfig) -> int:
+    """Stable per device and data seed, so a restart holds out the same rows."""
+    digest = hashlib.sha256(f"{config.data.seed}/{config.device_id()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def _load_factory(kind: str) -> Callable[..., Any]:

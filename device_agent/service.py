@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -49,10 +50,12 @@ from fedmq.wire import (
     CODECS,
     TOPK_VALUES,
     DeviceStatus,
+    Evaluation,
     GlobalModel,
     ModelUpdate,
     RoundAnnouncement,
     Tensor,
+    newer,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class AgentService:
         feedback: compression.ErrorFeedback | None = None,
         outbox: Outbox | None = None,
         trained_path: Path | None = None,
+        evaluate: bool = True,
+        train: bool = True,
     ) -> None:
         self.topics = Topics(federation)
         self.federation = federation
@@ -95,6 +100,13 @@ class AgentService:
         self.machine.trained_before = _load_trained(trained_path)
         self.assembler = ModelAssembler()
         self.ignored: Counter[str] = Counter()
+        #: Report an evaluation of every new model (federated evaluation); train for rounds
+        #: (False: an evaluation-only device, ``[data] eval_fraction = 1``).
+        self.evaluate = evaluate
+        self.train = train
+        self.evaluations_sent = 0
+        self.evaluation_errors = 0
+        self._evaluated = (-1, -1)  # (run, version) last scored
         self.updates_sent = 0
         self.bytes_sent = 0
         self.feedback = feedback or compression.ErrorFeedback(None)
@@ -128,7 +140,8 @@ class AgentService:
                   broker: BrokerConfig, *,
                   feedback: compression.ErrorFeedback | None = None,
                   outbox: Outbox | None = None,
-                  trained_path: Path | None = None) -> AgentService:
+                  trained_path: Path | None = None,
+                  evaluate: bool = True, train: bool = True) -> AgentService:
         """A service on a real broker, with a last will that marks the device offline.
 
         The will is built before each connection attempt, so its ``ts`` is that connect's time
@@ -145,7 +158,7 @@ class AgentService:
                                   # a lambda: `service` does not exist yet
                                   on_connect=lambda: service.on_connected())  # noqa: PLW0108
         service = cls(federation, device_id, trainer, transport, feedback=feedback,
-                      outbox=outbox, trained_path=trained_path)
+                      outbox=outbox, trained_path=trained_path, evaluate=evaluate, train=train)
         return service
 
     @classmethod
@@ -162,9 +175,11 @@ class AgentService:
             trainer = build_trainer(config)  # checked there, failing as a ConfigError
         else:
             check_trainer(trainer)  # fails at start-up, not at the first round
+        fraction = config.data.eval_fraction
         return cls.over_mqtt(config.federation, device_id, trainer,
                              config.broker, feedback=compression.ErrorFeedback(path),
-                             outbox=outbox, trained_path=trained)
+                             outbox=outbox, trained_path=trained, evaluate=fraction > 0,
+                             train=fraction < 1)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -330,6 +345,12 @@ class AgentService:
             if whole is None:
                 return  # a part of a chunked model; the rest is on its way
             actions = self.machine.on_model(whole)
+            if (self.evaluate and self.machine.model_version == whole.version
+                    and self.machine.run == whole.run
+                    and newer(whole.run, whole.version, *self._evaluated)):
+                # Adopted, and not scored yet (a republished retained model is not new).
+                self._evaluated = (whole.run, whole.version)
+                self._evaluate(whole.version, whole.run)
         elif msg.topic == self.topics.round and isinstance(decoded, RoundAnnouncement):
             self._round_seen = True
             actions = self.machine.on_round(decoded)
@@ -344,6 +365,10 @@ class AgentService:
             if isinstance(action, Ignored):
                 self.ignored[action.reason] += 1
                 continue
+            if not self.train:  # an evaluation-only device answers no round
+                self.ignored["evaluate_only"] += 1
+                actions.extend(self.machine.on_trained(action.announcement.round))
+                continue
             self._train(action)
             actions.extend(self.machine.on_trained(action.announcement.round))
 
@@ -352,16 +377,15 @@ class AgentService:
         self.publish_status("training")
         config = TrainConfig.from_mapping(ann.train)
         result = self.trainer.fit(job.weights, config, round_seed=ann.round)
-        # Evaluate the received global model on local data: federated evaluation for free.
-        before = self.trainer.evaluate(job.weights)
         delta = {name: np.subtract(result.weights[name], base, dtype=np.float32)
                  for name, base in job.weights.items()}
         update = ModelUpdate(
             federation=self.federation, device_id=self.device_id, round=ann.round,
             base_version=job.version, update_id=uuid.uuid4().hex, run=ann.run,
             num_examples=result.num_examples, tensors=(),
-            metrics={"loss": before.loss, "accuracy": before.accuracy,
-                     **result.metrics})
+            # What training measured (train_loss, train_accuracy for the built-in trainers);
+            # the model's quality on held-out data goes in Evaluation reports instead.
+            metrics=dict(result.metrics))
         messages = self.encode_update(update, delta, ann)
         topic = self.topics.update(self.device_id)
         payloads = [codec.encode(message) for message in messages]
@@ -373,6 +397,37 @@ class AgentService:
         self.publish_status("online")
         log.info("device %s: sent update for round %d (%d bytes in %d messages)", self.device_id,
                  ann.round, sent, len(messages))
+
+    def _evaluate(self, version: int, run: int) -> None:
+        """Score the model just adopted on the held-out data and report it (QoS 1, not kept
+        in the outbox: a lost report costs one sample of a metric, never a model)."""
+        weights = self.machine.weights
+        if weights is None:
+            return
+        try:
+            result = self.trainer.evaluate(weights)
+            metrics = {"loss": float(result.loss)}
+            accuracy = getattr(result, "accuracy", None)
+            if accuracy is not None:
+                metrics["accuracy"] = float(accuracy)
+            for key, value in (getattr(result, "metrics", None) or {}).items():
+                metrics[str(key)] = float(value)
+            n = int(result.num_examples)
+        except Exception:  # a trainer bug must not stop the device from training
+            self.evaluation_errors += 1
+            log.exception("device %s: evaluating model version %d failed", self.device_id,
+                          version)
+            return
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        if n < 1 or not metrics:
+            return
+        report = Evaluation(federation=self.federation, device_id=self.device_id,
+                            version=version, num_examples=n, metrics=metrics, run=run,
+                            ts=self.clock())
+        self.transport.publish(self.topics.eval(self.device_id), codec.encode(report), qos=1)
+        self.evaluations_sent += 1
+        log.info("device %s: model version %d on %d held-out examples: %s", self.device_id,
+                 version, n, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
 
     def _remember_trained(self, ann: RoundAnnouncement) -> None:
         """Record the round just sent; written after the outbox has the update, so a crash in

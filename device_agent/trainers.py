@@ -235,6 +235,32 @@ def loss_and_gradients(
     return loss, out
 
 
+def _examples(x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int | None, xname: str,
+              yname: str, *, allow_empty: bool) -> tuple[npt.NDArray[np.float32],
+                                                          npt.NDArray[np.intp]]:
+    """Checked (x float32, y intp) rows of local data; ValueError naming what is wrong."""
+    xa = np.asarray(x)
+    ya = np.asarray(y)
+    if xa.ndim != 2:
+        raise ValueError(f"{xname} must be 2-D (examples, features), got shape {xa.shape}")
+    if ya.ndim != 1 or ya.shape[0] != xa.shape[0]:
+        raise ValueError(f"{yname} must be 1-D with one label per row of {xname} "
+                         f"({xa.shape[0]}), got shape {ya.shape}")
+    if xa.shape[0] == 0:
+        if allow_empty:
+            return (np.zeros(xa.shape, dtype=np.float32), np.zeros(0, dtype=np.intp))
+        raise ValueError(f"no local examples: a trainer needs at least one ({xname}, {yname}) "
+                         "row")
+    if not np.issubdtype(ya.dtype, np.integer):
+        raise ValueError(f"{yname} must hold integer class labels, got dtype {ya.dtype}")
+    if ya.min() < 0 or (num_classes is not None and ya.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes or 'classes'}), got range "
+                         f"[{ya.min()}, {ya.max()}]")
+    if not np.isfinite(xa).all():
+        raise ValueError(f"{xname} contains NaN or infinite values")
+    return np.ascontiguousarray(xa, dtype=np.float32), ya.astype(np.intp)
+
+
 class MLPTrainer:
     """Minibatch SGD on local data for any chain of dense layers (ReLU hidden, softmax output).
 
@@ -245,36 +271,31 @@ class MLPTrainer:
     ``(weights, config, round_seed)`` and never modifies the weights passed in.
     """
 
-    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int | None) -> None:
-        xa = np.asarray(x)
-        ya = np.asarray(y)
-        if xa.ndim != 2:
-            raise ValueError(f"x must be 2-D (examples, features), got shape {xa.shape}")
-        if ya.ndim != 1 or ya.shape[0] != xa.shape[0]:
-            raise ValueError(
-                f"y must be 1-D with one label per row of x ({xa.shape[0]}), got shape {ya.shape}"
-            )
-        if xa.shape[0] == 0:
-            raise ValueError("no local examples: a trainer needs at least one (x, y) row")
-        if not np.issubdtype(ya.dtype, np.integer):
-            raise ValueError(f"y must hold integer class labels, got dtype {ya.dtype}")
+    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, num_classes: int | None, *,
+                 holdout: tuple[npt.ArrayLike, npt.ArrayLike] | None = None) -> None:
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if ya.min() < 0 or (num_classes is not None and ya.max() >= num_classes):
-            raise ValueError(
-                f"labels must be in [0, {num_classes or 'classes'}), got range "
-                f"[{ya.min()}, {ya.max()}]"
-            )
-        if not np.isfinite(xa).all():
-            raise ValueError("x contains NaN or infinite values")
-        self._x = np.ascontiguousarray(xa, dtype=np.float32)
-        self._y = ya.astype(np.intp)
         self.num_classes = num_classes
+        # Without a held-out split, evaluate() measures the training data (the old behaviour,
+        # kept for direct use); the agent's factory always gives one (``[data] eval_fraction``).
+        # An evaluation-only device (all data held out) has no training rows at all.
+        self._x, self._y = _examples(x, y, num_classes, "x", "y",
+                                     allow_empty=holdout is not None)
+        if holdout is None:
+            self._ex, self._ey = self._x, self._y
+        else:
+            self._ex, self._ey = _examples(*holdout, num_classes, "holdout x", "holdout y",
+                                           allow_empty=self.num_examples > 0)
 
     @property
     def num_examples(self) -> int:
-        """Number of local examples."""
+        """Number of local training examples."""
         return int(self._x.shape[0])
+
+    @property
+    def num_eval_examples(self) -> int:
+        """Number of examples ``evaluate`` measures (the held-out split, if one was given)."""
+        return int(self._ex.shape[0])
 
     def _check(self, weights: Weights) -> list[int]:
         sizes = layer_sizes_of(weights)
@@ -282,10 +303,11 @@ class MLPTrainer:
             raise ValueError(
                 f"model takes {sizes[0]} inputs but local data has {self._x.shape[1]} features"
             )
+        top = max((int(a.max()) for a in (self._y, self._ey) if a.size), default=-1)
         if self.num_classes is None:  # the model says how many classes there are
-            if sizes[-1] <= self._y.max():
+            if sizes[-1] <= top:
                 raise ValueError(f"model outputs {sizes[-1]} classes but the local labels go "
-                                 f"up to {self._y.max()}")
+                                 f"up to {top}")
         elif sizes[-1] != self.num_classes:
             raise ValueError(
                 f"model outputs {sizes[-1]} classes but the trainer expects {self.num_classes}"
@@ -295,6 +317,9 @@ class MLPTrainer:
     def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:
         """Run ``config.epochs`` epochs of minibatch SGD from a copy of ``weights``."""
         self._check(weights)
+        if not self.num_examples:
+            raise ValueError("no local training examples: this device only evaluates "
+                             "([data] eval_fraction = 1)")
         if isinstance(round_seed, bool) or not isinstance(round_seed, int) or round_seed < 0:
             raise ValueError(f"round_seed must be a non-negative integer, got {round_seed!r}")
         # Private float32 copies: the caller's arrays stay untouched (the agent diffs against them).
@@ -330,17 +355,20 @@ class MLPTrainer:
         return FitResult(weights=out, num_examples=n, metrics=metrics)
 
     def evaluate(self, weights: Weights) -> EvalResult:
-        """Mean cross-entropy and accuracy of ``weights`` on the local data."""
+        """Mean cross-entropy and accuracy of ``weights`` on the held-out data (the training
+        data when the trainer was built without a held-out split)."""
         self._check(weights)
         layers: list[_Layer] = [
             (w.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
             for w, b in _params(weights)
         ]
-        n = self.num_examples
+        n = self.num_eval_examples
+        if not n:
+            raise ValueError("no held-out examples to evaluate on")
         loss_sum = 0.0
         correct = 0
         for start in range(0, n, _EVAL_CHUNK):
-            xb, yb = self._x[start : start + _EVAL_CHUNK], self._y[start : start + _EVAL_CHUNK]
+            xb, yb = self._ex[start : start + _EVAL_CHUNK], self._ey[start : start + _EVAL_CHUNK]
             _, logits = _forward(layers, xb)
             logp = _log_softmax(logits)
             loss_sum -= float(logp[np.arange(xb.shape[0]), yb].sum(dtype=np.float64))

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 FEDERATION = "demo"
 
+#: How long a round's line waits for the devices' evaluations of its model.
+EVAL_WAIT_S = 5.0
+
 
 @dataclass
 class DemoResult:
@@ -116,17 +119,15 @@ def run(args: argparse.Namespace) -> int:
 
         # The watcher subscribes before anything is published, like any app on the model topic.
         models: dict[int, GlobalModel] = {}
-        watcher = ModelSubscriber(broker_cfg, FEDERATION, summaries=True,
+        watcher = ModelSubscriber(broker_cfg, FEDERATION, summaries=True, evaluations=True,
                                   on_model=lambda m: models.__setitem__(m.version, m)).start()
         stack.callback(watcher.stop)
 
         config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
         agg = AggregatorService(config)
-        agents = []
-        for i, idx in enumerate(shards):
-            trainer = trainer_cls(x_train[idx], y_train[idx], num_classes=10)
-            agents.append(AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer,
-                                                 broker_cfg))
+        agents = [AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer, broker_cfg)
+                  for i, trainer in enumerate(_trainers(trainer_cls, x_train, y_train, shards,
+                                                        args.seed))]
         for a in agents:
             a.start()
             stack.callback(a.stop)
@@ -142,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(agg.stats.rejected.items()))
         clipped = agg.stats.clipped
     result.wall_s = round(time.monotonic() - started, 2)
+    last = result.rounds[-1]
+    if last["federated_accuracy"] is not None:
+        print(f"federated evaluation of the final model: accuracy "
+              f"{last['federated_accuracy']:.4f} on {last['federated_examples']} examples held "
+              f"out on {last['federated_devices']} devices (central test split: "
+              f"{result.final_accuracy:.4f} on {len(y_test)} examples)")
     print(f"final held-out accuracy {result.final_accuracy:.4f} after {args.rounds} rounds "
           f"({args.partition}, {args.devices} devices, {args.codec}, {result.broker} broker, "
           f"{result.wall_s:.1f} s, {rejected} updates rejected{': ' + reasons if reasons else ''}, "
@@ -151,6 +158,21 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(result.as_json(), indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _trainers(trainer_cls: Any, x: Any, y: Any, shards: list[Any], seed: int) -> list[Any]:
+    """One trainer per shard. Like ``fedmq agent``, each device holds a part of its shard out
+    (``[data] eval_fraction``), never trains on it, and scores every new model on it: the
+    federated evaluation printed beside the central score."""
+    from device_agent.factory import split_holdout
+    from fedmq.config import DataConfig
+
+    trainers = []
+    for i, idx in enumerate(shards):
+        x_fit, y_fit, x_eval, y_eval = split_holdout(x[idx], y[idx], DataConfig().eval_fraction,
+                                                     seed * 1000 + i)
+        trainers.append(trainer_cls(x_fit, y_fit, num_classes=10, holdout=(x_eval, y_eval)))
+    return trainers
 
 
 def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list[int],
@@ -184,24 +206,39 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],
     """Score each new model as it arrives on the model topic; False on timeout."""
     deadline = time.monotonic() + args.timeout
     round_started = time.monotonic()
+    ready_at: dict[int, float] = {}
     while len(result.rounds) < args.rounds:
         if time.monotonic() > deadline:
             return False
         watcher.poll(0.2)
-        # A round is reported once both its model and its summary are in (either order).
+        # A round is reported once its model and its summary are in (either order), and the
+        # devices' evaluations of the model (every device, or after EVAL_WAIT_S).
         version = len(result.rounds) + 1
         while version in models and version in watcher.summaries:
+            ev_msg = watcher.evaluations.get(version)
+            first = ready_at.setdefault(version, time.monotonic())
+            if (ev_msg is None or ev_msg.devices < args.devices) and (
+                    time.monotonic() - first < EVAL_WAIT_S):
+                break
             model, s = models.pop(version), watcher.summaries.pop(version)
             ev = scorer.evaluate(decode_all(model.tensors))
+            fed_acc = ev_msg.metrics.get("eval_accuracy") if ev_msg else None
+            fed_loss = ev_msg.metrics.get("eval_loss") if ev_msg else None
             entry = {"round": s.round, "version": version, "participants": s.participants,
-                     "accuracy": ev.accuracy, "loss": ev.loss, "bytes_in": s.bytes_in,
+                     "accuracy": ev.accuracy, "loss": ev.loss,
+                     "federated_accuracy": fed_acc, "federated_loss": fed_loss,
+                     "federated_examples": ev_msg.num_examples if ev_msg else 0,
+                     "federated_devices": ev_msg.devices if ev_msg else 0,
+                     "bytes_in": s.bytes_in,
                      "norm_bound": s.metrics.get("norm_bound"),
                      "clipped": int(s.metrics.get("clipped_updates", 0)),
                      "seconds": round(time.monotonic() - round_started, 3)}
             round_started = time.monotonic()
             result.rounds.append(entry)
+            federated = (f"federated {fed_acc:.4f}" if fed_acc is not None
+                         else "federated  —    ")
             print(f"round {version:3d}/{args.rounds}  participants {s.participants:3d}  "
-                  f"accuracy {ev.accuracy:.4f}  loss {ev.loss:.4f}  "
+                  f"accuracy {ev.accuracy:.4f}  {federated}  loss {ev.loss:.4f}  "
                   f"received {_mb(s.bytes_in)}  ({entry['seconds']:.2f} s)", flush=True)
             version += 1
     return True

@@ -21,7 +21,7 @@ from fedmq.config import BrokerConfig
 from fedmq.errors import DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
-from fedmq.wire import GlobalModel, RoundSummary, model_digest, newer
+from fedmq.wire import GlobalModel, ModelEvaluation, RoundSummary, model_digest, newer
 
 F32 = npt.NDArray[np.float32]
 
@@ -31,6 +31,7 @@ class ModelSubscriber:
 
     def __init__(self, broker: BrokerConfig, federation: str, *,
                  transport: Transport | None = None, summaries: bool = False,
+                 evaluations: bool = False,
                  on_model: Callable[[GlobalModel], None] | None = None) -> None:
         self.topics = Topics(federation)
         self.federation = federation
@@ -40,9 +41,13 @@ class ModelSubscriber:
         self.transport.subscribe(self.topics.model_parts)
         if summaries:
             self.transport.subscribe(self.topics.metrics)
+        if evaluations:
+            self.transport.subscribe(self.topics.model_eval)
         self._assembler = ModelAssembler()
         self._latest: GlobalModel | None = None
         self.summaries: dict[int, RoundSummary] = {}
+        #: The federated evaluation of each version (the latest message: the most reports).
+        self.evaluations: dict[int, ModelEvaluation] = {}
         self.rejected = 0
         self.on_model = on_model
 
@@ -77,6 +82,10 @@ class ModelSubscriber:
             return
         if isinstance(decoded, RoundSummary):
             self.summaries[decoded.version] = decoded
+            return
+        if isinstance(decoded, ModelEvaluation):
+            if decoded.federation == self.federation:
+                self.evaluations[decoded.version] = decoded
             return
         if not isinstance(decoded, GlobalModel) or decoded.federation != self.federation:
             return

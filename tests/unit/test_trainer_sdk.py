@@ -275,11 +275,12 @@ def test_npz_device_without_the_top_classes_trains_a_ten_class_model(tmp_path: P
     assert list(result.weights) == list(weights)
     assert {k: v.shape for k, v in result.weights.items()} == {
         k: v.shape for k, v in weights.items()}
-    assert result.num_examples == 24
-    assert trainer.evaluate(result.weights).num_examples == 24
+    # [data] eval_fraction (0.2 by default) holds 5 of the 24 rows out for evaluation
+    assert result.num_examples == 19
+    assert trainer.evaluate(result.weights).num_examples == 5
     # softmax regression too, and a model with fewer outputs than the labels need is refused
     softmax = build_trainer(agent_config("softmax", source="npz", path=str(data)))
-    assert softmax.fit(init_mlp([64, 10], seed=0), TrainConfig(epochs=1), 1).num_examples == 24
+    assert softmax.fit(init_mlp([64, 10], seed=0), TrainConfig(epochs=1), 1).num_examples == 19
     with pytest.raises(ValueError, match="labels"):
         trainer.fit(init_mlp([64, 16, 5], seed=0), TrainConfig(epochs=1), 1)
 
