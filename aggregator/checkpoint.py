@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator.chunks import export_pending, restore_pending
+from aggregator.history import HistoryError
 from aggregator.ledger import RoundLedger
 from aggregator.rounds import Tick, UpdateOffered
 from aggregator.wal import REJECT, TICK, UPDATE, Snapshot, WriteAheadLog, read_records
@@ -54,7 +55,7 @@ def recover(svc: AggregatorService) -> bool:
     svc.wal = None  # nothing is logged while the log itself is replayed
     svc._replay_now = float(meta["opened_at"])
     try:
-        svc._publish_model(metrics={})
+        svc._publish_model(metrics=_stored_metrics(svc))
         svc._open_round(float(meta["opened_at"]), snapshot=False)
         svc.bound.restore(meta.get("robust", {}))
         if "mid" in meta and snap.acc is not None:
@@ -73,6 +74,24 @@ def recover(svc: AggregatorService) -> bool:
     log.warning("recovered round %d on model version %d from %s: replayed %d logged events",
                 svc.round, svc.version, svc.state_dir, len(records))
     return True
+
+
+def _stored_metrics(svc: AggregatorService) -> dict[str, float]:
+    """The recovered version's metrics as the history holds them (republished with it, so the
+    retained model and the history keep them); the stored evaluations of recent versions are
+    taken back, so later reports add to them."""
+    if svc.history is None:
+        return {}
+    svc.telemetry.published(svc.run, svc.version)
+    for version in svc.history.versions()[-svc.telemetry.evaluation.keep:]:
+        svc.telemetry.restore(version, svc.history.stored_eval(version))
+    try:
+        model = svc.history.load(svc.version)
+    except HistoryError as exc:
+        log.warning("the metrics of model version %d are not in the history (%s): "
+                    "republished without them", svc.version, exc)
+        return {}
+    return {k: v for k, v in model.metrics.items() if not k.startswith("eval_")}
 
 
 def due(svc: AggregatorService) -> bool:

@@ -26,9 +26,11 @@ import numpy.typing as npt
 from aggregator import checkpoint, kernels
 from aggregator.admission import admit
 from aggregator.chunks import MAX_PENDING_CHUNKED, PendingChunks, overlaps
+from aggregator.exporter import Exporter
 from aggregator.folding import BoundedFold
 from aggregator.history import ModelHistory
 from aggregator.ledger import RoundLedger, Stats
+from aggregator.presence import Presence
 from aggregator.publishing import Publisher
 from aggregator.reporting import Reporter
 from aggregator.robust import ChunkBudget, NormBound, bootstrap_size
@@ -47,6 +49,7 @@ from aggregator.rounds import (
 )
 from aggregator.spec import ModelSpec
 from aggregator.strategies import FedAvg, Strategy
+from aggregator.telemetry import Telemetry
 from aggregator.wal import REJECT, TICK, UPDATE, WriteAheadLog
 from fedmq import codec
 from fedmq.config import AggregatorConfig
@@ -72,6 +75,13 @@ ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "bel
 
 #: Most queued updates folded in one pass over the accumulator.
 FOLD_BATCH = 8
+
+#: After the last round, how long to wait for the devices' evaluations of the final model.
+FINAL_EVAL_WAIT_S = 5.0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 
@@ -150,6 +160,11 @@ class AggregatorService:
         self.stats = Stats()
         self.bound = NormBound(config.robust, bootstrap_size(r.min_updates, r.max_updates))
         self.reporter = Reporter(config.limits.reject_log_every_s, r.idle_warn_s)
+        self.telemetry = Telemetry(config.federation, self.publisher, self.stats,
+                                   max_examples=config.limits.max_examples)
+        #: Set when the last round (``max_rounds``) closed while devices evaluate: the worker
+        #: waits up to ``FINAL_EVAL_WAIT_S`` for their reports on the final model.
+        self._final_at: float | None = None
         self.version = 0
         self.round = 0
         #: This run's id (``fedmq.wire.newer``): set when a fresh run starts, restored on recovery.
@@ -167,6 +182,10 @@ class AggregatorService:
                                   reject_mode=config.robust.mode == "reject")
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        #: Devices by their retained status (``status/+``), for metrics.
+        self.presence = Presence(config.federation)
+        #: The ``/metrics`` and ``/healthz`` endpoint, while ``[metrics] listen`` is served.
+        self.exporter: Exporter | None = None
 
     @property
     def ledger(self) -> RoundLedger:
@@ -184,6 +203,8 @@ class AggregatorService:
         kernels.warmup()  # compile now, not inside the first round
         kernels.set_fold_threads(self.config.strategy.fold_threads)
         self.transport.subscribe(self.topics.updates, qos=1)
+        self.transport.subscribe(self.topics.evals, qos=1)
+        self.transport.subscribe(self.topics.statuses, qos=1)  # retained: every device's latest
         self.transport.start()
         if not self.transport.wait_connected(connect_timeout):
             b = self.config.broker
@@ -199,6 +220,15 @@ class AggregatorService:
         self._reconnected.clear()  # this connection's state was just published
         self._worker = threading.Thread(target=self._work, name="aggregator-worker", daemon=True)
         self._worker.start()
+        if self.config.metrics.listen:
+            exporter = Exporter(self, self.config.metrics.listen, worker_alive=lambda: (
+                (w := self._worker) is not None and w.is_alive()))
+            try:
+                exporter.start()
+            except ConfigError:
+                self.stop()  # a port in use: leave no worker or connection behind
+                raise
+            self.exporter = exporter
         log.info("aggregator for federation %r started (%d parameters)",
                  self.config.federation, self.spec.total)
 
@@ -211,6 +241,9 @@ class AggregatorService:
         self.transport.stop()
         if self.wal is not None:
             self.wal.close()
+        if self.exporter is not None:
+            self.exporter.close()
+            self.exporter = None
 
     def _now(self) -> float:
         # While replaying the log, time is the time each record was first handled.
@@ -242,9 +275,14 @@ class AggregatorService:
     def step(self, *msgs: Message) -> None:
         """One turn of the worker: handle ``msgs``, fold what was accepted, make it durable,
         acknowledge the messages, then tick the clock."""
+        started = time.perf_counter()
         for msg in msgs:
             self._handle(msg)
         self._flush()
+        if self.exporter is not None and msgs:
+            # Idle turns (every 50 ms) would swamp both histograms: only turns with messages.
+            self.exporter.observe_step(time.perf_counter() - started,
+                                       self.transport.inbox.qsize())
         if self.wal is not None:
             self.wal.sync()
         for msg in msgs:
@@ -266,6 +304,7 @@ class AggregatorService:
             self.ledger.events.append(["t", self._now()])
         self._apply(actions, None)
         if self._replay_now is None:
+            self._observe()
             m = self.machine
             self.reporter.tick(self.clock(), round_=self.round, accepted=m.accepted,
                                quorum=self.config.rounds.min_updates, deadline=m.deadline,
@@ -290,7 +329,17 @@ class AggregatorService:
             self.wal.append(UPDATE, self._now(), self._current.topic, self._current.payload)
 
     def _handle(self, msg: Message) -> None:
+        if msg.topic.startswith(f"{self.topics.base}/status/"):
+            # A device's retained presence: metrics only (never a rejection, never logged).
+            self.presence.receive(self.topics.device_of(msg.topic), msg.payload, self.clock())
+            return
         self._current = msg
+        if msg.topic.startswith(f"{self.topics.base}/eval/"):
+            # A device's evaluation of a model version: metrics, not part of any round (and
+            # not in the write-ahead log: the stored means are restored instead).
+            if self._replay_now is None:
+                self.telemetry.report(msg.payload, self.topics.device_of(msg.topic))
+            return
         if not msg.topic.startswith(f"{self.topics.base}/update/"):
             return
         self.stats.bytes_in += len(msg.payload)
@@ -503,6 +552,28 @@ class AggregatorService:
     def _publish_model(self, metrics: Mapping[str, float]) -> None:
         self.publisher.model(self.model, version=self.version, round_=self.round, run=self.run,
                              created=self._now(), metrics=metrics)
+        self.telemetry.published(self.run, self.version)
+
+    def _observe(self) -> None:
+        """Publish what changed for dashboards (evaluations, progress); end the run once the
+        final model's evaluations are in (or waited for long enough)."""
+        now = self.clock()
+        self.telemetry.flush(now)
+        m = self.machine
+        if m.round is not None and self._final_at is None:
+            self.telemetry.progress(
+                now, round_=self.round, base_version=self.version, accepted=m.accepted,
+                min_updates=self.config.rounds.min_updates,
+                max_updates=self.config.rounds.max_updates, deadline=m.deadline,
+                rejected=dict(self.ledger.rejected), run=self.run)
+        if self._final_at is not None:
+            entry = self.telemetry.evaluated(self.version)
+            expected = self.last_summary.participants if self.last_summary else 0
+            if (entry is not None and len(entry.devices) >= expected) or (
+                    now - self._final_at >= FINAL_EVAL_WAIT_S):
+                self.telemetry.flush(now, force=True)
+                self.done.set()
+                self._stopping.set()
 
     def _finalize(self) -> tuple[Weights | None, str, str]:
         """The round's new model, or None with the reason it must not be published.
@@ -547,9 +618,11 @@ class AggregatorService:
         self.model = new
         self.bound.end_round()
         self.version += 1
-        metrics = self.ledger.mean_metrics()
+        metrics = self.ledger.mean_metrics()  # the devices' training metrics (train_*)
         participants = self.strategy.contributors
-        self._publish_model(metrics | {"participants": float(participants)})
+        self.telemetry.expected = participants
+        self._publish_model(metrics | {"participants": float(participants),
+                                       "bytes_in": float(self.ledger.bytes_in)})
         summary = RoundSummary(
             federation=self.config.federation, round=self.round, version=self.version,
             participants=participants, closed_by=closed_by,
@@ -561,11 +634,19 @@ class AggregatorService:
         self.publisher.summary(summary)
         self.last_summary = summary
         self.stats.rounds_completed += 1
-        log.info("round %d closed by %s: %d participants (%d clipped), model version %d",
-                 self.round, closed_by, participants, self.ledger.clipped, self.version)
+        trained = "".join(f", {k.removeprefix('train_')} {v:.4f}" for k, v in metrics.items()
+                          if k.startswith("train_"))
+        log.info("round %d closed by %s after %.1f s: %d participants (%d clipped), %s in; "
+                 "model version %d (training%s)", self.round, closed_by,
+                 now - self._round_opened, participants, self.ledger.clipped,
+                 _size(self.ledger.bytes_in), self.version, trained or ": no metrics")
         max_rounds = self.config.rounds.max_rounds
         if max_rounds and self.stats.rounds_completed >= max_rounds:
             self._announce(now, open_=False)  # tells late devices there is nothing to train
+            if self._replay_now is None and self.telemetry.evaluation.versions:
+                # Devices evaluate: give them a moment to score the final model.
+                self._final_at = self.clock()
+                return
             self.done.set()
             self._stopping.set()
             return
