@@ -40,3 +40,40 @@ ensure_mosquitto() {
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || true
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >&2
 }
+
+# Install Debian's prometheus (for tests/integration/test_prometheus.py) when /usr/bin/prometheus
+# is missing and we may use apt-get. The package's postinst would start a system Prometheus on
+# :9090; a policy-rc.d that answers 101 ("action forbidden") stops that, and only a binary that
+# is really there afterwards counts as success (a failed service start must not fail the run).
+ensure_prometheus() {
+    if [ -x /usr/bin/prometheus ] || command -v prometheus >/dev/null 2>&1; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo -n"
+        else
+            echo "prometheus is missing and apt-get needs root: run 'sudo apt-get install" \
+                 "prometheus' (the Prometheus scrape test is skipped without it, or fails" \
+                 "under CI)" >&2
+            return 0
+        fi
+    fi
+    local policy=/usr/sbin/policy-rc.d made_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod 755 "$policy" \
+            && made_policy=1
+    fi
+    echo "installing prometheus with apt-get" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || true
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        prometheus >&2 || true
+    if [ -n "$made_policy" ]; then
+        $sudo rm -f "$policy"
+    fi
+    if [ ! -x /usr/bin/prometheus ]; then
+        echo "apt-get install prometheus failed: the Prometheus scrape test is skipped (or fails" \
+             "under CI)" >&2
+    fi
+}
