@@ -220,7 +220,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "num_shards": _ints(1),
         "shard": _ints(0),
         "shard_from_env": _ENV,
-        "seed": _ints(0, (1 << 32) - 1),  # scikit-learn's random_state splits the digits
+        "seed": _ints(0, (1 << 32) - 1),  # a numpy RandomState seed splits the digits
         "eval_fraction": _numbers(0.0, 1.0, lo_open=False),
     },
     MetricsConfig: {"listen": _LISTEN},

@@ -233,7 +233,7 @@ class DeviceConfig:
 class DataConfig:
     """Where the device's local data comes from."""
 
-    #: "digits" (scikit-learn's bundled set, one shard of it) or "npz" (arrays x and y in ``path``).
+    #: "digits" (one shard of the digits shipped with fedmq) or "npz" (arrays x and y in ``path``).
     source: Literal["digits", "npz"] = "digits"
     path: str | None = None
     partition: Literal["iid", "shards"] = "iid"

@@ -1,19 +1,31 @@
-"""Demo data: scikit-learn's bundled digits and the standard federated partitions.
+"""Demo data: the digits (shipped with fedmq) and the standard federated partitions.
 
-scikit-learn is an optional dependency (``pip install 'fedmq[demo]'``) and is imported only
-inside :func:`load_digits_split`, so devices never need it.
+The 1,797 8x8 digits images are package data (``fedmq/data/digits.npz``, 45 kB, written from
+scikit-learn's bundled copy by ``scripts/make_digits_npz.py``; origin and licence in
+``fedmq/data/README.md``), so a device trains on them with numpy alone. The train/test split
+reproduces scikit-learn's stratified ``train_test_split`` exactly (``_stratified_split``):
+the same seed gives the same examples as before, without scikit-learn.
 """
 
 from __future__ import annotations
 
+import math
+from importlib import resources
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["load_digits_split", "partition"]
+__all__ = ["load_digits", "load_digits_split", "partition"]
 
-_DIGITS_MAX_PIXEL = 16.0  # load_digits pixels are counts in 0..16
+_DIGITS_MAX_PIXEL = 16.0  # the pixels are counts in 0..16
+
+
+def load_digits() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """All 1,797 digits as (x: 1797 x 64 pixel counts 0..16, y: labels 0..9), both uint8."""
+    with resources.files("fedmq.data").joinpath("digits.npz").open("rb") as fh, \
+            np.load(fh, allow_pickle=False) as data:
+        return np.asarray(data["x"]), np.asarray(data["y"])
 
 
 def load_digits_split(
@@ -23,31 +35,68 @@ def load_digits_split(
 ]:
     """8x8 digits (1,797 images, 64 features, 10 classes) as ``x_train, y_train, x_test, y_test``.
 
-    Pixels are scaled to [0, 1] float32; the split is stratified by label and fixed by ``seed``.
-    Needs no download (the data ships with scikit-learn).
+    Pixels are scaled to [0, 1] float32; the split is stratified by label and fixed by ``seed``
+    (the examples scikit-learn's ``train_test_split(..., random_state=seed, stratify=y)``
+    picks). Needs no download and no scikit-learn.
     """
     if isinstance(test_size, bool) or not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size!r}")
-    try:
-        # Lazy: scikit-learn is an optional extra that devices do not install.
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise ImportError(
-            "the digits demo data needs scikit-learn: pip install 'fedmq[demo]'"
-        ) from exc
-    data = load_digits()
-    x = (np.asarray(data.data, dtype=np.float32) / np.float32(_DIGITS_MAX_PIXEL)).astype(np.float32)
-    y = np.asarray(data.target, dtype=np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_size, random_state=seed, stratify=y
-    )
+    pixels, labels = load_digits()
+    x = (pixels.astype(np.float32) / np.float32(_DIGITS_MAX_PIXEL)).astype(np.float32)
+    y = labels.astype(np.int64)
+    train, test = _stratified_split(y, test_size, seed)
     return (
-        np.ascontiguousarray(x_tr, dtype=np.float32),
-        np.asarray(y_tr, dtype=np.int64),
-        np.ascontiguousarray(x_te, dtype=np.float32),
-        np.asarray(y_te, dtype=np.int64),
+        np.ascontiguousarray(x[train], dtype=np.float32),
+        y[train],
+        np.ascontiguousarray(x[test], dtype=np.float32),
+        y[test],
     )
+
+
+def _stratified_split(
+    y: npt.NDArray[np.int64], test_size: float, seed: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """(train, test) indices, as scikit-learn's ``StratifiedShuffleSplit`` draws them.
+
+    The same calls on the same ``np.random.RandomState(seed)`` in the same order (scikit-learn
+    1.3 to 1.9; ``tests/unit/test_datasets.py`` compares with it when it is installed), so the
+    split the demo and the devices used with scikit-learn is kept.
+    """
+    n = len(y)
+    n_test = math.ceil(test_size * n)
+    n_train = n - n_test
+    _, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, count in enumerate(class_counts):
+        chosen = class_indices[i].take(rng.permutation(count), mode="clip")
+        train.extend(chosen[: n_i[i]])
+        test.extend(chosen[n_i[i]: n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(
+    class_counts: npt.NDArray[np.int64], n_draws: int, rng: np.random.RandomState
+) -> npt.NDArray[np.int64]:
+    """How many of ``n_draws`` each class gets: its share rounded down, the rest to the largest
+    remainders (ties broken by ``rng``), as scikit-learn's ``_approximate_mode``."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(np.int64)
 
 
 def partition(

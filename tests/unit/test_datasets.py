@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -21,7 +24,6 @@ def _assert_exact_cover(parts: list[npt.NDArray[np.intp]], n: int) -> None:
 
 
 def test_load_digits_split_shapes_scale_and_stratification() -> None:
-    pytest.importorskip("sklearn")
     x_tr, y_tr, x_te, y_te = load_digits_split(seed=0)
     assert x_tr.shape[1] == x_te.shape[1] == 64
     assert x_tr.shape[0] + x_te.shape[0] == 1797
@@ -38,13 +40,39 @@ def test_load_digits_split_shapes_scale_and_stratification() -> None:
 
 
 def test_load_digits_split_is_seeded() -> None:
-    pytest.importorskip("sklearn")
     a, b = load_digits_split(1), load_digits_split(1)
     c = load_digits_split(2, test_size=0.5)
     for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(u, v)
     assert c[2].shape[0] in (898, 899)
     assert not np.array_equal(a[1], load_digits_split(2)[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 2**32 - 1])
+@pytest.mark.parametrize("test_size", [0.25, 0.5, 0.1, 0.9])
+def test_split_is_scikit_learns_exactly(seed: int, test_size: float) -> None:
+    """The packaged digits and the numpy split give what scikit-learn gave: the same examples."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    data = sklearn_datasets.load_digits()
+    x = (np.asarray(data.data, dtype=np.float32) / np.float32(16)).astype(np.float32)
+    y = np.asarray(data.target, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y)
+    ours = load_digits_split(seed, test_size)
+    for got, want in zip(ours, (x_tr, y_tr, x_te, y_te), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_digits_need_no_scikit_learn() -> None:
+    """A device install has no scikit-learn: the data is package data, read with numpy."""
+    code = ("import sys; sys.modules['sklearn'] = None; "
+            "from fedmq.datasets import load_digits_split; "
+            "x, y, _, _ = load_digits_split(0); print(x.shape, sorted(set(y.tolist())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1347, 64) [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
 
 
 @pytest.mark.parametrize("test_size", [0.0, 1.0, -0.1, 1.5])

@@ -1,0 +1,1 @@
+"""Package data: the digits images (``digits.npz``; see README.md here)."""
