@@ -2,8 +2,9 @@
 
 Two brokers, one shape (``start()`` / ``stop()`` / context manager / ``host`` / ``port``):
 
-- ``MosquittoBroker``: a real Mosquitto 2.0 process, run from a config template in
-  ``broker_config/`` rendered to a free port. MQTT 3.1.1 and 5. The one the tests use.
+- ``MosquittoBroker``: a real Mosquitto 2.0 process, run from a config template (the shipped
+  ones are package data in ``fedmq/broker_config/``) rendered to a free port. MQTT 3.1.1 and
+  5. The one the tests use.
 - ``EmbeddedBroker``: amqtt in a daemon thread (``pip install 'fedmq[embedded]'``), for a
   zero-install demo. MQTT 3.1.1 only, in memory, about 4-8x slower than Mosquitto.
 
@@ -36,10 +37,12 @@ from typing import Any, Literal, Self
 from fedmq.errors import BrokerError
 
 __all__ = [
+    "SHIPPED_CONFIGS",
     "BrokerConfigNotFoundError",
     "BrokerHandle",
     "EmbeddedBroker",
     "MosquittoBroker",
+    "broker_config_path",
     "default_config_dir",
     "find_free_port",
     "mosquitto_binary",
@@ -70,15 +73,37 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+#: The shipped files, by the short name ``fedmq broker --config`` / ``--print-config`` take.
+SHIPPED_CONFIGS = {
+    "dev": "dev.conf",
+    "docker": "docker.conf",
+    "production": "production.conf",
+    "acl": "acl.template",
+}
+
+
 def default_config_dir() -> Path:
-    """Return the repository's ``broker_config/`` directory."""
-    path = Path(__file__).resolve().parents[1] / "broker_config"
+    """Return ``fedmq/broker_config/``: the shipped Mosquitto configs (package data)."""
+    path = Path(__file__).resolve().parent / "broker_config"
     if not path.is_dir():
         raise BrokerConfigNotFoundError(
-            f"broker config directory not found: looked for {path} (next to the fedmq package); "
-            "it ships with a source checkout, not with the wheel: pass a config template "
-            "explicitly or run from a clone of the repository"
+            f"broker config directory not found: looked for {path} (package data of fedmq); "
+            "reinstall fedmq, or pass a config file explicitly"
         )
+    return path
+
+
+def broker_config_path(name: str) -> Path:
+    """A shipped config by its short name (``dev``, ``docker``, ``production``, ``acl``) or
+    file name (``dev.conf``), else ``name`` as a path to a config file of one's own."""
+    shipped = SHIPPED_CONFIGS.get(name, name)
+    if shipped in SHIPPED_CONFIGS.values():
+        return default_config_dir() / shipped
+    path = Path(name)
+    if not path.is_file():
+        known = ", ".join(SHIPPED_CONFIGS)
+        raise BrokerConfigNotFoundError(
+            f"broker config {name!r} is neither a shipped one ({known}) nor a file")
     return path
 
 
@@ -253,8 +278,8 @@ class MosquittoBroker:
         # while ours is still about to fail on bind.
         if not _can_listen(self._host, self._port):
             raise BrokerError(
-                f"port {self._host}:{self._port} is in use by another process; "
-                "pass port=None to get a free one"
+                f"port {self._port} on {self._host} is in use (another broker running?): "
+                "stop it, or pass --port N"
             )
         workdir = self._ensure_workdir()
         # As root, Mosquitto drops to the `mosquitto` user, which could not write the private
@@ -540,7 +565,7 @@ def start_broker(spec: str = "auto", config_template: Path | None = None) -> Ite
 
     ``auto``: Mosquitto if installed, else the embedded broker. ``mosquitto`` / ``embedded``:
     that one, on a free loopback port (``config_template`` applies to Mosquitto; default
-    ``broker_config/dev.conf``). ``HOST:PORT``: an external broker; nothing is started.
+    the shipped ``dev.conf``). ``HOST:PORT``: an external broker; nothing is started.
     Use ``contextlib.ExitStack`` to hold it open outside a ``with`` block.
     """
     kind = spec.strip().lower()

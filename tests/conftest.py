@@ -40,7 +40,7 @@ def require_mosquitto() -> str:
 
 @pytest.fixture(scope="module")
 def mosquitto() -> Iterator[MosquittoBroker]:
-    """A Mosquitto running ``broker_config/dev.conf`` on a free loopback port.
+    """A Mosquitto running ``fedmq/broker_config/dev.conf`` on a free loopback port.
 
     Shared by the tests of one module, so retained messages and sessions outlive a test:
     use topics (federation names) and client ids unique to each test.

@@ -1,7 +1,7 @@
 """The ``burst`` drill: a hostile flood on the update topics of each shipped broker config.
 
-``scripts/faults burst``. For each shipped Mosquitto config (``broker_config/dev.conf``,
-``docker.conf``, ``production.conf``) a broker is started with it on a free loopback port
+``scripts/faults burst``. For each shipped Mosquitto config (``dev.conf``, ``docker.conf``,
+``production.conf`` in ``fedmq/broker_config/``) a broker is started with it on a free loopback port
 (``production.conf`` as ``tests/integration/test_brokers.py`` runs it: TLS with a throw-away CA,
 a password file and ``acl.template`` as the ACL). In this process, on it:
 
@@ -133,7 +133,7 @@ def _run(*command: str, cwd: Path) -> None:
 
 def production_etc(etc: Path, users: Sequence[str], source: Path | None = None) -> Path:
     """``production.conf`` (or ``source``) with its /etc paths moved to ``etc``, certificates
-    and passwords made the way broker_config/README.md says (short-lived 2048-bit keys,
+    and passwords made the way fedmq/broker_config/README.md says (short-lived 2048-bit keys,
     password ``<user>-secret``) and ``acl.template`` as the ACL; returns the config to run."""
     openssl, mosquitto_passwd = _tool("openssl"), _tool("mosquitto_passwd")
     certs = etc / "certs"

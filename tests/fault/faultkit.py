@@ -97,7 +97,7 @@ PERSISTENCE_OPTIONS = ("persistence true", "autosave_interval 1", "autosave_on_c
 
 
 def persistent_template(directory: Path, base: Path | None = None) -> Path:
-    """``broker_config/dev.conf`` (or ``base``) with ``PERSISTENCE_OPTIONS``, written to
+    """``fedmq/broker_config/dev.conf`` (or ``base``) with ``PERSISTENCE_OPTIONS``, written to
     ``directory``; ``persistence_location`` is added by the renderer (the broker's work dir)."""
     base = base or default_config_dir() / "dev.conf"
     replaced = {option.split()[0] for option in PERSISTENCE_OPTIONS}

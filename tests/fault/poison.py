@@ -13,8 +13,8 @@ device. Rounds close at a quorum with a short grace (``quorum_rounds``):
 Every run is in this process: the aggregator (``AggregatorService`` on paho), the devices
 (``AgentService.over_mqtt`` with an ``MLPTrainer`` on their shard, as in the demo) and an app that
 follows the model topic (``ModelSubscriber``) and scores each published model on the held-out
-test split, like the demo. ``run_poison`` starts a Mosquitto (``broker_config/dev.conf`` on a free
-loopback port) for each run. Scenarios, each a full run:
+test split, like the demo. ``run_poison`` starts a Mosquitto (``fedmq/broker_config/dev.conf``
+on a free loopback port) for each run. Scenarios, each a full run:
 
 huge
     Devices 0 and 1 are attackers (``Attacker``) that do not train: they answer every round

@@ -534,13 +534,13 @@ class Production:
 @pytest.fixture(scope="module")
 def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
     """production.conf with its /etc paths moved to a temp dir, certificates and passwords made
-    the way broker_config/README.md says, and acl.template as the ACL."""
+    the way fedmq/broker_config/README.md says, and acl.template as the ACL."""
     binary = require_mosquitto()
     openssl, mosquitto_passwd = _tool("openssl"), _tool("mosquitto_passwd")
     etc = tmp_path_factory.mktemp("etc-mosquitto-fedmq")
     certs = etc / "certs"
     certs.mkdir()
-    # The same commands as broker_config/README.md, with short-lived 2048-bit keys.
+    # The same commands as fedmq/broker_config/README.md, with short-lived 2048-bit keys.
     ca_subject, server_subject = "/CN=fedmq-test-ca", "/CN=localhost"
     _run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
          "-subj", ca_subject, "-keyout", "ca.key", "-out", "ca.crt", cwd=certs)  # fmt: skip

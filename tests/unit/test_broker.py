@@ -133,9 +133,10 @@ def test_production_conf_is_tls_authenticated_and_persistent() -> None:
 def test_config_dir_error_says_where_it_looked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As if fedmq were installed from a wheel: no broker_config/ next to the package.
+    # As if the package data were missing: no broker_config/ inside the package.
     monkeypatch.setattr(fedmq.broker, "__file__", str(tmp_path / "fedmq" / "broker.py"))
-    with pytest.raises(BrokerConfigNotFoundError, match=str(tmp_path / "broker_config")) as info:
+    with pytest.raises(BrokerConfigNotFoundError,
+                       match=str(tmp_path / "fedmq" / "broker_config")) as info:
         default_config_dir()
     assert isinstance(info.value, FileNotFoundError)
 

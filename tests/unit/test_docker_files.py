@@ -103,7 +103,7 @@ def test_broker_runs_mosquitto_2_with_the_docker_config() -> None:
     broker = _service("broker")
     assert broker["image"] == "eclipse-mosquitto:2"
     config = _mounts(broker)["/mosquitto/config/mosquitto.conf"]
-    assert config == REPO / "broker_config" / "docker.conf"
+    assert config == REPO / "fedmq" / "broker_config" / "docker.conf"
     # dev.conf would listen on the container's loopback, out of the other containers' reach
     listeners = [
         line.split() for line in config.read_text().splitlines() if line.startswith("listener")
