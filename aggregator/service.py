@@ -5,9 +5,11 @@ checks, folds and publishes, so a slow fold never stalls MQTT keep-alives. Every
 routed to a counted rejection reason; nothing a device sends can stop the worker.
 
 The parts it wires: ``admission`` (decode, check, weight, norm), ``robust`` (the norm bound),
-``rounds`` (when a round closes), ``strategies`` + ``kernels`` (the fold), ``chunks`` (chunked
-updates in flight), ``ledger`` (a round's counts), ``publishing`` (what goes out),
-``checkpoint`` + ``wal`` (crash safety), ``reporting`` (rate-limited operator lines).
+``rounds`` (when a round closes), ``strategies`` + ``kernels`` (the fold), ``chunks`` +
+``chunk_intake`` (chunked updates in flight), ``closing`` (a round's end), ``ledger`` (a round's
+counts), ``publishing`` (what goes out), ``telemetry`` + ``evaluation`` (federated evaluation and
+round progress for dashboards), ``checkpoint`` + ``wal`` (crash safety), ``reporting``
+(rate-limited operator lines), ``presence`` + ``exporter`` (Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from aggregator import checkpoint, kernels
+from aggregator import checkpoint, chunk_intake, closing, kernels
 from aggregator.admission import admit
-from aggregator.chunks import MAX_PENDING_CHUNKED, PendingChunks, overlaps
+from aggregator.chunks import PendingChunks
 from aggregator.exporter import Exporter
 from aggregator.folding import BoundedFold
 from aggregator.history import ModelHistory
@@ -33,7 +35,7 @@ from aggregator.ledger import RoundLedger, Stats
 from aggregator.presence import Presence
 from aggregator.publishing import Publisher
 from aggregator.reporting import Reporter
-from aggregator.robust import ChunkBudget, NormBound, bootstrap_size
+from aggregator.robust import NormBound, bootstrap_size
 from aggregator.rounds import (
     AbandonRound,
     Accept,
@@ -53,7 +55,7 @@ from aggregator.telemetry import Telemetry
 from aggregator.wal import REJECT, TICK, UPDATE, WriteAheadLog
 from fedmq import codec
 from fedmq.config import AggregatorConfig
-from fedmq.errors import ConfigError, ProtocolError
+from fedmq.errors import ConfigError
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
@@ -78,10 +80,6 @@ FOLD_BATCH = 8
 
 #: After the last round, how long to wait for the devices' evaluations of the final model.
 FINAL_EVAL_WAIT_S = 5.0
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 
@@ -372,112 +370,13 @@ class AggregatorService:
             device_id=update.device_id, round=update.round, base_version=update.base_version,
             update_id=update.update_id, now=self._now())
         if update.chunks > 1:
-            self._handle_chunk(update, offer, weight, sq)
+            chunk_intake.handle_chunk(self, update, offer, weight=weight, sq=sq)
         elif (update.device_id in self._pending_devices
               or update.update_id in self._pending_ids):
             # The device (or this id) has a chunked update in flight: that one came first.
             self._reject(update.device_id, update.update_id, "duplicate")
         else:
             self._apply(self.machine.handle(offer), (update, weight, sq))
-
-    def _handle_chunk(self, update: ModelUpdate, offer: UpdateOffered, weight: float,
-                      sq: float) -> None:
-        """Fold one chunk now; offer the update to the round once its last chunk is in.
-
-        Everything that would make the completed update unacceptable (its round, base,
-        device or id) is checked on the first chunk, and every later chunk must repeat the
-        same header and cover new coordinates only: a folded chunk cannot be taken back, so
-        a chunk is folded only if the update can still complete and count.
-        """
-        key = (update.device_id, update.update_id)
-        header = (update.round, update.base_version, update.chunks, update.num_examples)
-        pending = self._pending.get(key)
-        if pending is None:
-            reason: str | None = self.machine.check(offer)
-            if reason is None and (update.device_id in self._pending_devices
-                                   or update.update_id in self._pending_ids):
-                reason = "duplicate"  # one update in flight per device, ids unique per round
-            if reason is None and len(self._pending) >= MAX_PENDING_CHUNKED:
-                reason = "overload"
-            if reason is not None:
-                self._reject(update.device_id, update.update_id, reason)
-                return
-            # The bound is fixed at the first chunk for the whole update; while it is being
-            # bootstrapped the chunks are held back and it is fixed when they are folded.
-            bound = self.bound.bound() if self.bound.active else math.inf
-            pending = PendingChunks(header, set(), [], ChunkBudget(bound),
-                                    [] if self.bound.bootstrapping else None)
-        elif header != pending.header:
-            self._reject(update.device_id, update.update_id, "malformed")
-            return
-        if update.chunk in pending.received:
-            self._reject(update.device_id, update.update_id, "duplicate")
-            return
-        ranges = sorted((self.spec.offsets[self.spec.index(t.name)] + t.offset,
-                         self.spec.offsets[self.spec.index(t.name)] + t.offset + t.span)
-                        for t in update.tensors)
-        if overlaps(sorted(pending.covered + ranges)):
-            self._reject(update.device_id, update.update_id, "malformed")
-            return
-        if pending.waiting is not None:
-            size = len(self._current.payload) if self._current is not None else 0
-            if not self.folder.hold_chunk(pending, update, sq, size):
-                self._reject(update.device_id, update.update_id, "overload")
-                return
-            self._log()
-        elif not self._fold_chunk(key, pending, update, weight, sq):
-            return
-        pending.received.add(update.chunk)
-        pending.covered.extend(ranges)
-        self._pending[key] = pending
-        self._pending_devices.add(update.device_id)
-        self._pending_ids.add(update.update_id)
-        if len(pending.received) == update.chunks:
-            self._complete_chunked(pending, update, offer, weight, sq)
-
-    def _complete_chunked(self, pending: PendingChunks, update: ModelUpdate,
-                          offer: UpdateOffered, weight: float, sq: float) -> None:
-        """Every chunk of ``update`` is in: offer it to the round."""
-        key = (update.device_id, update.update_id)
-        if sum(b - a for a, b in pending.covered) != self.spec.total:
-            # All chunks are in but leave coordinates out: it stays an incomplete update (it
-            # counts where it delivered, like one whose chunks were lost) and is rejected.
-            if pending.waiting is None:
-                del self._pending[key]
-            # else it stays in flight, so its held chunks are folded with the others
-            self._reject(update.device_id, update.update_id, "malformed")
-            return
-        del self._pending[key]
-        actions = self.machine.handle(offer)
-        for action in actions:
-            if not isinstance(action, Accept):
-                continue
-            if pending.waiting is not None:
-                # Folded when the bootstrap ends, which accepting it may do right now.
-                self.folder.hold_chunked(key, pending, weight)
-                self._accepted(update, weight, sum(sq for _, sq in pending.waiting))
-            else:
-                self.folder.settle(key, pending)
-                self._accepted(update, weight, pending.budget.raw)
-        self._apply([a for a in actions if not isinstance(a, Accept)], (update, weight, sq))
-
-    def _fold_chunk(self, key: tuple[str, str], pending: PendingChunks, update: ModelUpdate,
-                    weight: float, sq: float) -> bool:
-        """Fold one chunk under its update's budget; False if it was rejected instead."""
-        if pending.budget.rejected:
-            self._reject(update.device_id, update.update_id, "norm_bound")
-            return False
-        if self.folder.fold_chunk(key, pending, update, weight, sq) is None:
-            # Over the bound in reject mode: what was folded stays as an incomplete update
-            # (within the bound); this chunk and every later one are turned away.
-            self._pending[key] = pending
-            self._pending_devices.add(update.device_id)
-            self._pending_ids.add(update.update_id)
-            self._reject(update.device_id, update.update_id, "norm_bound",
-                         f"over {pending.budget.bound:.4g}")
-            return False
-        self._log()
-        return True
 
     def _reject(self, device: str, update_id: str, reason: str, detail: str = "") -> None:
         self._count_rejection(reason)
@@ -575,79 +474,5 @@ class AggregatorService:
                 self.done.set()
                 self._stopping.set()
 
-    def _finalize(self) -> tuple[Weights | None, str, str]:
-        """The round's new model, or None with the reason it must not be published.
-
-        A model that is not finite in float32, or that moves farther than
-        ``robust.max_change_norm`` from its base, is never published: whatever the updates,
-        the round ends cleanly and the federation goes on from the model it had.
-        """
-        try:
-            new = self.strategy.finalize()
-        except (FloatingPointError, ValueError, ProtocolError) as exc:
-            return None, "non_finite_model", str(exc)
-        change = 0.0
-        for name, base in self.model.items():
-            d = new[name].astype(np.float64) - base
-            change += float(np.dot(d.ravel(), d.ravel()))
-        limit = self.config.robust.max_change_norm
-        if not math.isfinite(change) or math.sqrt(change) > limit:
-            return None, "change_too_large", f"change norm {math.sqrt(change):.4g} > {limit:g}"
-        return new, "", ""
-
-    def _abandon(self, reason: str, detail: str, now: float) -> None:
-        """Drop the round's result unpublished and open the next round on the same model."""
-        self.stats.abandoned[reason] += 1
-        log.warning("round %d abandoned: %s (%s); its model is not published; %d updates "
-                    "discarded; re-announcing on model version %d", self.round, reason, detail,
-                    self.strategy.contributors, self.version)
-        self._open_round(now)
-
     def _close_round(self, closed_by: str) -> None:
-        self._flush(closing=True)
-        now = self._now()
-        incomplete = self.strategy.incomplete
-        if incomplete:
-            log.warning("round %d closed with %d chunked updates incomplete: they count on the "
-                        "parameters they delivered only", self.round, incomplete)
-        new, reason, detail = self._finalize()
-        if new is None:
-            self._abandon(reason, detail, now)
-            return
-        bound = self.bound.bound() if self.bound.active else math.inf
-        self.model = new
-        self.bound.end_round()
-        self.version += 1
-        metrics = self.ledger.mean_metrics()  # the devices' training metrics (train_*)
-        participants = self.strategy.contributors
-        self.telemetry.expected = participants
-        self._publish_model(metrics | {"participants": float(participants),
-                                       "bytes_in": float(self.ledger.bytes_in)})
-        summary = RoundSummary(
-            federation=self.config.federation, round=self.round, version=self.version,
-            participants=participants, closed_by=closed_by,
-            accepted=self.machine.accepted_ids, rejected=dict(self.ledger.rejected),
-            bytes_in=self.ledger.bytes_in, duration_s=now - self._round_opened,
-            metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {})
-            | ({"norm_bound": bound, "clipped_updates": float(self.ledger.clipped)}
-               if math.isfinite(bound) else {}))
-        self.publisher.summary(summary)
-        self.last_summary = summary
-        self.stats.rounds_completed += 1
-        trained = "".join(f", {k.removeprefix('train_')} {v:.4f}" for k, v in metrics.items()
-                          if k.startswith("train_"))
-        log.info("round %d closed by %s after %.1f s: %d participants (%d clipped), %s in; "
-                 "model version %d (training%s)", self.round, closed_by,
-                 now - self._round_opened, participants, self.ledger.clipped,
-                 _size(self.ledger.bytes_in), self.version, trained or ": no metrics")
-        max_rounds = self.config.rounds.max_rounds
-        if max_rounds and self.stats.rounds_completed >= max_rounds:
-            self._announce(now, open_=False)  # tells late devices there is nothing to train
-            if self._replay_now is None and self.telemetry.evaluation.versions:
-                # Devices evaluate: give them a moment to score the final model.
-                self._final_at = self.clock()
-                return
-            self.done.set()
-            self._stopping.set()
-            return
-        self._open_round(now)
+        closing.close_round(self, closed_by)
