@@ -1,4 +1,5 @@
-"""The MQTT seam: the only module that imports paho.
+"""The MQTT seam: with ``fedmq.paho_client`` (paho's client with a leaner receive path), the
+only module that imports paho.
 
 ``PahoTransport`` owns one paho client and its network thread (``loop_start``). Before each
 reconnect attempt paho waits the delay we set: a jittered exponential back-off (paho's own
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fedmq.backoff import Backoff
 from fedmq.config import BrokerConfig
 from fedmq.errors import BrokerError
+from fedmq.paho_client import _Client
 
 log = logging.getLogger(__name__)
 
@@ -101,77 +102,6 @@ class Transport(Protocol):
     def ack(self, msg: Message) -> None: ...
 
 
-def split_publish(packet: bytes | bytearray, qos: int, mqtt5: bool,
-                  ) -> tuple[bytes, int, bytes, bytes] | None:
-    """Cut the variable part of a PUBLISH into (topic, packet id, properties, payload).
-
-    ``properties`` holds the property length and the properties, undecoded (empty before MQTT
-    5). Each part is copied out once. None when the packet is malformed, so the caller can let
-    paho's own decoder raise its usual error.
-    """
-    view = memoryview(packet)
-    try:
-        if len(view) < 2:
-            return None
-        end = 2 + int.from_bytes(view[:2], "big")
-        if end > len(view):
-            return None
-        topic = bytes(view[2:end])
-        mid = 0
-        if qos > 0:
-            if len(view) < end + 2:
-                return None
-            mid = int.from_bytes(view[end:end + 2], "big")
-            end += 2
-        props = b""
-        if mqtt5:
-            # Property length: a variable byte integer of at most 4 bytes.
-            length, mult, i = 0, 1, end
-            while True:
-                if i >= len(view) or i - end >= 4:
-                    return None
-                byte = view[i]
-                length += (byte & 0x7F) * mult
-                mult *= 128
-                i += 1
-                if not byte & 0x80:
-                    break
-            if i + length > len(view):
-                return None
-            props = bytes(view[end:i + length])
-            end = i + length
-        return topic, mid, props, bytes(view[end:])
-    finally:
-        view.release()
-
-
-#: The paho internals the one-copy receive path uses; a paho without them gets paho's own path.
-_FAST_PUBLISH = all(hasattr(mqtt.Client, name) for name in
-                    ("_handle_publish", "_handle_on_message", "_send_puback"))
-
-
-#: The paho internals the direct body read uses (with those of ``_FAST_PUBLISH``).
-_FAST_READ = _FAST_PUBLISH and all(hasattr(mqtt.Client, name) for name in
-                                   ("_packet_read", "_packet_handle", "_sock_recv",
-                                    "_call_socket_register_write"))
-
-#: paho's keepalive clock (``time.monotonic`` in paho 2.x): the receive time must use the same.
-_paho_clock: Callable[[], float] = getattr(mqtt, "time_func", time.monotonic)
-
-#: Packets whose body is at least this long are read straight into one buffer of their size.
-DIRECT_READ_MIN = 64 * 1024
-
-
-class _LargeBody(Exception):  # noqa: N818 (a signal between two methods, not an error)
-    """Raised by ``_Client._sock_recv`` to take a large packet body away from paho's loop."""
-
-
-class _Body(bytearray):
-    """A packet body being read in place: ``filled`` bytes of it have arrived."""
-
-    filled = 0
-
-
 def describe_connect_error(exc: BaseException) -> str:
     """A short, operator-facing reason a TCP (or TLS) connect failed."""
     if isinstance(exc, ConnectionRefusedError):
@@ -183,129 +113,6 @@ def describe_connect_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc}"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-class _Client(mqtt.Client):
-    """paho's client with a receive path that copies a large inbound packet less.
-
-    Reading: paho receives a packet body with ``recv(remaining)``, allocating a buffer of the
-    whole remaining size on every call, then appends each piece to a growing ``bytearray``
-    (a 1 MB update arrives in about six pieces on loopback: three or four copies of it, and six
-    1 MB allocations). A body of ``DIRECT_READ_MIN`` bytes or more is instead read with
-    ``recv_into`` straight into one buffer of its final size (one copy, from the kernel); the
-    header and small packets stay with paho's code, and so does any socket without
-    ``recv_into`` (websockets).
-
-    Cutting: paho 2.x slices the payload out of an inbound PUBLISH with ``struct.unpack`` once
-    per header field and again while it strips the MQTT 5 properties: five or more copies of a
-    1 MB update per message, on the network thread, which the aggregator measured as a third of
-    that thread's time. QoS 0 and 1 messages are cut with ``split_publish`` instead and then
-    handled exactly as paho's own ``_handle_publish`` does (callback, then PUBACK unless
-    acknowledged manually); QoS 2 and anything malformed go to paho's code unchanged.
-    """
-
-    #: Called before each connection attempt (refreshes the last will) and with the error of
-    #: a failed one; set by ``PahoTransport``.
-    before_connect: Callable[[], None] | None = None
-    connect_error: BaseException | None = None
-
-    def reconnect(self) -> MQTTErrorCode:
-        if self.before_connect is not None:
-            self.before_connect()
-        self.connect_error = None
-        try:
-            return super().reconnect()
-        except OSError as exc:  # paho's loop reports it as on_connect_fail, without the error
-            self.connect_error = exc
-            raise
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        p = self._in_packet
-        if (_FAST_READ and bufsize >= DIRECT_READ_MIN and p["have_remaining"]
-                and bufsize == p["to_process"] and not p["packet"]
-                and isinstance(self._sock, (socket.socket, ssl.SSLSocket))):
-            # paho asks for a large body it has not started: _packet_read reads it instead.
-            raise _LargeBody
-        return super()._sock_recv(bufsize)
-
-    def _packet_read(self) -> MQTTErrorCode:
-        p = self._in_packet
-        if not isinstance(p["packet"], _Body):
-            try:
-                return super()._packet_read()
-            except _LargeBody:
-                p["packet"] = _Body(p["to_process"])
-        return self._read_body()
-
-    def _read_body(self) -> MQTTErrorCode:
-        """Continue reading a large body in place; then hand the packet on as paho does."""
-        p = self._in_packet
-        body = cast(_Body, p["packet"])
-        # A plain or TLS socket (checked in _sock_recv before the body was taken over).
-        sock = cast(socket.socket | None, self._sock)
-        if sock is None:
-            return MQTTErrorCode.MQTT_ERR_NO_CONN
-        with memoryview(body) as view:
-            while p["to_process"] > 0:
-                try:
-                    n = sock.recv_into(view[body.filled:])
-                except (BlockingIOError, ssl.SSLWantReadError):
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
-                except ssl.SSLWantWriteError:
-                    self._call_socket_register_write()
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
-                except OSError as err:
-                    log.debug("failed to receive on socket: %s", err)
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                if n == 0:
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                body.filled += n
-                p["to_process"] -= n
-                self._mark_received()
-        p["pos"] = 0
-        try:
-            rc = self._packet_handle()
-        except MalformedPacket as exc:
-            log.debug("received a malformed packet: %s", exc)
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [],
-                           "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(),
-                           "to_process": 0, "pos": 0}
-        self._mark_received()
-        return rc
-
-    def _mark_received(self) -> None:
-        # paho's keepalive reads this to decide whether the connection is alive.
-        with self._msgtime_mutex:
-            self._last_bytes_received = _paho_clock()
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        if not _FAST_PUBLISH:
-            return super()._handle_publish()
-        header = self._in_packet["command"]
-        qos = (header & 0x06) >> 1
-        mqtt5 = self._protocol == mqtt.MQTTv5
-        parts = split_publish(self._in_packet["packet"], qos, mqtt5) if qos < 2 else None
-        if parts is None or (not mqtt5 and not parts[0]):
-            return super()._handle_publish()
-        topic, mid, props, payload = parts
-        message = mqtt.MQTTMessage(mid=mid, topic=topic)
-        message.dup = bool(header & 0x08)
-        message.qos = qos
-        message.retain = bool(header & 0x01)
-        if mqtt5:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            try:
-                properties.unpack(props)  # type: ignore[no-untyped-call]
-            except Exception:  # bad properties: paho's own decoder reports the packet
-                return super()._handle_publish()
-            message.properties = properties
-        message.payload = payload
-        message.timestamp = time.monotonic()
-        self._handle_on_message(message)
-        if qos == 0 or self._manual_ack:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return self._send_puback(mid)
 
 
 #: The broker's MQTT 5 DISCONNECT reason when another client connected with our client id.

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import MosquittoFactory, require_mosquitto
 
-from fedmq import transport
+from fedmq import paho_client
 from fedmq.broker import (
     EmbeddedBroker,
     MosquittoBroker,
@@ -627,12 +627,12 @@ def test_production_carries_chunked_models_and_large_updates_over_tls(
     # fp32 update is one 273 KB message (read in place, through TLS).
     bodies: list[int] = []
 
-    class Counted(transport._Body):
+    class Counted(paho_client._Body):
         def __init__(self, size: int) -> None:
             super().__init__(size)
             bodies.append(size)
 
-    monkeypatch.setattr(transport, "_Body", Counted)
+    monkeypatch.setattr(paho_client, "_Body", Counted)
     fed = "big"
     config = AggregatorConfig(
         federation=fed, broker=_tls_config(production, "aggregator"),

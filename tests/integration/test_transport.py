@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fedmq import transport
+from fedmq import paho_client
 from fedmq.broker import MosquittoBroker, default_config_dir
 from fedmq.errors import BrokerError
 from fedmq.transport import PahoTransport
@@ -126,13 +126,13 @@ def test_inbound_publishes_take_the_one_copy_path(mosquitto: MosquittoBroker, qo
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages from a real broker are cut by ``split_publish`` and arrive whole and acked."""
     calls = []
-    real = transport.split_publish
+    real = paho_client.split_publish
 
     def counted(packet: bytes | bytearray, q: int, mqtt5: bool) -> Any:
         calls.append(q)
         return real(packet, q, mqtt5)
 
-    monkeypatch.setattr(transport, "split_publish", counted)
+    monkeypatch.setattr(paho_client, "split_publish", counted)
     with _pair(mosquitto, qos) as (topic, sub, pub):
         sent = [_payload(i) for i in range(5)]
         deliveries = [pub.publish(topic, p, qos=qos) for p in sent]

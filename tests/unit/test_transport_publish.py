@@ -16,8 +16,8 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedmq import transport
-from fedmq.transport import _Client, split_publish
+from fedmq import paho_client as transport
+from fedmq.paho_client import _Client, split_publish
 
 
 def _props(user: list[tuple[str, str]], expiry: int | None) -> bytes:
