@@ -63,7 +63,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
     if incomplete:
         log.warning("round %d closed with %d chunked updates incomplete: they count on the "
                     "parameters they delivered only", svc.round, incomplete)
-    new, reason, detail = finalize(svc, )
+    new, reason, detail = finalize(svc)
     if new is None:
         abandon(svc, reason, detail, now)
         return
@@ -73,7 +73,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
     svc.version += 1
     metrics = svc.ledger.mean_metrics()  # the devices' training metrics (train_*)
     participants = svc.strategy.contributors
-    svc.telemetry.expected = participants
+    svc.telemetry.expect(participants, svc.version - 1)
     svc._publish_model(metrics | {"participants": float(participants),
                                    "bytes_in": float(svc.ledger.bytes_in)})
     summary = RoundSummary(

@@ -467,8 +467,7 @@ class AggregatorService:
                 rejected=dict(self.ledger.rejected), run=self.run)
         if self._final_at is not None:
             entry = self.telemetry.evaluated(self.version)
-            expected = self.last_summary.participants if self.last_summary else 0
-            if (entry is not None and len(entry.devices) >= expected) or (
+            if (entry is not None and len(entry.devices) >= self.telemetry.expected) or (
                     now - self._final_at >= FINAL_EVAL_WAIT_S):
                 self.telemetry.flush(now, force=True)
                 self.done.set()

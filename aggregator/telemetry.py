@@ -70,6 +70,12 @@ class Telemetry:
         if self.expected and len(entry.devices) >= self.expected:
             self._complete = True
 
+    def expect(self, participants: int, previous: int) -> None:
+        """How many reports the next version should get: its round's participants, or as many
+        devices as scored the ``previous`` version (evaluation-only devices train nothing)."""
+        before = self.evaluation.versions.get(previous)
+        self.expected = max(participants, len(before.devices) if before else 0)
+
     def published(self, run: int, version: int) -> None:
         """A model version went out: reports on it count from now on."""
         self.evaluation.published(run, version)
