@@ -87,12 +87,12 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
     svc.publisher.summary(summary)
     svc.last_summary = summary
     svc.stats.rounds_completed += 1
-    trained = "".join(f", {k.removeprefix('train_')} {v:.4f}" for k, v in metrics.items()
-                      if k.startswith("train_"))
+    trained = ", ".join(f"{k.removeprefix('train_')} {v:.4f}"
+                        for k, v in sorted(metrics.items()) if k.startswith("train_"))
     log.info("round %d closed by %s after %.1f s: %d participants (%d clipped), %s in; "
-             "model version %d (training%s)", svc.round, closed_by,
+             "model version %d (training %s)", svc.round, closed_by,
              now - svc._round_opened, participants, svc.ledger.clipped,
-             _size(svc.ledger.bytes_in), svc.version, trained or ": no metrics")
+             _size(svc.ledger.bytes_in), svc.version, trained or "metrics: none")
     max_rounds = svc.config.rounds.max_rounds
     if max_rounds and svc.stats.rounds_completed >= max_rounds:
         svc._announce(now, open_=False)  # tells late devices there is nothing to train
