@@ -65,8 +65,8 @@ def _pip_installs(dockerfile: str) -> list[str]:
     return found
 
 
-def test_compose_defines_the_three_services() -> None:
-    assert set(_compose()["services"]) == {"broker", "aggregator", "agent"}
+def test_compose_defines_the_four_services() -> None:
+    assert set(_compose()["services"]) == {"broker", "aggregator", "agent", "prometheus"}
 
 
 @pytest.mark.parametrize(
@@ -111,9 +111,40 @@ def test_broker_runs_mosquitto_2_with_the_docker_config() -> None:
     assert listeners == [["listener", "1883", "0.0.0.0"]]
 
 
-def test_published_broker_port_stays_on_host_loopback() -> None:
-    for port in _service("broker").get("ports", []):
+@pytest.mark.parametrize("service", ["broker", "aggregator", "prometheus"])
+def test_published_ports_stay_on_host_loopback(service: str) -> None:
+    for port in _service(service).get("ports", []):
         assert str(port).startswith("127.0.0.1:"), port
+
+
+def _metrics_port() -> int:
+    """The port of the aggregator's ``[metrics] listen`` in docker/aggregator.toml."""
+    host, _, port = _toml("aggregator.toml")["metrics"]["listen"].rpartition(":")
+    assert host == "0.0.0.0", "other containers (prometheus) must reach the metrics port"
+    return int(port)
+
+
+def test_prometheus_scrapes_the_aggregators_metrics_port() -> None:
+    prometheus = _service("prometheus")
+    assert prometheus["image"].startswith("prom/prometheus:")
+    config_path = _mounts(prometheus)["/etc/prometheus/prometheus.yml"]
+    assert config_path == DOCKER / "prometheus.yml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    targets = [target for job in config["scrape_configs"]
+               for static in job["static_configs"] for target in static["targets"]]
+    assert targets == [f"aggregator:{_metrics_port()}"]
+
+
+def test_aggregator_health_check_gets_healthz_on_the_metrics_port() -> None:
+    aggregator = _service("aggregator")
+    test = aggregator["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]  # the image has Python, not curl
+    assert f"http://127.0.0.1:{_metrics_port()}/healthz" in test[3]
+    # The check is valid Python that fails (raises) on a 503.
+    compile(test[3], "healthcheck", "exec")
+    assert "urlopen" in test[3]
+    published = [str(p).rsplit(":", 1)[-1] for p in aggregator.get("ports", [])]
+    assert published == [str(_metrics_port())]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.aggregator", "Dockerfile.agent"])
