@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from fedmq.errors import DecodeError
-from fedmq.msgpack_views import VIEW_MIN_BYTES, unpack
+from fedmq.msgpack_views import unpack
 from fedmq.wire import (
     CODECS,
     DEVICE_STATES,

@@ -1,7 +1,8 @@
 """Check the layout's import boundaries (shared/design.md, "Layout").
 
 Only the transport modules (``*/transport.py`` and ``fedmq/paho_client.py``) import paho, only
-``fedmq/codec.py`` imports msgpack, only ``aggregator/kernel*.py`` imports numba, and amqtt only
+``fedmq/codec.py`` (and its ``msgpack_views``) imports msgpack, only ``aggregator/exporter.py``
+imports prometheus_client, only ``aggregator/kernel*.py`` imports numba, and amqtt only
 ``fedmq/broker.py``. The shared
 ``fedmq`` core never imports either side at module level (the CLI and the demo, the composition
 roots, import them lazily inside functions). Exit 1 and list the offending lines otherwise.
@@ -20,10 +21,19 @@ PACKAGES = ("fedmq", "aggregator", "device_agent")
 # top-level module -> predicate on the importing file's path (relative, POSIX)
 ALLOWED = {
     "paho": lambda p: p.endswith("/transport.py") or p == "fedmq/paho_client.py",
-    "msgpack": lambda p: p == "fedmq/codec.py",
+    "msgpack": lambda p: p in ("fedmq/codec.py", "fedmq/msgpack_views.py"),
+    "prometheus_client": lambda p: p == "aggregator/exporter.py",
     "numba": lambda p: p.startswith("aggregator/kernel"),
     "amqtt": lambda p: p == "fedmq/broker.py",
+    # The optional extras: `watch` (rich; plotext is in it too) and `plot` (matplotlib).
+    "rich": lambda p: p == "fedmq/watch_render.py",
+    "plotext": lambda p: p == "fedmq/watch_render.py",
+    "matplotlib": lambda p: p == "aggregator/report.py",
 }
+
+#: Modules that need an optional extra at import time: nothing may import them at module
+#: level (``fedmq watch`` imports the renderer once it has checked that rich is there).
+LAZY_ONLY = ("fedmq.watch_render", "matplotlib")
 
 
 def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
@@ -48,6 +58,20 @@ def top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
             yield node.lineno, node.module.split(".")[0]
 
 
+def top_level_import_names(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, full dotted name) of the module-level imports; ``from a import b`` gives both
+    ``a`` and ``a.b`` (b may be a submodule)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
 def violations(root: Path = ROOT) -> list[str]:
     """Every import that crosses the layout, as ``path:line: message``."""
     found = []
@@ -59,6 +83,13 @@ def violations(root: Path = ROOT) -> list[str]:
                 if allowed is not None and not allowed(rel):
                     found.append(f"{rel}:{line}: imports {module}, which only "
                                  f"{_who(module)} may import")
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            for line, name in top_level_import_names(path):
+                if any(name == m or name.startswith(m + ".") for m in LAZY_ONLY):
+                    found.append(f"{rel}:{line}: imports {name} at module level; it needs an "
+                                 "optional extra, so import it inside the function that uses it")
     for path in sorted((root / "fedmq").rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         for line, module in top_level_imports(path):
@@ -70,8 +101,12 @@ def violations(root: Path = ROOT) -> list[str]:
 
 
 def _who(module: str) -> str:
-    return {"paho": "*/transport.py and fedmq/paho_client.py", "msgpack": "fedmq/codec.py",
-            "numba": "aggregator/kernel*.py", "amqtt": "fedmq/broker.py"}[module]
+    return {"paho": "*/transport.py and fedmq/paho_client.py",
+            "msgpack": "fedmq/codec.py and fedmq/msgpack_views.py",
+            "prometheus_client": "aggregator/exporter.py",
+            "numba": "aggregator/kernel*.py", "amqtt": "fedmq/broker.py",
+            "rich": "fedmq/watch_render.py", "plotext": "fedmq/watch_render.py",
+            "matplotlib": "aggregator/report.py"}[module]
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq import codec, compression
-from fedmq.codec import DEFAULT_LIMITS, VIEW_MIN_BYTES, _unpack
+from fedmq.codec import DEFAULT_LIMITS, _unpack
 from fedmq.errors import DecodeError
+from fedmq.msgpack_views import VIEW_MIN_BYTES
 from fedmq.wire import ModelUpdate
 
 BIG = VIEW_MIN_BYTES
