@@ -13,6 +13,7 @@ reason and never raises, and it is no update rejection.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -27,6 +28,13 @@ IGNORE_REASONS: tuple[str, ...] = ("malformed", "wrong_device", "wrong_federatio
 
 #: Devices tracked at most (about 150 bytes each): a flood of made-up ids cannot grow it further.
 MAX_DEVICES = 1_000_000
+
+#: Joins and leaves logged one by one per window; the rest of a window is one summary line
+#: (a restart of the aggregator receives every device's retained status at once).
+LOG_EACH = 10
+LOG_WINDOW_S = 10.0
+
+log = logging.getLogger("aggregator.service")
 
 #: A status message is a few hundred bytes; anything much larger is not one.
 _LIMITS = codec.DecodeLimits(max_payload_bytes=4096, max_tensors=1, max_elements=1,
@@ -51,6 +59,9 @@ class Presence:
         self.devices: dict[str, Seen] = {}
         self.counts: Counter[str] = Counter()
         self.ignored: Counter[str] = Counter()
+        self._window_start = -float("inf")
+        self._logged = 0
+        self._unlogged: Counter[str] = Counter()  # "joined" / "left" past LOG_EACH
 
     @property
     def online(self) -> int:
@@ -95,7 +106,33 @@ class Presence:
             self.counts[old.state] -= 1
         self.devices[device] = Seen(status.state, status.ts, now)
         self.counts[status.state] += 1
+        was = old is not None and old.state != "offline"
+        if was != (status.state != "offline"):
+            self._transition(device, "left" if was else "joined", status, now)
         return True
+
+    def _transition(self, device: str, what: str, status: DeviceStatus, now: float) -> None:
+        """One INFO line per join or leave, at most ``LOG_EACH`` per window; then a summary."""
+        self.tick(now)
+        if self._logged < LOG_EACH:
+            self._logged += 1
+            how = (f"agent {status.agent_version or '?'}" if what == "joined"
+                   else "offline status or last will")
+            log.info("device %s %s (%s); %d online", device, what, how, self.online)
+        else:
+            self._unlogged[what] += 1
+
+    def tick(self, now: float) -> None:
+        """Start a new log window when the last one is over, summing up what it did not log."""
+        if now - self._window_start < LOG_WINDOW_S:
+            return
+        if self._unlogged:
+            log.info("in the last %.0f s also %s; %d devices online, %d offline", LOG_WINDOW_S,
+                     ", ".join(f"{n} more {w}" for w, n in sorted(self._unlogged.items())),
+                     self.online, self.offline)
+        self._window_start = now
+        self._logged = 0
+        self._unlogged.clear()
 
     def forget(self, device: str) -> None:
         """Drop ``device`` (its retained status was cleared)."""

@@ -56,6 +56,7 @@ from aggregator.wal import REJECT, TICK, UPDATE, WriteAheadLog
 from fedmq import codec
 from fedmq.config import AggregatorConfig
 from fedmq.errors import ConfigError
+from fedmq.instance import AggregatorInstance, refuse_second_aggregator
 from fedmq.models import init_mlp
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
@@ -129,11 +130,14 @@ class AggregatorService:
         durable = config.durability.state_dir is not None
         # With a state directory: acknowledge updates only once they are in the log, and keep
         # a persistent session so the broker queues updates while the aggregator is down.
+        # Its retained presence says it runs: a second aggregator refuses to start (start()).
+        instance = AggregatorInstance(config.federation)
         self.transport: Transport = transport or PahoTransport(
             config.broker, client_id=f"fedmq-aggregator-{config.federation}",
             manual_ack=durable,
             session_expiry_s=config.durability.session_expiry_s if durable else 0,
-            on_connect=self._reconnected.set)
+            on_connect=self._reconnected.set, will=instance.will, birth=instance.birth,
+            farewell=True, duplicate_hint=instance.duplicate_hint)
         state = config.durability.state_dir
         self.state_dir = Path(state) if state is not None else None
         self.wal: WriteAheadLog | None = None
@@ -198,6 +202,7 @@ class AggregatorService:
 
     def start(self, connect_timeout: float = 30.0) -> None:
         """Connect, publish model version 0, open round 1 and start the worker thread."""
+        refuse_second_aggregator(self.transport, self.config.federation, connect_timeout)
         kernels.warmup()  # compile now, not inside the first round
         kernels.set_fold_threads(self.config.strategy.fold_threads)
         self.transport.subscribe(self.topics.updates, qos=1)
@@ -458,6 +463,7 @@ class AggregatorService:
         final model's evaluations are in (or waited for long enough)."""
         now = self.clock()
         self.telemetry.flush(now)
+        self.presence.tick(now)
         m = self.machine
         if m.round is not None and self._final_at is None:
             self.telemetry.progress(

@@ -100,3 +100,27 @@ def test_the_aggregator_routes_statuses_to_presence_and_acks_them(tmp_path: Path
     assert transport.acked == msgs
     assert not agg.stats.rejected
     assert agg.stats.bytes_in == 0
+
+
+def test_joins_and_leaves_are_logged_and_a_burst_is_summed_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from aggregator.presence import LOG_EACH, LOG_WINDOW_S
+
+    presence = Presence("f")
+    caplog.set_level(logging.INFO, logger="aggregator.service")
+    for i in range(LOG_EACH + 5):
+        presence.update(DeviceStatus("f", f"d{i}", "online", "0.1.0"), f"d{i}", 100.0)
+    presence.update(DeviceStatus("f", "d0", "training"), "d0", 100.5)  # no change of presence
+    presence.update(DeviceStatus("f", "d1", "offline"), "d1", 101.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "device d0 joined (agent 0.1.0); 1 online"
+    assert len(lines) == LOG_EACH
+    presence.tick(100.0 + LOG_WINDOW_S)
+    assert caplog.records[-1].getMessage() == (
+        f"in the last {LOG_WINDOW_S:.0f} s also 5 more joined, 1 more left; {LOG_EACH + 4} "
+        "devices online, 1 offline")
+    presence.update(DeviceStatus("f", "d2", "offline"), "d2", 112.0)
+    assert caplog.records[-1].getMessage() == (
+        f"device d2 left (offline status or last will); {LOG_EACH + 3} online")
