@@ -105,6 +105,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``fedmq watch``: a live terminal view of a federation (fedmq.watch)."""
+    from fedmq import watch
+
+    return watch.run(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``fedmq report``: the model history as a picture (aggregator.report)."""
+    from aggregator import report
+
+    return report.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedmq``."""
     p = argparse.ArgumentParser(prog="fedmq", description="Federated learning over MQTT.")
@@ -138,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_arguments(d)
     d.set_defaults(func=cmd_demo, log_default="warning")
+
+    w = sub.add_parser("watch", help="a live terminal view of a federation (the watch extra)")
+    from fedmq import watch
+
+    watch.add_arguments(w)
+    w.set_defaults(func=cmd_watch, log_default="warning")
+
+    r = sub.add_parser("report", help="accuracy, loss, participants and bytes per version "
+                                      "from the model history, as a PNG (the plot extra)")
+    from aggregator import report
+
+    report.add_arguments(r)
+    r.set_defaults(func=cmd_report, log_default="warning")
     return p
 
 
