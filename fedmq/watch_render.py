@@ -130,7 +130,8 @@ class ColumnChart:
         rows = max(height - 1, 2)  # the last line holds the version numbers
         marks = [self.label(self.hi), self.label((self.lo + self.hi) / 2), self.label(self.lo)]
         axis = max(len(m) for m in marks)
-        slot = 3  # a bar two cells wide and a gap
+        # Bars two cells wide and a gap; one cell wide when that shows more versions.
+        slot = 3 if len(self.points) <= (width - axis - 1) // 3 else 2
         fit = max((width - axis - 1) // slot, 1)
         points = self.points[-fit:]
         out = Text(no_wrap=True, overflow="crop")
@@ -140,7 +141,7 @@ class ColumnChart:
             out.append(f"{mark:>{axis}}", style="dim")
             out.append("┤" if mark else "│", style="dim")
             for _, value, source in points:
-                out.append(self._cell(value, source, from_bottom, rows),
+                out.append(self._cell(value, source, from_bottom, rows) * (slot - 1),
                            style="green" if source == "eval" else "yellow")
                 out.append(" ")
             out.append("\n")
@@ -149,14 +150,15 @@ class ColumnChart:
         return out
 
     def _cell(self, value: float, source: Source, from_bottom: int, rows: int) -> str:
+        """One cell of a bar ``from_bottom`` rows above the axis."""
         frac = min(max((value - self.lo) / (self.hi - self.lo), 0.0), 1.0)
         eighths = round(frac * rows * 8)
         if value > self.lo and eighths == 0:
             eighths = 1  # a value above the axis never vanishes
         level = eighths - from_bottom * 8
         if source == "train":
-            return _TRAIN_GLYPH * 2 if level >= 4 else "  "
-        return _EIGHTHS[min(max(level, 0), 8)] * 2
+            return _TRAIN_GLYPH if level >= 4 else " "
+        return _EIGHTHS[min(max(level, 0), 8)]
 
     @staticmethod
     def _version_labels(versions: list[int], slot: int) -> str:
@@ -271,7 +273,7 @@ def _bar(done: int, total: int, width: int) -> Text:
     return Text.assemble(("█" * filled, style), ("░" * (width - filled), "grey35"))
 
 
-def _round_body(view: FleetView, now: float, width: int) -> RenderableType:
+def _round_body(view: FleetView, now: float, width: int, height: int) -> RenderableType:
     r = view.round
     if r is None:
         return Text("no round announcement yet", style="dim")
@@ -304,6 +306,19 @@ def _round_body(view: FleetView, now: float, width: int) -> RenderableType:
                      style="red")
     elif r.accepted is not None:
         lines.append("rejected: none", style="dim")
+    latest = view.latest_versions(1)
+    if height >= 7 and latest:
+        # Room to spare (a tall terminal): what the round starts from, in one line.
+        info = latest[0]
+        lines.append(f"\n\nlatest model v{info.version}", style="bold")
+        for name, fmt in (("accuracy", _pct), ("loss", lambda v: f"{v:.3g}")):
+            found = info.metric(name)  # type: ignore[arg-type]
+            if found is not None:
+                lines.append(f"  {name} ")
+                lines.append_text(_sourced(found, fmt))
+        by = f"  by {info.eval_devices} devices"
+        if info.eval_devices and len(lines.plain.rsplit("\n", 1)[-1]) + len(by) <= width:
+            lines.append(by, style="dim")
     lines.rstrip()
     return lines
 
@@ -442,11 +457,23 @@ def _rounds_body(view: FleetView, width: int, height: int) -> RenderableType:
 # ---------------------------------------------------------------- the whole screen
 
 
-def _split(height: int) -> tuple[int, int]:
-    """Rows for (round and devices, charts); the rest goes to rejections and rounds."""
-    body = max(height - 2, 12)  # header and footer
-    top = max(round(body * 0.30), 6)
-    bottom = max(round(body * 0.28), 5)
+def _split(view: FleetView, height: int) -> tuple[int, int]:
+    """Rows for (round and devices, charts); the rest goes to rejections and rounds.
+
+    The top row grows with the fleet (up to 45 % of a tall screen, 32 % of a short one) and the
+    bottom one with what it lists (up to 30 %); the charts take what is left, at least 9 rows.
+    """
+    body = max(height - 2, 18)  # header and footer
+    round_rows = 9 if height >= 30 else 7  # with the latest model's line when tall
+    top_cap = round(body * (0.45 if height >= 30 else 0.32))
+    top = min(max(round_rows, len(view.devices) + 2), top_cap)
+    listed = max(len(view.rejected()), min(len(view.summaries), 12), 1)
+    bottom = min(max(listed + 2, 4), round(body * 0.30))
+    short = top + bottom + 9 - body
+    if short > 0:  # the charts keep 9 rows: the lists give way first
+        cut = min(short, bottom - 4)
+        bottom -= cut
+        top -= min(short - cut, top - 6)
     return top, body - top - bottom
 
 
@@ -458,11 +485,11 @@ def render(view: FleetView, link: Link, now: float, *, width: int, height: int) 
     if not view.has_data:
         layout.split_column(header, Layout(_waiting(view, link, now)), footer)
         return layout
-    top_h, mid_h = _split(height)
+    top_h, mid_h = _split(view, height)
     top, mid, bottom = Layout(size=top_h), Layout(size=mid_h), Layout()
     layout.split_column(header, top, mid, bottom, footer)
     top.split_row(
-        Layout(_panel(_Fit(lambda w, h: _round_body(view, now, w)), Text("Round", "bold"))),
+        Layout(_panel(_Fit(lambda w, h: _round_body(view, now, w, h)), Text("Round", "bold"))),
         Layout(_panel(_Fit(lambda w, h: _devices_body(view, now, w, h)),
                       _devices_title(view, width // 2))))
     table = _panel(_Fit(lambda w, h: _versions_body(view, w, h)), Text.assemble(

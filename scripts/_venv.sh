@@ -77,3 +77,24 @@ ensure_prometheus() {
              "under CI)" >&2
     fi
 }
+
+# Install Debian's tmux (tests/integration/test_watch_tmux.py drives `fedmq watch` in a real
+# terminal) when it is missing and we may use apt-get.
+ensure_tmux() {
+    if command -v tmux >/dev/null 2>&1; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo -n"
+        else
+            echo "tmux is missing and apt-get needs root: run 'sudo apt-get install tmux'" \
+                 "(the fedmq watch terminal test is skipped without it, or fails under CI)" >&2
+            return 0
+        fi
+    fi
+    echo "installing tmux with apt-get" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || true
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >&2
+}

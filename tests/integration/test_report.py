@@ -1,4 +1,4 @@
-"""``fedmq report``: the model history the aggregator keeps, drawn into a PNG by the real command."""
+"""`fedmq report`: the model history the aggregator keeps, drawn into a PNG by the real command."""
 
 from __future__ import annotations
 
