@@ -335,12 +335,20 @@ def _cmd_export(history: ModelHistory, version: int | None, out: str | None) -> 
     return 0
 
 
+DESCRIPTION = ("List the aggregator's saved models, or export one as an .npz for [model] path "
+               "(rollback).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m aggregator.history``."""
-    p = argparse.ArgumentParser(prog="python -m aggregator.history",
-                                description="List the aggregator's saved models, or export one "
-                                            "as an .npz for [model] path (rollback).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="python -m aggregator.history", description=DESCRIPTION)
+    add_commands(p)
+    return p
+
+
+def add_commands(p: argparse.ArgumentParser) -> None:
+    """Add ``list`` and ``export`` to ``p`` (this module's parser, or ``fedmq history``)."""
+    sub = p.add_subparsers(dest="history_command", metavar="{list,export}", required=True)
     ls = sub.add_parser("list", help="list the saved versions (checks each sha256)")
     ls.add_argument("--dir", required=True, help="the aggregator's model history directory")
     ex = sub.add_parser("export", help="write one version's weights as an .npz")
@@ -348,19 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--version", type=int, default=None, help="version to export (default: newest)")
     ex.add_argument("--out", default=None,
                     help="the .npz to write (default: model-NNNNNN.npz here)")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``list`` / ``export``; returns the exit status (0 ok, 1 nothing or damaged, 2 error)."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed ``list`` / ``export`` command (see ``main``)."""
     history = ModelHistory(Path(args.dir), keep=1)  # keep only matters to save
     try:
-        if args.command == "list":
+        if args.history_command == "list":
             return _cmd_list(history)
         return _cmd_export(history, args.version, args.out)
     except (FedmqError, OSError) as exc:
-        print(f"history {args.command}: {exc}", file=sys.stderr)
+        print(f"history {args.history_command}: {exc}", file=sys.stderr)
         return 2
 
 

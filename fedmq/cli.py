@@ -8,10 +8,14 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 from fedmq import __version__
 from fedmq.errors import FedmqError
+
+#: ``--log-level`` choices (before or after the command: ``fedmq --log-level debug agent ...``
+#: or ``fedmq agent ... --log-level debug``).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _setup_logging(level: str) -> None:
@@ -19,11 +23,33 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _wait_for_signal(done: threading.Event | None = None) -> None:
-    """Block until SIGINT/SIGTERM (or ``done``), so services stop cleanly."""
+def _add_log_level(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=default,
+                   help="debug, info, warning or error (default: info for the services, "
+                        "warning otherwise)")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it takes ``--log-level`` too, so the option may follow the
+    command. Its default is SUPPRESS, so that it does not overwrite a level given before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_log_level(self, argparse.SUPPRESS)
+
+
+def _stop_on_signals(done: threading.Event | None = None) -> threading.Event:
+    """From now on SIGINT/SIGTERM set the returned event (``done`` if given) instead of
+    interrupting: the caller stops cleanly when it sees it."""
     stop = done or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(done: threading.Event | None = None) -> None:
+    """Block until SIGINT/SIGTERM (or ``done``), so services stop cleanly."""
+    stop = _stop_on_signals(done)
     while not stop.wait(0.5):
         pass
 
@@ -32,6 +58,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     """Run the aggregator service until stopped or ``rounds.max_rounds`` is reached."""
     from fedmq.config import load_aggregator
 
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # until the service runs: see _wait_for_signal
     # The config first: a bad value is one line on stderr, before numba is even imported.
     config = load_aggregator(args.config)
     try:
@@ -41,8 +68,8 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
               "pip install 'fedmq[aggregator]'", file=sys.stderr)
         return 2
     service = AggregatorService(config)
-    service.start()
-    try:
+    try:  # a Ctrl-C or SIGTERM while it starts stops what it started too
+        service.start()
         _wait_for_signal(service.done)
     finally:
         service.stop()
@@ -56,36 +83,57 @@ def cmd_agent(args: argparse.Namespace) -> int:
     """Run one device agent until stopped."""
     from fedmq.config import load_agent
 
-    config = load_agent(args.config)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    config = load_agent(args.config, device_id=args.device_id)
     from device_agent.service import AgentService
 
     service = AgentService.from_config(config)
-    service.start()
+    stop = _stop_on_signals()  # start() does not block: a signal during it is a clean stop too
     try:
-        _wait_for_signal()
+        service.start()
+        _wait_for_signal(stop)
     finally:
         service.stop()
     return 0
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
-    """Run Mosquitto with a config from broker_config/ on the given port until stopped."""
-    from fedmq.broker import MosquittoBroker, default_config_dir
+#: What each shipped broker config is for (``fedmq broker --list-configs``).
+BROKER_CONFIGS = {
+    "dev": "loopback, anonymous, in memory: development and a trial on one machine",
+    "docker": "every interface, anonymous, in memory: what docker/compose.yaml runs",
+    "production": "a template to copy and edit: TLS, passwords, per-device ACL, persistent",
+    "acl": "the ACL file production.conf points at (devices write only their own topics)",
+}
 
-    template = Path(args.config) if args.config else default_config_dir() / "dev.conf"
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run Mosquitto with a shipped config (or one's own) on the given port until stopped."""
+    from fedmq.broker import MosquittoBroker, broker_config_path
+
+    if args.list_configs:
+        for name, what in BROKER_CONFIGS.items():
+            print(f"{name:<11} {broker_config_path(name)}\n            {what}")
+        return 0
+    if args.print_config:
+        sys.stdout.write(broker_config_path(args.print_config).read_text(encoding="utf-8"))
+        return 0
+    # A SIGTERM while Mosquitto starts unwinds the `with` (Mosquitto runs in its own session,
+    # so it would outlive us otherwise).
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    template = broker_config_path(args.config)
     with MosquittoBroker(template, port=args.port, host=args.host) as broker:
+        stop = _stop_on_signals()  # before the line: a signal right after it is a clean stop
         print(f"mosquitto listening on {broker.host}:{broker.port} (config {template}, "
               f"log {broker.log_path}); Ctrl-C stops it", flush=True)
-        _wait_for_signal()
+        _wait_for_signal(stop)
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     """``fedmq history list|export --dir DIR …`` (aggregator.history)."""
-    from aggregator.history import main as history_main
+    from aggregator.history import run
 
-    code: int = history_main(args.args)
-    return code
+    return run(args)
 
 
 class Terminated(KeyboardInterrupt):
@@ -123,9 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedmq``."""
     p = argparse.ArgumentParser(prog="fedmq", description="Federated learning over MQTT.")
     p.add_argument("--version", action="version", version=f"fedmq {__version__}")
-    p.add_argument("--log-level", default=None,
-                   help="debug, info, warning (default: info for services, warning otherwise)")
-    sub = p.add_subparsers(dest="command", required=True)
+    _add_log_level(p, None)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     a = sub.add_parser("aggregator", help="run the aggregator service")
     a.add_argument("--config", required=True, help="aggregator.toml")
@@ -133,18 +180,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("agent", help="run a device agent")
     g.add_argument("--config", required=True, help="agent.toml")
+    g.add_argument("--device-id", default=None, metavar="ID",
+                   help="this device's id, unique per agent (default: $FEDMQ_DEVICE_ID, else "
+                        "[device] id or id_from_env in agent.toml)")
     g.set_defaults(func=cmd_agent, log_default="info")
 
-    b = sub.add_parser("broker", help="run Mosquitto with a config from broker_config/")
-    b.add_argument("--config", default=None,
-                   help="config template (default broker_config/dev.conf)")
-    b.add_argument("--port", type=int, default=1883)
-    b.add_argument("--host", default="127.0.0.1")
+    b = sub.add_parser(
+        "broker", help="run Mosquitto with a shipped config (dev, docker, production)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a Mosquitto broker (install it first: apt-get install mosquitto) "
+                    "until Ctrl-C or SIGTERM.\nOnce it listens, one line says where, the "
+                    "config it runs (rendered to a private temporary\ndirectory) and its log "
+                    "file; both are removed when it stops.",
+        epilog="configs shipped with fedmq (--list-configs shows their paths):\n"
+               + "".join(f"  {name:<11} {what}\n" for name, what in BROKER_CONFIGS.items())
+               + "The config's one `listener` line is replaced by --host and --port. For a "
+                 "real fleet, copy\nproduction (--print-config production > production.conf), "
+                 "edit it and run it with\n`mosquitto -c` (fedmq/broker_config/README.md).")
+    b.add_argument("--config", default="dev", metavar="NAME|FILE",
+                   help="a shipped config (dev, docker, production) or a Mosquitto config file "
+                        "of your own with one listener line (default: dev)")
+    b.add_argument("--port", type=int, default=1883,
+                   help="TCP port to listen on (default: 1883, MQTT's)")
+    b.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; "
+                        "0.0.0.0 for every interface)")
+    b.add_argument("--print-config", metavar="NAME", default=None,
+                   help="print a shipped config (dev, docker, production, acl) and exit")
+    b.add_argument("--list-configs", action="store_true",
+                   help="list the shipped configs and where they are installed, and exit")
     b.set_defaults(func=cmd_broker, log_default="warning")
 
+    from aggregator import history
+
     h = sub.add_parser("history", help="list or export the aggregator's saved models",
-                       add_help=False)
-    h.add_argument("args", nargs=argparse.REMAINDER)
+                       description=history.DESCRIPTION)
+    history.add_commands(h)
     h.set_defaults(func=cmd_history, log_default="warning")
 
     d = sub.add_parser("demo", help="run a whole federation on the digits data set")

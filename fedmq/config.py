@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import tomllib
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +49,7 @@ from fedmq.models import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR
 from fedmq.topics import check_name
 
 __all__ = [
+    "DEVICE_ID_ENV",
     "RULES",
     "AgentConfig",
     "AggregatorConfig",
@@ -420,9 +422,30 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         _check_broker(cfg.broker)
 
 
-def load_agent(path: str | Path) -> AgentConfig:
-    """Read and check a device agent config file (the device id is resolved too)."""
+#: The environment variable ``load_agent`` takes the device id from (after ``--device-id``).
+DEVICE_ID_ENV = "FEDMQ_DEVICE_ID"
+
+
+def load_agent(path: str | Path, device_id: str | None = None,
+               environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and check a device agent config file (the device id is resolved too).
+
+    The device id is, first found: ``device_id`` (``fedmq agent --device-id``), the variable
+    ``FEDMQ_DEVICE_ID`` in ``environ`` (default ``os.environ``), ``[device] id``, the variable
+    ``[device] id_from_env`` names. The first two replace ``[device] id`` in the result, so one
+    agent.toml serves every device.
+    """
     cfg = _load(AgentConfig, path)
+    env = os.environ if environ is None else environ
+    given, source = device_id, "--device-id"
+    if given is None:
+        given, source = env.get(DEVICE_ID_ENV) or None, f"${DEVICE_ID_ENV}"
+    if given is not None:
+        try:
+            check_name(given, "device id")
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        cfg = dataclasses.replace(cfg, device=dataclasses.replace(cfg.device, id=given))
     check_agent(cfg, str(path))
     return cfg
 

@@ -256,6 +256,9 @@ class TrainerConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+_GIVE_ID = "pass --device-id ID, set FEDMQ_DEVICE_ID, or set [device] id in the file"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """``fedmq agent --config agent.toml``."""
@@ -267,13 +270,20 @@ class AgentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def device_id(self) -> str:
-        """The configured device id, from ``id`` or the named environment variable."""
+        """The device id: ``[device] id``, else the environment variable ``id_from_env`` names.
+
+        ``fedmq.config.load_agent`` has already put ``--device-id`` or ``$FEDMQ_DEVICE_ID``, when
+        given, into ``id``: they come first.
+        """
         value = self.device.id
-        if value is None and self.device.id_from_env:
-            value = os.environ.get(self.device.id_from_env)
+        var = self.device.id_from_env
+        if value is None and var:
+            value = os.environ.get(var)
+            if not value:
+                raise ConfigError(f'[device] id_from_env = "{var}" but ${var} is unset or empty; '
+                                  f"every agent needs its own device id: {_GIVE_ID}")
         if not value:
-            raise ConfigError("[device] needs `id`, or `id_from_env` naming a set environment "
-                              "variable")
+            raise ConfigError(f"no device id: {_GIVE_ID} (every agent needs its own)")
         try:
             return check_name(value, "device id")
         except ValueError as exc:

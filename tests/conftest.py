@@ -28,6 +28,12 @@ _INSTALL_HINT = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_device_id_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FEDMQ_DEVICE_ID`` would override every agent.toml's id: tests set it where they mean it."""
+    monkeypatch.delenv("FEDMQ_DEVICE_ID", raising=False)
+
+
 def require_mosquitto() -> str:
     """Return the mosquitto binary; skip the test without it, or fail it under CI."""
     binary = mosquitto_binary()

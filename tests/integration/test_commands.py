@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,8 @@ def _env() -> dict[str, str]:
 @pytest.mark.broker
 @pytest.mark.slow
 def test_aggregator_and_agents_as_processes(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    """`python -m aggregator` + two `fedmq agent` processes complete two rounds on digits."""
+    """`python -m aggregator` + two agent processes complete two rounds on digits; one agent.toml
+    without an id serves both (the id from --device-id, and from FEDMQ_DEVICE_ID)."""
     fed = unique_federation("proc")
     broker = f'[broker]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\n'
     (tmp_path / "aggregator.toml").write_text(f'federation = "{fed}"\n{broker}' + textwrap.dedent(
@@ -47,22 +50,23 @@ def test_aggregator_and_agents_as_processes(mosquitto: MosquittoBroker, tmp_path
     agents = []
     rec = Recorder(broker_config(mosquitto), fed).start()
     try:
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f'federation = "{fed}"\n{broker}' + textwrap.dedent(
+            """
+            [data]
+            source = "digits"
+            num_shards = 2
+            shard_from_env = "FEDMQ_SHARD"
+            [trainer]
+            kind = "softmax"
+            """))
         for i in range(2):
-            cfg = tmp_path / f"agent{i}.toml"
-            cfg.write_text(f'federation = "{fed}"\n{broker}' + textwrap.dedent(
-                f"""
-                [device]
-                id = "proc-dev-{i}"
-                [data]
-                source = "digits"
-                num_shards = 2
-                shard = {i}
-                [trainer]
-                kind = "softmax"
-                """))
-            cmd = ([sys.executable, "-m", "device_agent", "--config", str(cfg)] if i == 0 else
+            cmd = ([sys.executable, "-m", "device_agent", "--config", str(cfg),
+                    "--device-id", "proc-dev-0"] if i == 0 else
                    [sys.executable, "-m", "fedmq.cli", "agent", "--config", str(cfg)])
-            agents.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+            env = _env() | {"FEDMQ_SHARD": str(i)} | ({"FEDMQ_DEVICE_ID": "proc-dev-1"} if i
+                                                        else {})
+            agents.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True))
         agg = subprocess.run(
             [sys.executable, "-m", "aggregator", "--config", str(tmp_path / "aggregator.toml")],
@@ -76,6 +80,7 @@ def test_aggregator_and_agents_as_processes(mosquitto: MosquittoBroker, tmp_path
             p.send_signal(signal.SIGTERM)
         outputs = [p.communicate(timeout=30)[0] for p in agents]
         assert all(p.returncode == 0 for p in agents), outputs
+        assert not any("Traceback" in out for out in outputs), outputs
         # A clean stop says "offline" itself (the last will covers unclean ones).
         rec.wait_for(lambda r: {s.device_id for s in r.of(DeviceStatus)
                                 if s.state == "offline"} == {"proc-dev-0", "proc-dev-1"})
@@ -173,3 +178,189 @@ def test_device_side_never_imports_numba() -> None:
                          text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------- the command line itself
+
+
+def _fedmq(*args: str, env: dict[str, str] | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedmq.cli", *args], env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_history_help_lists_its_commands() -> None:
+    out = _fedmq("history", "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: fedmq history")
+    assert "list" in out.stdout
+    assert "export" in out.stdout
+    listing = _fedmq("history", "list", "--help")
+    assert listing.returncode == 0, listing.stderr
+    assert "--dir" in listing.stdout
+
+
+def test_history_runs_through_fedmq(tmp_path: Path) -> None:
+    out = _fedmq("history", "list", "--dir", str(tmp_path))
+    assert "Traceback" not in out.stderr
+    assert out.returncode in (0, 1), out.stderr  # an empty directory: nothing saved
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--log-level", "debug", "agent", "--config", "a.toml"],
+     ["agent", "--config", "a.toml", "--log-level", "debug"],
+     ["agent", "--log-level", "DEBUG", "--config", "a.toml"]],
+    ids=["before", "after", "upper-case"],
+)
+def test_log_level_before_or_after_the_command(argv: list[str]) -> None:
+    from fedmq.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.command, args.log_level) == ("agent", "debug")
+
+
+def test_log_level_after_does_not_hide_the_one_before() -> None:
+    from fedmq.cli import build_parser
+
+    args = build_parser().parse_args(["--log-level", "error", "broker"])
+    assert args.log_level == "error"
+    assert build_parser().parse_args(["broker"]).log_level is None  # the command's default
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_unknown_log_level_is_a_usage_error(where: str) -> None:
+    command = ["broker", "--list-configs"]
+    argv = ["--log-level", "loud", *command] if where == "before" else [*command, "--log-level",
+                                                                           "loud"]
+    out = _fedmq(*argv)
+    assert out.returncode == 2
+    assert "argument --log-level: invalid choice: 'loud' (choose from 'debug', 'info', " \
+           "'warning', 'error')" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_broker_help_explains_configs_port_and_output() -> None:
+    out = _fedmq("broker", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for words in ("dev loopback, anonymous, in memory", "docker every interface",
+                  "production a template to copy and edit", "--port PORT TCP port to listen on",
+                  "--host HOST address to listen on", "Ctrl-C or SIGTERM",
+                  "one line says where, the config it runs", "--print-config production"):
+        assert words in text, words
+
+
+def test_broker_prints_and_lists_the_shipped_configs() -> None:
+    from fedmq.broker import default_config_dir
+
+    listed = _fedmq("broker", "--list-configs")
+    assert listed.returncode == 0, listed.stderr
+    for name in ("dev.conf", "docker.conf", "production.conf", "acl.template"):
+        assert str(default_config_dir() / name) in listed.stdout
+    printed = _fedmq("broker", "--print-config", "production")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == (default_config_dir() / "production.conf").read_text()
+    unknown = _fedmq("broker", "--print-config", "staging")
+    assert unknown.returncode == 2
+    assert unknown.stderr == ("fedmq broker: broker config 'staging' is neither a shipped one "
+                              "(dev, docker, production, acl) nor a file\n")
+
+
+@pytest.mark.broker
+def test_broker_on_a_port_in_use_says_so_in_one_line(mosquitto: MosquittoBroker) -> None:
+    out = _fedmq("broker", "--port", str(mosquitto.port))
+    assert out.returncode == 2
+    assert out.stderr == (f"fedmq broker: port {mosquitto.port} on 127.0.0.1 is in use (another "
+                          "broker running?): stop it, or pass --port N\n")
+    assert out.stdout == ""
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_broker_stops_on_a_signal_and_leaves_nothing(sig: signal.Signals) -> None:
+    from fedmq.broker import find_free_port
+
+    port = find_free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", "broker", "--port", str(port)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(f"mosquitto listening on 127.0.0.1:{port} (config "), line
+        assert line.rstrip().endswith("Ctrl-C stops it")
+        assert not _free(port)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err == ""
+    assert _free(port)  # no Mosquitto left behind
+    workdir = Path(line.split(", log ")[1].split(")")[0]).parent
+    assert not workdir.exists()
+
+
+def test_agent_without_a_device_id_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[data]\nsource = "digits"\n')
+    out = _fedmq("agent", "--config", str(cfg))
+    assert out.returncode == 2
+    assert out.stderr == (f"fedmq agent: {cfg}: no device id: pass --device-id ID, set "
+                          "FEDMQ_DEVICE_ID, or set [device] id in the file (every agent needs "
+                          "its own)\n")
+    bad = _fedmq("agent", "--config", str(cfg), env=_env() | {"FEDMQ_DEVICE_ID": "room/3"})
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("fedmq agent: $FEDMQ_DEVICE_ID: device id 'room/3' must be ")
+    assert len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["agent", "aggregator"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_services_stop_without_a_traceback_while_waiting_for_the_broker(
+        tmp_path: Path, command: str, sig: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM at any moment (here: no broker yet) ends in a clean stop."""
+    from fedmq.broker import find_free_port
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[broker]\nport = {find_free_port()}\nreconnect_max_s = 0.5\n'
+                   '[device]\nid = "sig-1"\n[data]\nsource = "digits"\n' if command == "agent"
+                   else f'[broker]\nport = {find_free_port()}\nreconnect_max_s = 0.5\n'
+                        '[model]\nlayers = [8, 3]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "fedmq.cli", command, "--config", str(cfg)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "waiting for the broker" not in seen:
+            assert time.monotonic() < deadline, seen
+            seen += proc.stderr.readline()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    err = seen + err
+    assert "Traceback" not in err, err
+    if command == "agent":  # running: the signal handler stops it
+        assert proc.returncode == 0, err
+    else:  # still starting: one line says so
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+        assert err.splitlines()[-1] == (
+            "fedmq aggregator: " + ("interrupted" if sig == signal.SIGINT else "terminated")
+            + "; everything it started is stopped")

@@ -13,6 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import pytest
 
 from fedmq.config import (
+    DEVICE_ID_ENV,
     RULES,
     AgentConfig,
     AggregatorConfig,
@@ -61,12 +62,15 @@ def test_example_aggregator_loads() -> None:
 
 
 def test_example_agent_loads() -> None:
-    cfg = load_agent(REPO / "examples" / "agent.toml")
+    # The example names no device id: every agent gets its own from the flag or the environment.
+    cfg = load_agent(REPO / "examples" / "agent.toml", environ={DEVICE_ID_ENV: "dev-1"})
     assert isinstance(cfg, AgentConfig)
     assert cfg.federation == "digits"
-    assert cfg.device_id() == "sensor-001"
+    assert cfg.device_id() == "dev-1"
     assert cfg.data.source == "digits"
     assert cfg.trainer.kind == "mlp"
+    with pytest.raises(ConfigError, match="no device id: pass --device-id ID"):
+        load_agent(REPO / "examples" / "agent.toml", environ={})
 
 
 def test_docker_aggregator_loads() -> None:
@@ -263,8 +267,52 @@ def test_device_id_env_var_unset_or_empty(
 
 
 def test_device_section_missing(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"\[device\] needs `id`"):
-        load_agent(write(tmp_path, 'federation = "f"\n'))
+    with pytest.raises(ConfigError, match=r"no device id: pass --device-id ID, set "
+                                          r"FEDMQ_DEVICE_ID, or set \[device\] id in the file "
+                                          r"\(every agent needs its own\)$"):
+        load_agent(write(tmp_path, 'federation = "f"\n'), environ={})
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "device", "expected"),
+    [
+        ("from-flag", "from-env", 'id = "from-file"', "from-flag"),
+        (None, "from-env", 'id = "from-file"', "from-env"),
+        (None, "", 'id = "from-file"', "from-file"),  # an empty variable counts as unset
+        (None, None, 'id = "from-file"', "from-file"),
+        (None, None, f'id_from_env = "{DEVICE_ENV}"', "from-named-env"),
+        (None, "from-env", f'id_from_env = "{DEVICE_ENV}"', "from-env"),
+        ("from-flag", None, "", "from-flag"),
+        (None, "from-env", "", "from-env"),
+    ],
+    ids=["flag-first", "env-before-file", "empty-env", "file", "named-env", "env-before-named",
+         "flag-alone", "env-alone"],
+)
+def test_device_id_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+                              flag: str | None, env: str | None, device: str,
+                              expected: str) -> None:
+    """--device-id > $FEDMQ_DEVICE_ID > [device] id > [device] id_from_env."""
+    monkeypatch.setenv(DEVICE_ENV, "from-named-env")
+    environ = {} if env is None else {DEVICE_ID_ENV: env}
+    cfg = load_agent(agent_file(tmp_path, device=device), device_id=flag, environ=environ)
+    assert cfg.device_id() == expected
+
+
+def test_device_id_env_defaults_to_the_process_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DEVICE_ID_ENV, "dev-7")
+    assert load_agent(agent_file(tmp_path)).device_id() == "dev-7"
+
+
+@pytest.mark.parametrize(("flag", "env", "source"),
+                         [("a/b", None, "--device-id"), ("", None, "--device-id"),
+                          (None, "a b", r"\$FEDMQ_DEVICE_ID")])
+def test_bad_device_id_from_flag_or_env(tmp_path: Path, flag: str | None, env: str | None,
+                                        source: str) -> None:
+    path = agent_file(tmp_path)
+    environ = {} if env is None else {DEVICE_ID_ENV: env}
+    with pytest.raises(ConfigError, match=rf"^{source}: device id .* must be 1-64 characters"):
+        load_agent(path, device_id=flag, environ=environ)
 
 
 @pytest.mark.parametrize(
@@ -667,8 +715,9 @@ def test_values_that_do_not_fit_together(
 def test_device_id_problems_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DEVICE_ENV, raising=False)
     path = agent_file(tmp_path, device=f'id_from_env = "{DEVICE_ENV}"')
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: \[device\] needs `id`"):
-        load_agent(path)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: \[device\] id_from_env = "
+                                          rf'"{DEVICE_ENV}" but \${DEVICE_ENV} is unset'):
+        load_agent(path, environ={})
 
 
 def test_check_aggregator_applies_the_rules_to_configs_built_in_code() -> None:
