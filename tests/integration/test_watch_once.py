@@ -17,6 +17,7 @@ from fedmq.transport import PahoTransport
 from fedmq.wire import (
     DeviceStatus,
     GlobalModel,
+    Message,
     ModelEvaluation,
     RoundAnnouncement,
     RoundProgress,
@@ -39,7 +40,7 @@ def test_once_prints_the_retained_state(mosquitto: MosquittoBroker) -> None:
     fed = unique_federation("once")
     t = Topics(fed)
     now = time.time()
-    retained = [
+    retained: list[tuple[str, Message]] = [
         (t.round, RoundAnnouncement(fed, 7, 6, "sha", now + 45, 4, 8, run=5)),
         (t.progress, RoundProgress(fed, 7, 6, 3, 4, 8, now + 45, {"stale_round": 2}, run=5)),
         (t.model, GlobalModel(fed, 6, 6, (), "sha", metrics={
