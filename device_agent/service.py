@@ -155,6 +155,9 @@ class AgentService:
                                              service.clock())))
 
         transport = PahoTransport(broker, client_id=f"fedmq-device-{device_id}", will=will,
+                                  duplicate_hint=f"device id {device_id!r} is in use by another "
+                                  "agent: every agent needs its own (--device-id, "
+                                  "FEDMQ_DEVICE_ID or [device] id)",
                                   # a lambda: `service` does not exist yet
                                   on_connect=lambda: service.on_connected())  # noqa: PLW0108
         service = cls(federation, device_id, trainer, transport, feedback=feedback,

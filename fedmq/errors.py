@@ -6,7 +6,8 @@
     ├── DecodeError        a payload is not a valid fedmq v1 message (carries the reason)
     ├── ConfigError        a config file or option is wrong (says which key and what to do)
     ├── ProtocolError      an event is illegal in the current state (state is left unchanged)
-    └── BrokerError        a broker could not be started, reached or used
+    ├── BrokerError        a broker could not be started, reached or used
+    └── AlreadyRunningError  another aggregator runs for the federation (this one refuses)
 
 A bad update from the network is data, not a crash: the aggregator turns a ``DecodeError`` (or a
 failed check) into a counted rejection reason and carries on.
@@ -37,3 +38,7 @@ class ProtocolError(FedmqError):
 
 class BrokerError(FedmqError):
     """A broker could not be started or reached."""
+
+
+class AlreadyRunningError(FedmqError):
+    """Another aggregator is running for the federation: a second one refuses to start."""

@@ -53,6 +53,11 @@ class Topics:
         return f"{self.base}/metrics"
 
     @property
+    def aggregator(self) -> str:
+        """The running aggregator's presence (retained JSON; ``fedmq.instance``)."""
+        return f"{self.base}/aggregator"
+
+    @property
     def model_eval(self) -> str:
         """The federated evaluation of each model version (``ModelEvaluation``, retained)."""
         return f"{self.base}/metrics/eval"

@@ -125,6 +125,8 @@ QUICK_DROPS = 3
 #: per ``DUPLICATE_REPEAT_S``.
 WAITING_REPEAT_S = 30.0
 DUPLICATE_REPEAT_S = 60.0
+#: How long ``stop()`` waits for the broker to acknowledge a farewell.
+FAREWELL_WAIT_S = 2.0
 
 
 class PahoTransport:
@@ -132,9 +134,15 @@ class PahoTransport:
 
     What it waits for is logged: one WARNING when the broker cannot be reached (then at most one
     per ``WAITING_REPEAT_S`` while that lasts), one INFO line per successful connect, and one
-    ERROR (at most per ``DUPLICATE_REPEAT_S``) when another client uses the same client id.
+    ERROR (at most per ``DUPLICATE_REPEAT_S``) when another client uses the same client id,
+    ending with ``duplicate_hint`` (what to do about it). ``quiet``: the connect and disconnect
+    lines at DEBUG and no duplicate line (a short-lived helper connection).
+
     ``will`` may be a callable: it is called before each connection attempt, so the last will
-    can carry the connect time.
+    can carry the connect time. ``birth`` (also a message or a callable) is published after
+    each connect: with a retained will on the same topic, the topic says whether this client is
+    online. ``farewell``: ``stop()`` publishes the will itself before disconnecting (a clean
+    disconnect makes the broker discard it).
     """
 
     def __init__(
@@ -148,6 +156,10 @@ class PahoTransport:
         seed: int | None = None,
         manual_ack: bool = False,
         session_expiry_s: int = 0,
+        birth: Will | Callable[[], Will] | None = None,
+        farewell: bool = False,
+        duplicate_hint: str = "every MQTT client needs its own client id",
+        quiet: bool = False,
     ) -> None:
         self.broker = broker
         self.client_id = broker.client_id or client_id
@@ -180,7 +192,17 @@ class PahoTransport:
         self._duplicate_logged: float | None = None
         #: Times another client was seen using our client id.
         self.duplicate_id_seen = 0
+        #: Connections the broker (or the network) ended, and SUBACKs received.
+        self.drops = 0
+        self.subacks = 0
+        #: The CONNACK's session-present flag of the latest connect.
+        self.session_present = False
         self._will = will
+        self._birth = birth
+        self._farewell = farewell
+        self._duplicate_hint = duplicate_hint
+        self._info = logging.DEBUG if quiet else logging.INFO
+        self._quiet = quiet
 
         protocol = mqtt.MQTTv5 if broker.mqtt5 else mqtt.MQTTv311
         persistent = session_expiry_s > 0
@@ -199,6 +221,7 @@ class PahoTransport:
         self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        self._client.on_subscribe = self._handle_subscribe
 
     def _set_will(self) -> None:
         will = self._will() if callable(self._will) else self._will
@@ -218,9 +241,13 @@ class PahoTransport:
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.client_id, self.last_error)
             return
-        log.info("connected to %s as %s", self.address, self.client_id)
+        log.log(self._info, "connected to %s as %s", self.address, self.client_id)
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._failing_since = self._waiting_logged = None
         self._connected_at = self._clock()
+        birth = self._birth() if callable(self._birth) else self._birth
+        if birth is not None:
+            client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
         # paho does not enforce the broker's limit; an oversize publish is dropped or gets us
         # disconnected, so remember it and let senders chunk below it.
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
@@ -238,9 +265,14 @@ class PahoTransport:
                            reason: ReasonCode, properties: Any) -> None:
         self._connected.clear()
         if not self._stopping.is_set():
-            log.info("%s: disconnected (%s)", self.client_id, reason)
+            self.drops += 1
+            log.log(self._info, "%s: disconnected (%s)", self.client_id, reason)
             self._check_duplicate(reason)
             self._jitter_next_delay()
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                          reasons: Any, properties: Any) -> None:
+        self.subacks += 1
 
     def _check_duplicate(self, reason: ReasonCode) -> None:
         """Report, in one line, a broker that keeps handing our session to another client."""
@@ -255,12 +287,12 @@ class PahoTransport:
         if not taken_over and self._quick_drops < QUICK_DROPS:
             return
         self.duplicate_id_seen += 1
-        if (self._duplicate_logged is not None
-                and now - self._duplicate_logged < DUPLICATE_REPEAT_S):
+        if self._quiet or (self._duplicate_logged is not None
+                           and now - self._duplicate_logged < DUPLICATE_REPEAT_S):
             return
         self._duplicate_logged = now
         log.error("another client is connected with client id %s (the broker handed it our "
-                  "session): every device needs its own [device] id", self.client_id)
+                  "session): %s", self.client_id, self._duplicate_hint)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:
@@ -344,12 +376,28 @@ class PahoTransport:
             raise BrokerError(f"a {len(payload)}-byte publish on {topic} exceeds the broker's "
                               f"maximum packet size of {limit} bytes; lower max_chunk_bytes")
 
-    def stop(self) -> None:
-        """Disconnect cleanly (so no last will is sent) and stop the network thread."""
+    def stop(self, *, end_session: bool = False) -> None:
+        """Disconnect cleanly (so no last will is sent) and stop the network thread.
+
+        With ``farewell`` the will is published first (waiting up to ``FAREWELL_WAIT_S`` for
+        its PUBACK). ``end_session``: an MQTT 5 persistent session ends with this disconnect
+        instead of waiting on the broker for ``session_expiry_s``.
+        """
         self._stopping.set()
         if self._started:
             was_connected = self._connected.is_set()
-            self._client.disconnect()
+            will = self._will() if callable(self._will) else self._will
+            if self._farewell and was_connected and will is not None:
+                info = self._client.publish(will.topic, will.payload, qos=will.qos,
+                                            retain=will.retain)
+                deadline = time.monotonic() + FAREWELL_WAIT_S
+                while not Delivery(info).done() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            properties = None
+            if end_session and self.broker.mqtt5 and self.session_expiry_s > 0:
+                properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = 0
+            self._client.disconnect(properties=properties)
             if was_connected:
                 # Let paho's thread send the DISCONNECT and close the socket before it stops.
                 deadline = time.monotonic() + 2.0

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import MosquittoFactory, require_mosquitto
 
+from aggregator.service import AggregatorService
 from fedmq import paho_client
 from fedmq.broker import (
     EmbeddedBroker,
@@ -28,8 +29,14 @@ from fedmq.broker import (
     default_config_dir,
     start_broker,
 )
-from fedmq.config import AggregatorConfig, BrokerConfig, ModelConfig, RoundsConfig
-from fedmq.errors import BrokerError
+from fedmq.config import (
+    AggregatorConfig,
+    BrokerConfig,
+    DurabilityConfig,
+    ModelConfig,
+    RoundsConfig,
+)
+from fedmq.errors import AlreadyRunningError, BrokerError
 from fedmq.subscriber import ModelSubscriber
 from fedmq.transport import PahoTransport
 
@@ -666,3 +673,52 @@ def test_production_carries_chunked_models_and_large_updates_over_tls(
     # the two model versions (the second part, 17 KB, is below DIRECT_READ_MIN).
     assert sum(size > len(payload) - 64 for size in bodies) == 1
     assert sum(200_000 < size < 256 * 1024 for size in bodies) == 2
+
+
+def test_production_second_aggregator_refuses_and_a_restart_keeps_queued_updates(
+        production: Production, tmp_path: Path) -> None:
+    """production.conf gives every connection of user `aggregator` the client id `aggregator`
+    (use_username_as_clientid), so the check of a starting aggregator takes the running one's
+    session over: the running one takes it back and the second refuses. After a stop, the check
+    finds the durable session with an update queued in it and leaves it for the restart."""
+    fed = "one-aggregator"
+
+    def config(state: str) -> AggregatorConfig:
+        return AggregatorConfig(
+            federation=fed, broker=_tls_config(production, "aggregator"),
+            model=ModelConfig(layers=[8, 3], seed=0),
+            rounds=RoundsConfig(min_updates=1, max_updates=1, deadline_s=60.0, max_rounds=0),
+            durability=DurabilityConfig(state_dir=str(tmp_path / state)))
+
+    first = AggregatorService(config("a"))
+    first.start()
+    try:
+        assert isinstance(first.transport, PahoTransport)
+        second = AggregatorService(config("b"))
+        with pytest.raises(AlreadyRunningError, match=(
+                f"another aggregator is running for federation '{fed}' .*: it took its client "
+                "id back from this one's check .* refusing to start a second one")):
+            second.start()
+        time.sleep(1.0)
+        assert first.transport.connected  # it took its session back
+        delta = {name: np.full(a.shape, 0.5, np.float32) for name, a in first.model.items()}
+    finally:
+        first.stop()
+    # Queued for the stopped aggregator's durable session, on the broker.
+    device = PahoTransport(_tls_config(production, "dev1"), client_id="dev1")
+    device.start()
+    try:
+        assert device.wait_connected(10)
+        delivery = device.publish(f"fedmq/v1/{fed}/update/dev1",
+                                  update_payload(fed, "dev1", delta), qos=1)
+        end = time.monotonic() + 10
+        while not delivery.done() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert delivery.done()
+    finally:
+        device.stop()
+    with running_aggregator(config("a")) as again:  # its check finds the session and leaves it
+        end = time.monotonic() + 20
+        while again.stats.accepted < 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert again.stats.accepted == 1, dict(again.stats.rejected)

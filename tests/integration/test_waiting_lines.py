@@ -144,7 +144,8 @@ def test_two_agents_with_one_id_say_so_once_each(
         assert agent.transport.duplicate_id_seen > 0
     assert [(r.levelname, r.getMessage()) for r in _lines(caplog, DUPLICATE)] == [
         ("ERROR", "another client is connected with client id fedmq-device-twin (the broker "
-                  "handed it our session): every device needs its own [device] id")] * 2
+                  "handed it our session): device id 'twin' is in use by another agent: every "
+                  "agent needs its own (--device-id, FEDMQ_DEVICE_ID or [device] id)")] * 2
 
 
 def test_last_will_of_a_killed_agent_carries_its_connect_time(

@@ -54,7 +54,7 @@ def test_session_taken_over_is_one_error_line_per_minute(
         assert t.duplicate_id_seen == 5
         assert _errors(caplog, DUPLICATE) == [
             "another client is connected with client id dev-1 (the broker handed it our "
-            "session): every device needs its own [device] id"]
+            "session): every MQTT client needs its own client id"]
         clock.now += DUPLICATE_REPEAT_S
         t._handle_disconnect(t._client, None, None, taken, None)
         assert len(_errors(caplog, DUPLICATE)) == 2
@@ -126,6 +126,6 @@ def test_two_clients_with_one_id_on_a_real_broker_say_so_once_each(
     errors = _errors(caplog, DUPLICATE)
     assert errors == [
         "another client is connected with client id fedmq-device-twin (the broker handed it "
-        "our session): every device needs its own [device] id"] * 2
+        "our session): every MQTT client needs its own client id"] * 2
     assert any(r.getMessage() == f"connected to 127.0.0.1:{mosquitto.port} as "
                "fedmq-device-twin" for r in caplog.records)
