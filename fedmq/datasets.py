@@ -96,7 +96,8 @@ def _approximate_mode(
             need_to_add -= add_now
             if need_to_add == 0:
                 break
-    return floored.astype(np.int64)
+    counts: npt.NDArray[np.int64] = floored.astype(np.int64)
+    return counts
 
 
 def partition(
