@@ -92,7 +92,7 @@ class Publisher:
         self.retained = [r for r in self.retained if r[0] in keep] + out
 
     def announce(self, *, round_: int, version: int, run: int, deadline: float,
-                 open_: bool = True) -> None:
+                 open_: bool = True, draw: int = 0) -> None:
         """Publish the round announcement (retained) for round ``round_`` on ``version``."""
         cfg = self.config
         ann = RoundAnnouncement(
@@ -103,7 +103,10 @@ class Publisher:
                    "lr": cfg.train.lr},
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
-            max_chunk_bytes=self.chunk_limit(), open=open_, run=run)
+            max_chunk_bytes=self.chunk_limit(), open=open_, run=run,
+            # Each extension below quorum redraws the sample (fedmq.sampling), but only when
+            # there is a sample to redraw.
+            sample_draw=draw if cfg.sampling.rate < 1.0 else 0)
         payload = codec.encode(ann)
         self.transport.publish(self.topics.round, payload, qos=1, retain=True)
         self._retain(self.topics.round, payload)

@@ -451,7 +451,7 @@ class AggregatorService:
 
     def _announce(self, deadline: float, open_: bool = True) -> None:
         self.publisher.announce(round_=self.round, version=self.version, run=self.run,
-                                deadline=deadline, open_=open_)
+                                deadline=deadline, open_=open_, draw=self.machine.extensions)
 
     def _publish_model(self, metrics: Mapping[str, float]) -> None:
         self.publisher.model(self.model, version=self.version, round_=self.round, run=self.run,

@@ -62,6 +62,8 @@ class AgentMachine:
         #: second time. The deadline tells a new run's round 1 from the old run's.
         self.trained_before: tuple[int, int, str, float] | None = None
         self.training = False
+        #: (round, sample draw) that did not select this device.
+        self.passed: tuple[int, int] | None = None
 
     def on_model(self, model: GlobalModel) -> list[AgentAction]:
         """A model arrived on the model topic."""
@@ -107,6 +109,7 @@ class AgentMachine:
         self.weights = None
         self.announcement = None
         self.last_trained_round = 0
+        self.passed = None
 
     def _maybe_train(self) -> list[AgentAction]:
         ann = self.announcement
@@ -120,8 +123,13 @@ class AgentMachine:
             # Trained before a restart; the outbox still holds (or has sent) that update.
             self.last_trained_round = ann.round
             return [Ignored("trained_before_restart")]
-        if not selected(ann.sample_seed, ann.round, self.device_id, ann.sample_rate):
-            self.last_trained_round = ann.round
+        if self.passed == (ann.round, ann.sample_draw):
+            return []  # this draw of this round's sample left it out (counted once)
+        if not selected(ann.sample_seed, ann.round, self.device_id, ann.sample_rate,
+                        ann.sample_draw):
+            # Not the round's end for this device: a redraw (the round extended below its
+            # quorum) may still select it.
+            self.passed = (ann.round, ann.sample_draw)
             return [Ignored("not_selected")]
         self.training = True
         self.last_trained_round = ann.round

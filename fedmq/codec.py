@@ -89,7 +89,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "sample_rate": float(msg.sample_rate), "codec": msg.codec, "open": msg.open,
             } | ({"codec_params": dict(msg.codec_params)} if msg.codec_params else {}) | (
                 {"max_chunk_bytes": msg.max_chunk_bytes} if msg.max_chunk_bytes else {}) | (
-                {"run": msg.run} if msg.run else {})
+                {"run": msg.run} if msg.run else {}) | (
+                {"sample_draw": msg.sample_draw} if msg.sample_draw else {})
         case GlobalModel():
             m = head | {
                 "kind": "model", "version": msg.version, "round": msg.round,
@@ -343,7 +344,13 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
         sample_rate=rate, codec=f.optional("codec", f.str_, "fp32"),
         open=f.optional("open", f.bool_, True), codec_params=_settings(f, "codec_params"),
         max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0), run=_run(f),
+        sample_draw=f.optional("sample_draw", lambda k: f.int_(k, 0, MAX_DRAWS), 0),
     )
+
+
+#: Most redraws of one round's sample a device evaluates (a round extended more often than this
+#: keeps the last draw's sample).
+MAX_DRAWS = 1 << 16
 
 
 def _run(f: _Fields) -> int:

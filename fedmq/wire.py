@@ -120,6 +120,9 @@ class RoundAnnouncement:
     max_chunk_bytes: int = 0
     #: The aggregator's run (see ``newer``); 0 when the sender does not give one.
     run: int = 0
+    #: Redraws of this round's sample: each extension of a round below quorum adds one, and a
+    #: device takes part if any of the draws 0..sample_draw selects it (``fedmq.sampling``).
+    sample_draw: int = 0
 
 
 @dataclass(frozen=True, slots=True)

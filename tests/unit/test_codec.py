@@ -270,7 +270,8 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
 # Optional fields written only when they differ from their default (chunked messages).
 SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks", "run"),
                                       "update": ("chunk", "chunks", "run"),
-                                      "round": ("codec_params", "max_chunk_bytes", "run")}
+                                      "round": ("codec_params", "max_chunk_bytes", "run",
+                                                "sample_draw")}
 ENVELOPE = ("v", "kind", "fed")
 TENSOR_KEYS = ("name", "dtype", "shape", "codec", "data")
 WIRE_TO_ATTR = {"fed": "federation", "device": "device_id"}

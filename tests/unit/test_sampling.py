@@ -66,3 +66,19 @@ def test_golden_value() -> None:
 def test_golden_value_negative_seed_and_unicode_device() -> None:
     # Decimal with a leading '-', device id as UTF-8 and allowed to contain ':'.
     assert uniform(-1, 0, "dev:ü") == 0.05733577671552803
+
+
+def test_redraws_only_add_devices() -> None:
+    from fedmq.sampling import uniform
+
+    devices = [f"d{i}" for i in range(2000)]
+    for draws in range(4):
+        now = {d for d in devices if selected(7, 3, d, 0.1, draws)}
+        later = {d for d in devices if selected(7, 3, d, 0.1, draws + 1)}
+        assert now <= later
+        assert len(later) > len(now)
+    # draw 0 is the original recipe; draw j >= 1 appends ":j" to the key
+    import hashlib
+
+    digest = hashlib.sha256(b"7:3:d5:2").digest()
+    assert uniform(7, 3, "d5", 2) == (int.from_bytes(digest[:8], "big") >> 11) / 2**53

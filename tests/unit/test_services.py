@@ -324,3 +324,53 @@ def test_handle_message_ignores_other_topics() -> None:
     fleet.aggregator.handle_message(Message(TOPICS.model, b"\xc1", qos=1))
     assert not fleet.aggregator.stats.rejected
     assert fleet.aggregator.stats.bytes_in == 0
+
+
+def _seed_with_an_empty_first_draw(devices: list[str], rate: float) -> int:
+    """A sampling seed whose round-1 sample is empty, but whose first redraw is not."""
+    from fedmq.sampling import selected
+
+    for seed in range(10_000):
+        if (not any(selected(seed, 1, d, rate) for d in devices)
+                and any(selected(seed, 1, d, rate, draws=1) for d in devices)):
+            return seed
+    raise AssertionError("no such seed")
+
+
+def test_an_empty_sample_is_redrawn_when_the_round_is_extended() -> None:
+    """Issue 11: with sampling and below_quorum = "extend", a round whose sample was empty used
+    to be announced again with the same sample for ever; each extension now redraws (adding
+    devices, never dropping one), so the round closes."""
+    from dataclasses import replace
+
+    from fedmq.config import SamplingConfig
+
+    devices = sorted(EXAMPLES)
+    rate = 0.3
+    seed = _seed_with_an_empty_first_draw(devices, rate)
+    config = replace(make_config(max_rounds=1),
+                     rounds=RoundsConfig(min_updates=1, max_updates=3, deadline_s=DEADLINE_S,
+                                         grace_s=0.0, below_quorum="extend", max_rounds=1),
+                     sampling=SamplingConfig(rate=rate, seed=seed))
+    fleet = Fleet(config)
+    for device in devices:
+        fleet.add_agent(device)
+    fleet.start_aggregator()
+    fleet.pump()
+    agg = fleet.aggregator
+    assert agg.stats.accepted == 0  # nobody was drawn
+    assert all(a.ignored["not_selected"] == 1 for a in fleet.agents.values())
+
+    fleet.clock.advance(DEADLINE_S + 1)  # below quorum at the deadline: extend and redraw
+    fleet.pump()  # the tick that extends the round publishes its announcement
+    fleet.pump()  # which the agents then read
+    rounds = fleet.published_rounds()
+    assert [(r.round, r.sample_draw) for r in rounds[:2]] == [(1, 0), (1, 1)]
+    drawn = {u.device_id for u in fleet.published_updates()}
+    from fedmq.sampling import selected
+
+    assert drawn == {d for d in devices if selected(seed, 1, d, rate, draws=1)}
+    assert drawn  # the seed was chosen so that the redraw selects someone
+    assert agg.stats.rounds_completed == 1
+    assert agg.last_summary is not None
+    assert agg.last_summary.participants == len(drawn)
