@@ -25,9 +25,8 @@ ALLOWED = {
     "prometheus_client": lambda p: p == "aggregator/exporter.py",
     "numba": lambda p: p.startswith("aggregator/kernel"),
     "amqtt": lambda p: p == "fedmq/broker.py",
-    # The optional extras: `watch` (rich; plotext is in it too) and `plot` (matplotlib).
+    # The optional extras: `watch` (rich) and `plot` (matplotlib).
     "rich": lambda p: p == "fedmq/watch_render.py",
-    "plotext": lambda p: p == "fedmq/watch_render.py",
     "matplotlib": lambda p: p == "aggregator/report.py",
 }
 
@@ -105,7 +104,7 @@ def _who(module: str) -> str:
             "msgpack": "fedmq/codec.py and fedmq/msgpack_views.py",
             "prometheus_client": "aggregator/exporter.py",
             "numba": "aggregator/kernel*.py", "amqtt": "fedmq/broker.py",
-            "rich": "fedmq/watch_render.py", "plotext": "fedmq/watch_render.py",
+            "rich": "fedmq/watch_render.py",
             "matplotlib": "aggregator/report.py"}[module]
 
 
