@@ -59,6 +59,9 @@ class Publisher:
         self.model_parts = 0
         #: SHA-256 of the current model, as announced.
         self.model_sha = ""
+        if config.train.extra:  # said once: a misspelt [train] key is forwarded, not refused
+            log.info("extra [train] keys, sent to the devices' trainers in every announcement: "
+                     "%s", ", ".join(f"{k} = {v!r}" for k, v in config.train.extra.items()))
 
     def chunk_limit(self) -> int:
         """Largest message: ``max_chunk_bytes``, below the broker's Maximum Packet Size."""
@@ -100,7 +103,7 @@ class Publisher:
             model_sha256=self.model_sha, deadline=deadline,
             min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
             train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
-                   "lr": cfg.train.lr},
+                   "lr": cfg.train.lr, "seed": cfg.train.seed, **cfg.train.extra},
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
             max_chunk_bytes=self.chunk_limit(), open=open_, run=run,

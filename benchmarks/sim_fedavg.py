@@ -71,7 +71,9 @@ def simulate(
         # Per-device round seeds, like the agent deriving one from (round, device id).
         fits = [t.fit(model, cfg, rnd * devices + d) for d, t in enumerate(trainers)]
         model = fedavg(fits)
-        acc.append(test.evaluate(model).accuracy)
+        accuracy = test.evaluate(model).accuracy
+        assert accuracy is not None  # a classifier's evaluation has one
+        acc.append(accuracy)
     return SimResult(accuracy=acc, seconds=time.perf_counter() - t0)
 
 

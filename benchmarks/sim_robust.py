@@ -69,7 +69,9 @@ def simulate(*, scheme: Literal["iid", "shards"], seed: int, attack: str | None,
         model = unflatten(base + acc / total, model)
         if bound is not None:
             bound.end_round()
-    return float(test.evaluate(model).accuracy)
+    accuracy = test.evaluate(model).accuracy
+    assert accuracy is not None  # a classifier's evaluation has one
+    return float(accuracy)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

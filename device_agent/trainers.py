@@ -47,6 +47,9 @@ class TrainConfig:
     batch_size: int = 10
     lr: float = 0.3
     seed: int = 0
+    #: Every other key of the announcement's ``train`` map (the aggregator's extra ``[train]``
+    #: keys): numbers and strings a custom trainer may read, e.g. ``config.extra.get("l2", 0.0)``.
+    extra: Mapping[str, float | int | str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1, MAX_EPOCHS)
@@ -58,14 +61,26 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number in (0, {MAX_LR}], got {self.lr!r}")
         # Normalise lr=1 to 1.0 so equal configs compare and serialise the same.
         object.__setattr__(self, "lr", float(self.lr))
+        for key, value in self.extra.items():
+            if key in _KNOWN_KEYS:
+                raise ValueError(f"extra training setting {key!r} is a TrainConfig field")
+            _check_extra(key, value)
+        # A private copy: the caller's dict cannot change a frozen config afterwards.
+        object.__setattr__(self, "extra", dict(self.extra))
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, object]) -> TrainConfig:
-        """Build from a decoded network map: missing keys take defaults, unknown keys are ignored.
+        """Build from a decoded network map: missing keys take defaults, every other key goes
+        into ``extra``.
 
         Raises ``ValueError`` naming the key if a value has the wrong type or is out of range.
         """
         kwargs: dict[str, Any] = {}
+        extra = {key: value for key, value in m.items() if key not in _KNOWN_KEYS}
+        for key, value in extra.items():
+            _check_extra(key, value)
+        if extra:
+            kwargs["extra"] = extra
         for key in ("epochs", "batch_size", "seed"):
             if key in m:
                 value = m[key]
@@ -78,6 +93,21 @@ class TrainConfig:
                 raise ValueError(f"training config 'lr' must be a number, got {lr!r}")
             kwargs["lr"] = float(lr)
         return cls(**kwargs)
+
+
+#: The ``train`` map's keys TrainConfig has fields for; the others are ``extra``.
+_KNOWN_KEYS = frozenset({"epochs", "batch_size", "lr", "seed"})
+
+
+def _check_extra(key: object, value: object) -> None:
+    """An extra setting is what the wire's ``train`` map carries: a string key, and a finite
+    number (not a boolean) or a string."""
+    if not isinstance(key, str):
+        raise ValueError(f"training config keys must be strings, got {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"training config {key!r} must be a number or a string, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"training config {key!r} must be finite, got {value!r}")
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
@@ -98,25 +128,29 @@ class FitResult:
 
 @dataclass
 class EvalResult:
-    """Mean loss and accuracy of a model on a device's local data."""
+    """How well a model does on a device's held-out data: the mean loss, the accuracy (None for
+    a model that has none, e.g. a regression), and any other scalar metrics (``metrics``, e.g.
+    ``{"mae": 0.4}``). ``num_examples`` (the held-out examples) weighs the report."""
 
     loss: float
-    accuracy: float
+    accuracy: float | None
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
 class Trainer(Protocol):
     """What the device agent needs from a model; implement it to federate your own model.
 
-    - ``fit(weights, config, round_seed)`` starts from ``weights`` (the global model: same names,
-      shapes and order you must return), trains on local data per ``config`` and returns a
-      :class:`FitResult`. ``num_examples`` is the weight of this update in the average, so return
-      the number of local training examples. Do not modify ``weights`` in place; the agent keeps
-      them to compute the update delta. Seed any randomness from ``(config.seed, round_seed)``
-      so a round can be replayed.
-    - ``evaluate(weights)`` returns loss and accuracy on local (ideally held-out) data; it is
-      reported in metrics and must not change any state.
+    The whole contract, with a worked example, is docs/trainers.md. In short:
+
+    - ``fit(weights, config, round_seed)`` starts from ``weights`` (the global model: read-only
+      float32 arrays; return the same names and shapes), trains on local data per ``config``
+      and returns a :class:`FitResult`. ``num_examples`` is the weight of this update in the
+      average: the number of local training examples. Seed any randomness from
+      ``(config.seed, round_seed)`` so a round can be replayed.
+    - ``evaluate(weights)`` scores ``weights`` on held-out local data (never trained on) and
+      returns an :class:`EvalResult`; it must not change any state.
 
     Return float32 tensors; anything else is cast before encoding.
     """
@@ -126,7 +160,7 @@ class Trainer(Protocol):
         ...
 
     def evaluate(self, weights: Weights) -> EvalResult:
-        """Loss and accuracy of ``weights`` on local data."""
+        """Loss (and accuracy, other metrics) of ``weights`` on held-out local data."""
         ...
 
 

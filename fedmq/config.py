@@ -181,6 +181,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "epochs": _ints(1, MAX_EPOCHS),
         "batch_size": _ints(1, MAX_BATCH_SIZE),
         "lr": _numbers(0.0, MAX_LR),
+        "seed": _ints(0),
     },
     SamplingConfig: {"rate": _numbers(0.0, 1.0, lo_open=False), "seed": _ints(0)},
     LimitsConfig: {
@@ -317,17 +318,55 @@ def _check_value(rule: Rule | None, path: str, value: Any, written: Any = None) 
         raise ConfigError(f"{_key(path)} = {shown} must be {rule.says}")
 
 
+#: Most extra ``[train]`` keys: the announcement's ``train`` map holds at most
+#: ``DEFAULT_LIMITS.max_entries`` entries, four of them the known settings.
+MAX_EXTRA_TRAIN_KEYS = DEFAULT_LIMITS.max_entries - 4
+
+
+def _rest_field(cls: type[Any]) -> str | None:
+    """The field (``metadata={"rest": True}``) that takes a section's other keys, if any."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("rest")), None)
+
+
+def check_extra_setting(path: str, value: Any) -> None:
+    """Raise unless ``value`` can travel as an extra ``[train]`` key: in the round
+    announcement's ``train`` map, which carries strings and numbers (integers 0 to 2**63 - 1,
+    finite floats), so no booleans, tables or lists."""
+    hint = ("extra [train] keys go to the devices' trainers in the round announcement, which "
+            "carries numbers and strings")
+    if isinstance(value, bool):
+        raise ConfigError(f"{_key(path)} = {_show(value)} must be a number or a string "
+                          f"({hint}: write 1 or 0)")
+    if isinstance(value, int):
+        if not 0 <= value <= INT_MAX:
+            raise ConfigError(f"{_key(path)} = {_show(value)} must be an integer in "
+                              f"[0, 2**63 - 1], or a float ({hint}; integers are unsigned: "
+                              f"write {_show(float(value)) if value < 0 else 'it'} as a float)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{_key(path)} = {_show(value)} must be a finite number")
+    elif not isinstance(value, str):
+        raise ConfigError(f"{_key(path)} = {_show(value)} must be a number or a string ({hint})")
+
+
 def build(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
     """Build dataclass ``cls`` from a mapping, checking every key, type and value (``RULES``).
 
-    Messages name the key as ``[section] key`` but not the file: ``load_*`` prefix that.
+    Messages name the key as ``[section] key`` but not the file: ``load_*`` prefix that. A
+    section with a "rest" field (``[train]``) takes its unknown keys into it instead of
+    refusing them.
     """
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    rest = _rest_field(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {rest}  # type: ignore[arg-type]
     rules = RULES.get(cls, {})
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}{key}"
+        if key not in names and rest is not None:
+            check_extra_setting(path, value)
+            kwargs.setdefault(rest, {})[key] = value
+            continue
         if key not in names:
             raise ConfigError(f"unknown key `{path}` (known: {', '.join(sorted(names))})")
         tp = hints[key]
@@ -419,7 +458,21 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         # A chunk above the size limit would be rejected as oversize.
         _at_most("compression.max_chunk_bytes", cfg.compression.max_chunk_bytes,
                  "limits.max_update_bytes", cfg.limits.max_update_bytes)
+        _check_train_extra(cfg.train)
         _check_broker(cfg.broker)
+
+
+def _check_train_extra(train: TrainSettings) -> None:
+    """The extra ``[train]`` keys fit the announcement (a config built in code included)."""
+    known = {f.name for f in dataclasses.fields(train)} - {"extra"}
+    for key, value in train.extra.items():
+        if key in known:
+            raise ConfigError(f"[train] extra key {key!r} is a [train] setting: set "
+                              f"[train] {key} instead")
+        check_extra_setting(f"train.{key}", value)
+    if len(train.extra) > MAX_EXTRA_TRAIN_KEYS:
+        raise ConfigError(f"[train] has {len(train.extra)} extra keys: at most "
+                          f"{MAX_EXTRA_TRAIN_KEYS} fit in a round announcement")
 
 
 #: The environment variable ``load_agent`` takes the device id from (after ``--device-id``).

@@ -90,6 +90,11 @@ class TrainSettings:
     epochs: int = 5
     batch_size: int = 10
     lr: float = 0.3
+    #: Seeds the devices' local training with each round's number (``TrainConfig.seed``).
+    seed: int = 0
+    #: Every other ``[train]`` key, sent as is in the announcement's ``train`` map for custom
+    #: trainers (``TrainConfig.extra``): numbers and strings, as the wire carries them.
+    extra: dict[str, float | int | str] = field(default_factory=dict, metadata={"rest": True})
 
 
 @dataclass(frozen=True)

@@ -364,6 +364,7 @@ def _follow(scenario: str, watcher: ModelSubscriber, models: queue.Queue[GlobalM
                                               for w in weights.values())
             with np.errstate(all="ignore"):
                 accuracy = scorer.evaluate(weights).accuracy
+            assert accuracy is not None  # a classifier's evaluation has one
             seen.accuracies.append(accuracy)
             now = time.monotonic()
             progress(f"poison {scenario:<8s} round {model.version:3d}/{rounds}  "

@@ -89,7 +89,8 @@ def test_version_metrics_are_the_weighted_mean_of_the_devices_evaluations(
         # Evaluate each device's held-out split here, independently, and weigh by its size.
         results = [t.evaluate(weights) for t, _ in trainers]
         n = sum(r.num_examples for r in results)
-        accuracy = sum(r.accuracy * r.num_examples for r in results) / n
+        accuracy = sum((r.accuracy or 0.0) * r.num_examples for r in results) / n
+        assert all(r.accuracy is not None for r in results)
         loss = sum(r.loss * r.num_examples for r in results) / n
         m = model.metrics
         assert m["eval_examples"] == n

@@ -472,6 +472,7 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("train", "epochs"): [*INT_POSITIVE, ("1001", "1001")],
     ("train", "batch_size"): [*INT_POSITIVE, ("2**20+1", str((1 << 20) + 1))],
     ("train", "lr"): [*POSITIVE, ("above-100", "100.5")],
+    ("train", "seed"): INT_NON_NEGATIVE,
     ("sampling", "rate"): UNIT,
     ("sampling", "seed"): INT_NON_NEGATIVE,
     ("limits", "max_update_bytes"): INT_POSITIVE,
@@ -579,6 +580,8 @@ def test_invalid_value_is_one_line_naming_file_and_key(
 def _keys_of(cls: type[Any], section: str = "") -> set[tuple[str, str]]:
     keys: set[tuple[str, str]] = set()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("rest"):  # not a key: the section's other keys ([train] extras)
+            continue
         tp = get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             keys |= _keys_of(tp, f.name)  # type: ignore[arg-type]

@@ -168,6 +168,7 @@ def test_fit_reduces_loss_and_raises_accuracy(sizes: list[int]) -> None:
     result = trainer.fit(w0, TrainConfig(epochs=5, batch_size=16, lr=0.05), round_seed=0)
     after = trainer.evaluate(result.weights)
     assert after.loss < 0.5 * before.loss
+    assert after.accuracy is not None
     assert after.accuracy > 0.9
     assert result.num_examples == 200
     assert set(result.metrics) == {"train_loss", "train_accuracy"}
@@ -273,8 +274,34 @@ def test_train_config_from_mapping() -> None:
     cfg = TrainConfig.from_mapping(
         {"epochs": 3, "batch_size": 16, "lr": 1, "seed": 9, "momentum": 0.9, "future": "x"}
     )
-    assert cfg == TrainConfig(epochs=3, batch_size=16, lr=1.0, seed=9)
+    # Keys TrainConfig has no field for are kept in ``extra`` for custom trainers.
+    assert cfg == TrainConfig(epochs=3, batch_size=16, lr=1.0, seed=9,
+                              extra={"momentum": 0.9, "future": "x"})
     assert isinstance(cfg.lr, float)
+
+
+def test_train_config_extra_is_a_private_copy_and_not_hashed() -> None:
+    extra: dict[str, float | int | str] = {"l2": 0.001}
+    cfg = TrainConfig(extra=extra)
+    extra["l2"] = 5.0
+    assert cfg.extra == {"l2": 0.001}
+    assert hash(cfg) == hash(TrainConfig())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [({"shuffle": True}, "'shuffle' must be a number or a string"),
+     ({"sizes": [1, 2]}, "'sizes' must be a number or a string"),
+     ({"beta": float("nan")}, "'beta' must be finite"),
+     ({"lr": 0.1}, "'lr' is a TrainConfig field")],
+)
+def test_train_config_refuses_extra_values_the_wire_cannot_carry(
+        extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(extra=extra)
+    if "lr" not in extra:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_mapping(extra)
 
 
 @pytest.mark.parametrize(
