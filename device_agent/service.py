@@ -106,6 +106,8 @@ class AgentService:
         self.train = train
         self.evaluations_sent = 0
         self.evaluation_errors = 0
+        #: Rounds whose training (``fit``, or encoding its result) raised: skipped, not fatal.
+        self.training_errors = 0
         self._evaluated = (-1, -1)  # (run, version) last scored
         self.updates_sent = 0
         self.bytes_sent = 0
@@ -372,7 +374,13 @@ class AgentService:
                 self.ignored["evaluate_only"] += 1
                 actions.extend(self.machine.on_trained(action.announcement.round))
                 continue
-            self._train(action)
+            try:
+                self._train(action)
+            except Exception:  # a trainer bug costs this round only, never the next ones
+                self.training_errors += 1
+                log.exception("device %s: training for round %d failed; the round goes on "
+                              "without this device", self.device_id, action.announcement.round)
+                self.publish_status("online")
             actions.extend(self.machine.on_trained(action.announcement.round))
 
     def _train(self, job: Train) -> None:

@@ -156,3 +156,59 @@ def test_train_settings_and_train_config_agree_on_the_known_keys() -> None:
     known = {f.name for f in dataclasses.fields(TrainSettings)} - {"extra"}
     assert known == {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
     assert TrainSettings().seed == TrainConfig().seed
+
+
+# ---------------------------------------------------------------- a trainer that raises
+
+
+class FailsOnce(Recording):
+    """Raises in its first fit (a trainer bug, a sensor read error), then trains normally."""
+
+    def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:
+        if not self.configs:
+            self.configs.append(config)
+            raise RuntimeError("sensor log unreadable")
+        return super().fit(weights, config, round_seed)
+
+
+def test_a_fit_that_raises_costs_one_round_not_the_next() -> None:
+    """docs/trainers.md: the exception is logged, the round goes on without the device, and the
+    device trains again in the next round (it used to stay 'training' for good)."""
+    config = AggregatorConfig(
+        federation="raises", model=ModelConfig(layers=[3, 2]),
+        rounds=RoundsConfig(min_updates=1, max_updates=2, grace_s=0.0, max_rounds=3))
+    hub = MemoryHub()
+    agg_transport = MemoryTransport(hub)
+    aggregator = AggregatorService(config, agg_transport, clock=lambda: 1_000.0)
+    topics = Topics("raises")
+    agents = {}
+    for device, trainer in (("flaky", FailsOnce()), ("steady", Recording())):
+        transport = MemoryTransport(hub)
+        agents[device] = AgentService("raises", device, trainer, transport,
+                                      clock=lambda: 1_000.0)
+        for topic in (topics.model, topics.round):
+            transport.subscribe(topic, qos=1)
+        transport.start()
+    aggregator.start(connect_timeout=0.0)
+    aggregator.stop()
+    for _ in range(200):  # deliver until quiet
+        busy = False
+        for agent in agents.values():
+            inbox = agent.transport.inbox
+            while not inbox.empty():
+                agent.handle_message(inbox.get_nowait())  # raises nothing: fit's error is caught
+                busy = True
+        while not agg_transport.inbox.empty():
+            aggregator.handle_message(agg_transport.inbox.get_nowait())
+            aggregator.step()
+            busy = True
+        aggregator.step()
+        if not busy:
+            break
+    flaky = agents["flaky"]
+    assert flaky.training_errors == 1
+    assert not flaky.machine.training
+    # Round 1 went on without it; it sent updates in the rounds after.
+    assert flaky.updates_sent >= 1
+    assert agents["steady"].updates_sent == 3
+    assert aggregator.round >= 3
