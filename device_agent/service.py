@@ -393,10 +393,11 @@ class AgentService:
         update = ModelUpdate(
             federation=self.federation, device_id=self.device_id, round=ann.round,
             base_version=job.version, update_id=uuid.uuid4().hex, run=ann.run,
-            num_examples=result.num_examples, tensors=(),
+            # int() and float(): numpy scalars (np.int64, np.float32) cannot be encoded.
+            num_examples=int(result.num_examples), tensors=(),
             # What training measured (train_loss, train_accuracy for the built-in trainers);
             # the model's quality on held-out data goes in Evaluation reports instead.
-            metrics=dict(result.metrics))
+            metrics={str(k): float(v) for k, v in result.metrics.items()})
         messages = self.encode_update(update, delta, ann)
         topic = self.topics.update(self.device_id)
         payloads = [codec.encode(message) for message in messages]

@@ -12,7 +12,7 @@ import pytest
 
 from aggregator.service import AggregatorService
 from device_agent.service import AgentService
-from device_agent.trainers import EvalResult, FitResult, TrainConfig
+from device_agent.trainers import EvalResult, FitResult, TrainConfig, Trainer
 from fedmq import codec
 from fedmq.config import (
     AggregatorConfig,
@@ -96,30 +96,30 @@ class Recording:
         return EvalResult(loss=0.5, accuracy=None, num_examples=2, metrics={"mae": 0.25})
 
 
-def test_extra_keys_reach_the_trainer_through_a_round() -> None:
-    config = AggregatorConfig(
-        federation="extra", model=ModelConfig(layers=[3, 2]),
-        rounds=RoundsConfig(min_updates=1, max_updates=1, max_rounds=1),
-        train=TrainSettings(epochs=2, seed=11, extra={"l2": 0.001, "optimizer": "adam",
-                                                      "warmup": 3}))
-    check_aggregator(config)
+def federate(config: AggregatorConfig, trainers: dict[str, Trainer]
+             ) -> tuple[AggregatorService, dict[str, AgentService], MemoryHub]:
+    """An aggregator and one agent per trainer on a MemoryHub, pumped until quiet."""
     hub = MemoryHub()
     agg_transport = MemoryTransport(hub)
     aggregator = AggregatorService(config, agg_transport, clock=lambda: 1_000.0)
-    transport = MemoryTransport(hub)
-    trainer = Recording()
-    agent = AgentService("extra", "dev-1", trainer, transport, clock=lambda: 1_000.0)
-    topics = Topics("extra")
-    for topic in (topics.model, topics.round):
-        transport.subscribe(topic, qos=1)
-    transport.start()
+    topics = Topics(config.federation)
+    agents = {}
+    for device, trainer in trainers.items():
+        transport = MemoryTransport(hub)
+        agents[device] = AgentService(config.federation, device, trainer, transport,
+                                      clock=lambda: 1_000.0)
+        for topic in (topics.model, topics.round):
+            transport.subscribe(topic, qos=1)
+        transport.start()
     aggregator.start(connect_timeout=0.0)
     aggregator.stop()
-    for _ in range(100):  # deliver until quiet
+    for _ in range(200):  # deliver until quiet
         busy = False
-        while not transport.inbox.empty():
-            agent.handle_message(transport.inbox.get_nowait())
-            busy = True
+        for agent in agents.values():
+            inbox = agent.transport.inbox
+            while not inbox.empty():
+                agent.handle_message(inbox.get_nowait())
+                busy = True
         while not agg_transport.inbox.empty():
             aggregator.handle_message(agg_transport.inbox.get_nowait())
             aggregator.step()
@@ -127,6 +127,22 @@ def test_extra_keys_reach_the_trainer_through_a_round() -> None:
         aggregator.step()
         if not busy:
             break
+    return aggregator, agents, hub
+
+
+def test_extra_keys_reach_the_trainer_through_a_round() -> None:
+    config = AggregatorConfig(
+        federation="extra", model=ModelConfig(layers=[3, 2]),
+        rounds=RoundsConfig(min_updates=1, max_updates=1, max_rounds=1),
+        train=TrainSettings(epochs=2, seed=11, extra={"l2": 0.001, "optimizer": "adam",
+                                                      "warmup": 3}))
+    check_aggregator(config)
+    trainer = Recording()
+    aggregator, agents, hub = federate(config, {"dev-1": trainer})
+    agent = agents["dev-1"]
+    transport = agent.transport
+    assert isinstance(transport, MemoryTransport)
+    topics = Topics("extra")
 
     announcement = codec.decode_as(hub.retained[topics.round].payload, RoundAnnouncement)
     assert dict(announcement.train) == {"epochs": 2, "batch_size": 10, "lr": 0.3, "seed": 11,
@@ -177,34 +193,8 @@ def test_a_fit_that_raises_costs_one_round_not_the_next() -> None:
     config = AggregatorConfig(
         federation="raises", model=ModelConfig(layers=[3, 2]),
         rounds=RoundsConfig(min_updates=1, max_updates=2, grace_s=0.0, max_rounds=3))
-    hub = MemoryHub()
-    agg_transport = MemoryTransport(hub)
-    aggregator = AggregatorService(config, agg_transport, clock=lambda: 1_000.0)
-    topics = Topics("raises")
-    agents = {}
-    for device, trainer in (("flaky", FailsOnce()), ("steady", Recording())):
-        transport = MemoryTransport(hub)
-        agents[device] = AgentService("raises", device, trainer, transport,
-                                      clock=lambda: 1_000.0)
-        for topic in (topics.model, topics.round):
-            transport.subscribe(topic, qos=1)
-        transport.start()
-    aggregator.start(connect_timeout=0.0)
-    aggregator.stop()
-    for _ in range(200):  # deliver until quiet
-        busy = False
-        for agent in agents.values():
-            inbox = agent.transport.inbox
-            while not inbox.empty():
-                agent.handle_message(inbox.get_nowait())  # raises nothing: fit's error is caught
-                busy = True
-        while not agg_transport.inbox.empty():
-            aggregator.handle_message(agg_transport.inbox.get_nowait())
-            aggregator.step()
-            busy = True
-        aggregator.step()
-        if not busy:
-            break
+    # handle_message raises nothing: fit's error is caught (it used to propagate).
+    aggregator, agents, _ = federate(config, {"flaky": FailsOnce(), "steady": Recording()})
     flaky = agents["flaky"]
     assert flaky.training_errors == 1
     assert not flaky.machine.training
@@ -212,3 +202,22 @@ def test_a_fit_that_raises_costs_one_round_not_the_next() -> None:
     assert flaky.updates_sent >= 1
     assert agents["steady"].updates_sent == 3
     assert aggregator.round >= 3
+
+
+class NumpyScalars(Recording):
+    """Returns numpy scalars where ints and floats belong (np.sum, np.mean give them)."""
+
+    def fit(self, weights: Weights, config: TrainConfig, round_seed: int) -> FitResult:
+        result = super().fit(weights, config, round_seed)
+        return FitResult(weights=result.weights, num_examples=np.int64(3),  # type: ignore[arg-type]
+                         metrics={"train_loss": np.float32(0.5)})  # type: ignore[dict-item]
+
+
+def test_numpy_scalars_in_a_fit_result_are_sent() -> None:
+    config = AggregatorConfig(
+        federation="scalars", model=ModelConfig(layers=[3, 2]),
+        rounds=RoundsConfig(min_updates=1, max_updates=1, max_rounds=1))
+    aggregator, agents, _ = federate(config, {"dev-1": NumpyScalars()})
+    assert agents["dev-1"].training_errors == 0
+    assert agents["dev-1"].updates_sent == 1
+    assert aggregator.stats.accepted == 1
