@@ -103,7 +103,10 @@ class Publisher:
             model_sha256=self.model_sha, deadline=deadline,
             min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
             train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
-                   "lr": cfg.train.lr, "seed": cfg.train.seed, **cfg.train.extra},
+                   "lr": cfg.train.lr, "seed": cfg.train.seed,
+                   # only when on: older agents would take it for an unknown extra key
+                   **({"proximal_mu": cfg.train.proximal_mu} if cfg.train.proximal_mu else {}),
+                   **cfg.train.extra},
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
             max_chunk_bytes=self.chunk_limit(), open=open_, run=run,

@@ -17,7 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.models import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR, Weights, layer_sizes_of
+from fedmq.models import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_LR,
+    MAX_PROXIMAL_MU,
+    Weights,
+    layer_sizes_of,
+)
 
 __all__ = [
     "EvalResult",
@@ -47,6 +54,10 @@ class TrainConfig:
     batch_size: int = 10
     lr: float = 0.3
     seed: int = 0
+    #: FedProx (Li et al. 2020): the built-in trainers add ``proximal_mu / 2 * ||w - w_global||^2``
+    #: to their loss, which keeps a device's model near the global one on non-IID data; 0 is
+    #: plain FedAvg. A custom trainer reads it here and may apply it the same way.
+    proximal_mu: float = 0.0
     #: Every other key of the announcement's ``train`` map (the aggregator's extra ``[train]``
     #: keys): numbers and strings a custom trainer may read, e.g. ``config.extra.get("l2", 0.0)``.
     extra: Mapping[str, float | int | str] = field(default_factory=dict, hash=False)
@@ -61,6 +72,12 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number in (0, {MAX_LR}], got {self.lr!r}")
         # Normalise lr=1 to 1.0 so equal configs compare and serialise the same.
         object.__setattr__(self, "lr", float(self.lr))
+        mu = self.proximal_mu
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not (
+                math.isfinite(mu) and 0.0 <= mu <= MAX_PROXIMAL_MU):
+            raise ValueError(f"proximal_mu must be a number in [0, {MAX_PROXIMAL_MU}], got "
+                             f"{mu!r}")
+        object.__setattr__(self, "proximal_mu", float(mu))
         for key, value in self.extra.items():
             if key in _KNOWN_KEYS:
                 raise ValueError(f"extra training setting {key!r} is a TrainConfig field")
@@ -87,16 +104,17 @@ class TrainConfig:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"training config {key!r} must be an integer, got {value!r}")
                 kwargs[key] = value
-        if "lr" in m:
-            lr = m["lr"]
-            if isinstance(lr, bool) or not isinstance(lr, int | float):
-                raise ValueError(f"training config 'lr' must be a number, got {lr!r}")
-            kwargs["lr"] = float(lr)
+        for key in ("lr", "proximal_mu"):
+            if key in m:
+                value = m[key]
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"training config {key!r} must be a number, got {value!r}")
+                kwargs[key] = float(value)
         return cls(**kwargs)
 
 
 #: The ``train`` map's keys TrainConfig has fields for; the others are ``extra``.
-_KNOWN_KEYS = frozenset({"epochs", "batch_size", "lr", "seed"})
+_KNOWN_KEYS = frozenset({"epochs", "batch_size", "lr", "seed", "proximal_mu"})
 
 
 def _check_extra(key: object, value: object) -> None:
@@ -360,6 +378,10 @@ class MLPTrainer:
         layers: list[_Layer] = [
             (w.astype(np.float32), b.astype(np.float32)) for w, b in _params(weights)
         ]
+        # FedProx: the gradient of mu/2 * ||w - w_global||^2 is mu * (w - w_global).
+        mu = np.float32(config.proximal_mu)
+        anchor = ([(w.astype(np.float32), b.astype(np.float32)) for w, b in _params(weights)]
+                  if config.proximal_mu else None)
         rng = np.random.default_rng([config.seed, round_seed])
         n = self.num_examples
         bs = min(config.batch_size, n)
@@ -377,6 +399,10 @@ class MLPTrainer:
                 loss_sum += loss * xb.shape[0]
                 correct += ok
                 # In-place steps on the private copies; no per-step allocation of new weights.
+                if anchor is not None:
+                    for (w, b), (dw, db), (w0, b0) in zip(layers, grads, anchor, strict=True):
+                        np.add(dw, mu * (w - w0), out=dw)
+                        np.add(db, mu * (b - b0), out=db)
                 for (w, b), (dw, db) in zip(layers, grads, strict=True):
                     np.subtract(w, lr * dw, out=w)
                     np.subtract(b, lr * db, out=b)

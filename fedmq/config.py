@@ -45,7 +45,7 @@ from fedmq.config_schema import (
     TrainSettings,
 )
 from fedmq.errors import ConfigError
-from fedmq.models import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR
+from fedmq.models import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR, MAX_PROXIMAL_MU
 from fedmq.topics import check_name
 
 __all__ = [
@@ -181,6 +181,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "epochs": _ints(1, MAX_EPOCHS),
         "batch_size": _ints(1, MAX_BATCH_SIZE),
         "lr": _numbers(0.0, MAX_LR),
+        "proximal_mu": _numbers(0.0, MAX_PROXIMAL_MU, lo_open=False),
         "seed": _ints(0),
     },
     SamplingConfig: {"rate": _numbers(0.0, 1.0, lo_open=False), "seed": _ints(0)},

@@ -92,6 +92,8 @@ class TrainSettings:
     lr: float = 0.3
     #: Seeds the devices' local training with each round's number (``TrainConfig.seed``).
     seed: int = 0
+    #: FedProx's mu: the built-in trainers add mu/2 * ||w - w_global||^2 to their loss (0: off).
+    proximal_mu: float = 0.0
     #: Every other ``[train]`` key, sent as is in the announcement's ``train`` map for custom
     #: trainers (``TrainConfig.extra``): numbers and strings, as the wire carries them.
     extra: dict[str, float | int | str] = field(default_factory=dict, metadata={"rest": True})

@@ -33,6 +33,8 @@ __all__ = [
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 1 << 20
 MAX_LR = 100.0
+#: FedProx's mu: the literature uses 0.001 to 1; far above that the local model cannot move.
+MAX_PROXIMAL_MU = 1000.0
 
 Weights = dict[str, npt.NDArray[np.float32]]
 """Named float32 tensors; insertion order is the tensor order on the wire."""

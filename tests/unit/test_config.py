@@ -472,6 +472,7 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("train", "epochs"): [*INT_POSITIVE, ("1001", "1001")],
     ("train", "batch_size"): [*INT_POSITIVE, ("2**20+1", str((1 << 20) + 1))],
     ("train", "lr"): [*POSITIVE, ("above-100", "100.5")],
+    ("train", "proximal_mu"): [*NON_NEGATIVE, ("above-1000", "1000.5")],
     ("train", "seed"): INT_NON_NEGATIVE,
     ("sampling", "rate"): UNIT,
     ("sampling", "seed"): INT_NON_NEGATIVE,

@@ -332,3 +332,55 @@ def test_train_config_rejects_bad_values(mapping: dict[str, object], key: str) -
 def test_train_config_validates_direct_construction() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=-3)
+
+
+def test_fedprox_adds_mu_times_the_distance_to_the_global_model_to_each_step() -> None:
+    """Two minibatch steps by hand: the second one's gradient gains mu * (w1 - w_global)."""
+    from device_agent.trainers import loss_and_gradients
+    from fedmq.models import init_mlp
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=8)
+    w0 = init_mlp([4, 5, 3], seed=2)
+    mu, lr = 0.5, 0.1
+    config = TrainConfig(epochs=1, batch_size=4, lr=lr, seed=3, proximal_mu=mu)
+    got = MLPTrainer(x, y, num_classes=3).fit(w0, config, round_seed=9).weights
+
+    order = np.random.default_rng([3, 9]).permutation(8)  # the trainer's shuffle
+    w = {k: v.astype(np.float64) for k, v in w0.items()}
+    for step in range(2):
+        rows = order[step * 4:(step + 1) * 4]
+        _, grads = loss_and_gradients(w, x[rows].astype(np.float64), y[rows])
+        w = {k: w[k] - lr * (grads[k] + mu * (w[k] - w0[k])) for k in w}
+    for name in w0:
+        np.testing.assert_allclose(got[name], w[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    plain = MLPTrainer(x, y, num_classes=3).fit(
+        w0, TrainConfig(epochs=1, batch_size=4, lr=lr, seed=3), round_seed=9).weights
+    assert not all(np.allclose(got[k], plain[k]) for k in w0)  # mu changed the second step
+
+
+def test_fedprox_mu_arrives_in_the_announcement() -> None:
+    assert TrainConfig.from_mapping({"proximal_mu": 0.01}).proximal_mu == 0.01
+    assert TrainConfig.from_mapping({}).proximal_mu == 0.0
+    for bad in (-1.0, float("nan"), 1e9, True, "0.1"):
+        with pytest.raises(ValueError, match="proximal_mu"):
+            TrainConfig.from_mapping({"proximal_mu": bad})
+
+
+def test_the_aggregator_announces_proximal_mu_only_when_it_is_on() -> None:
+    from aggregator.publishing import Publisher
+    from fedmq import codec
+    from fedmq.config import AggregatorConfig, TrainSettings
+    from fedmq.memory_transport import MemoryTransport
+    from fedmq.topics import Topics
+    from fedmq.wire import RoundAnnouncement
+
+    for mu, expected in ((0.0, None), (0.01, 0.01)):
+        transport = MemoryTransport()
+        config = AggregatorConfig(federation="f", train=TrainSettings(proximal_mu=mu))
+        Publisher(config, transport, Topics("f"), None).announce(
+            round_=1, version=0, run=1, deadline=10.0)
+        ann = codec.decode_as(transport.published[-1].payload, RoundAnnouncement)
+        assert ann.train.get("proximal_mu") == expected
+        assert TrainConfig.from_mapping(ann.train).proximal_mu == (expected or 0.0)
