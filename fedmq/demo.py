@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ from fedmq.config import (
     CompressionConfig,
     LimitsConfig,
     ModelConfig,
+    RobustConfig,
     RoundsConfig,
+    SamplingConfig,
     TrainSettings,
 )
-from fedmq.models import DEFAULT_LAYER_SIZES
+from fedmq.models import DEFAULT_LAYER_SIZES, MAX_BATCH_SIZE, MAX_PROXIMAL_MU
 from fedmq.subscriber import ModelSubscriber
 from fedmq.wire import GlobalModel
 
@@ -72,7 +75,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("mlp", "softmax"), default="mlp")
     p.add_argument("--epochs", type=int, default=None, help="local epochs per round")
     p.add_argument("--lr", type=float, default=None, help="local learning rate")
-    p.add_argument("--batch-size", type=int, default=None, help="local minibatch size")
+    p.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="local minibatch size, or 'full' for the whole local set (FedSGD with "
+                        "--epochs 1)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="client sampling rate C: the fraction of devices asked to train each "
+                        "round (default 1.0: all; below 1 a round closes 2 s after half of the "
+                        "expected sample is in)")
+    p.add_argument("--proximal-mu", type=float, default=0.0,
+                   help="FedProx: mu of the proximal term the devices add to their loss "
+                        "(default 0: FedAvg)")
+    p.add_argument("--clip-norm", type=float, default=None,
+                   help="a fixed per-update L2 norm bound instead of the adaptive one")
+    p.add_argument("--slow-fraction", type=float, default=0.0,
+                   help="this fraction of the devices trains --slow-factor times slower "
+                        "(default 0)")
+    p.add_argument("--slow-factor", type=float, default=10.0,
+                   help="how many times slower the slow devices train (default 10)")
     p.add_argument("--codec", choices=("fp32", "fp16", "int8", "topk"), default="fp32",
                    help="how devices compress updates (default fp32)")
     p.add_argument("--topk-fraction", type=float, default=0.1,
@@ -85,8 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
-    if args.devices < 1 or args.rounds < 1:
-        print("fedmq demo: --devices and --rounds must be at least 1", file=sys.stderr)
+    problem = _check_knobs(args)
+    if problem:
+        print(f"fedmq demo: {problem}", file=sys.stderr)
         return 2
     try:
         from aggregator.service import AggregatorService
@@ -126,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
         config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
         agg = AggregatorService(config)
         agents = [AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer, broker_cfg)
-                  for i, trainer in enumerate(_trainers(trainer_cls, x_train, y_train, shards,
-                                                        args.seed))]
+                  for i, trainer in enumerate(_trainers(args, trainer_cls, x_train, y_train,
+                                                        shards))]
         for a in agents:
             a.start()
             stack.callback(a.stop)
@@ -160,10 +180,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trainers(trainer_cls: Any, x: Any, y: Any, shards: list[Any], seed: int) -> list[Any]:
+def _trainers(args: argparse.Namespace, trainer_cls: Any, x: Any, y: Any,
+              shards: list[Any]) -> list[Any]:
     """One trainer per shard. Like ``fedmq agent``, each device holds a part of its shard out
     (``[data] eval_fraction``), never trains on it, and scores every new model on it: the
-    federated evaluation printed beside the central score."""
+    federated evaluation printed beside the central score. ``--slow-fraction`` of them are
+    ``--slow-factor`` times slower."""
+    seed = args.seed
     from device_agent.factory import split_holdout
     from fedmq.config import DataConfig
 
@@ -172,7 +195,35 @@ def _trainers(trainer_cls: Any, x: Any, y: Any, shards: list[Any], seed: int) ->
         x_fit, y_fit, x_eval, y_eval = split_holdout(x[idx], y[idx], DataConfig().eval_fraction,
                                                      seed * 1000 + i)
         trainers.append(trainer_cls(x_fit, y_fit, num_classes=10, holdout=(x_eval, y_eval)))
+    for i in slow_devices(args.devices, args.slow_fraction, seed):
+        trainers[i] = SlowTrainer(trainers[i], args.slow_factor)
     return trainers
+
+
+class SlowTrainer:
+    """A device that trains ``factor`` times slower (``--slow-fraction``): after each ``fit`` it
+    waits ``factor - 1`` times as long as the fit took, like a weaker or busier device."""
+
+    def __init__(self, inner: Any, factor: float) -> None:
+        self.inner = inner
+        self.factor = factor
+
+    def fit(self, weights: Any, config: Any, round_seed: int) -> Any:
+        started = time.monotonic()
+        result = self.inner.fit(weights, config, round_seed)
+        time.sleep(max(self.factor - 1.0, 0.0) * (time.monotonic() - started))
+        return result
+
+    def evaluate(self, weights: Any) -> Any:
+        return self.inner.evaluate(weights)
+
+
+def slow_devices(devices: int, fraction: float, seed: int) -> set[int]:
+    """Which devices are slow: a seeded ``fraction`` of them (rounded)."""
+    import numpy as np
+
+    count = round(fraction * devices)
+    return set(np.random.default_rng(seed + 7).permutation(devices)[:count].tolist())
 
 
 def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list[int],
@@ -182,10 +233,9 @@ def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list
     return AggregatorConfig(
         federation=FEDERATION, broker=broker_cfg,
         model=ModelConfig(layers=layers, seed=args.seed),
-        # Every device every round: a round closes the moment all updates are in; the
-        # deadline only matters if a device is lost.
-        rounds=RoundsConfig(min_updates=args.devices, max_updates=args.devices,
-                            deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds),
+        rounds=_rounds(args),
+        sampling=SamplingConfig(rate=getattr(args, "fraction", 1.0), seed=args.seed),
+        robust=RobustConfig(clip_norm=getattr(args, "clip_norm", None)),
         train=_train_settings(args, TrainConfig()),
         # The operator's weight cap, sized as docs/robustness.md says: the largest honest
         # local data set, so no device counts for more than the biggest real one.
@@ -193,12 +243,58 @@ def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list
         compression=CompressionConfig(codec=args.codec, fraction=args.topk_fraction))
 
 
+def _check_knobs(args: argparse.Namespace) -> str:
+    """The first out-of-range knob, said as the option name, or ''."""
+    if args.devices < 1 or args.rounds < 1:
+        return "--devices and --rounds must be at least 1"
+    if not 0.0 < args.fraction <= 1.0:
+        return f"--fraction {args.fraction} must be in (0, 1]"
+    if not (math.isfinite(args.proximal_mu) and 0.0 <= args.proximal_mu <= MAX_PROXIMAL_MU):
+        return f"--proximal-mu {args.proximal_mu} must be in [0, {MAX_PROXIMAL_MU:g}]"
+    if args.clip_norm is not None and not (math.isfinite(args.clip_norm) and args.clip_norm > 0):
+        return f"--clip-norm {args.clip_norm} must be a positive number"
+    if not 0.0 <= args.slow_fraction <= 1.0:
+        return f"--slow-fraction {args.slow_fraction} must be in [0, 1]"
+    if not (math.isfinite(args.slow_factor) and args.slow_factor >= 1.0):
+        return f"--slow-factor {args.slow_factor} must be at least 1"
+    return ""
+
+
+def _rounds(args: argparse.Namespace) -> RoundsConfig:
+    """Every device every round: a round closes the moment all updates are in (the deadline
+    only matters if a device is lost). With sampling, the size of a round's sample varies: it
+    closes 2 s after half of the expected sample is in, or when every device has answered; a
+    sample below that is redrawn every 10 s (docs/rounds.md)."""
+    fraction = getattr(args, "fraction", 1.0)
+    if fraction >= 1.0:
+        return RoundsConfig(min_updates=args.devices, max_updates=args.devices,
+                            deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds)
+    quorum = max(1, round(0.5 * fraction * args.devices))
+    # A short deadline: a sample smaller than the quorum is redrawn at each extension.
+    return RoundsConfig(min_updates=quorum, max_updates=args.devices, deadline_s=10.0,
+                        grace_s=2.0, max_rounds=args.rounds)
+
+
+def _batch_size(text: str) -> int:
+    """``--batch-size``: a positive integer, or ``full`` (the whole local set)."""
+    if text == "full":
+        return MAX_BATCH_SIZE  # trainers use min(batch_size, local examples)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'full'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'full'")
+    return value
+
+
 def _train_settings(args: argparse.Namespace, defaults: Any) -> TrainSettings:
     """The command line's training options, falling back to the trainer's tuned defaults."""
     return TrainSettings(
         epochs=args.epochs if args.epochs is not None else defaults.epochs,
         batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
-        lr=args.lr if args.lr is not None else defaults.lr)
+        lr=args.lr if args.lr is not None else defaults.lr,
+        proximal_mu=getattr(args, "proximal_mu", 0.0))
 
 
 def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],

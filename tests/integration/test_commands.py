@@ -364,3 +364,32 @@ def test_services_stop_without_a_traceback_while_waiting_for_the_broker(
         assert err.splitlines()[-1] == (
             "fedmq aggregator: " + ("interrupted" if sig == signal.SIGINT else "terminated")
             + "; everything it started is stopped")
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_demo_knobs_sampling_fedprox_fedsgd_and_slow_devices(tmp_path: Path) -> None:
+    """Issue 11's demo knobs: --fraction samples devices, --batch-size full with --epochs 1 is
+    FedSGD, --proximal-mu and --clip-norm reach the federation, --slow-fraction slows some."""
+    out = tmp_path / "knobs.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "demo", "--devices", "6", "--rounds", "3",
+         "--broker", "mosquitto", "--fraction", "0.5", "--batch-size", "full", "--epochs", "1",
+         "--lr", "0.5", "--proximal-mu", "0.01", "--clip-norm", "50", "--slow-fraction", "0.34",
+         "--slow-factor", "3", "--json", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rounds = json.loads(out.read_text())["rounds"]
+    assert len(rounds) == 3
+    assert all(1 <= r["participants"] <= 6 for r in rounds)
+    assert any(r["participants"] < 6 for r in rounds)  # sampling at 0.5 left some out
+    assert all(r["norm_bound"] == 50 for r in rounds)
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "demo", "--fraction", "0", "--batch-size", "full"],
+        env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "fedmq demo: --fraction 0.0 must be in (0, 1]"
+    worse = subprocess.run([sys.executable, "-m", "fedmq.cli", "demo", "--batch-size", "0"],
+                           env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert worse.returncode == 2
+    assert "'0' is not a positive integer or 'full'" in worse.stderr

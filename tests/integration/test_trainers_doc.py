@@ -80,7 +80,7 @@ def test_the_worked_example_runs_as_written(mosquitto: MosquittoBroker, tmp_path
         for line in lines[1:]:
             procs.append(subprocess.Popen(command(line), cwd=tmp_path, env=env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        aggregator, agents = procs[0], procs[1:]
+        aggregator = procs[0]
         out, _ = aggregator.communicate(timeout=120)
         assert aggregator.returncode == 0, out
         assert app.wait_for_version(3, timeout=10) is not None
