@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ class DemoResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     final_accuracy: float = 0.0
     wall_s: float = 0.0
+    #: ``--target`` and the first round whose central accuracy reached it (None: not reached).
+    target: float | None = None
+    reached_round: int | None = None
 
     codec: str = "fp32"
 
@@ -60,7 +64,8 @@ class DemoResult:
         return {"broker": self.broker, "partition": self.partition, "devices": self.devices,
                 "codec": self.codec,
                 "rounds": self.rounds, "final_accuracy": self.final_accuracy,
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, "target": self.target,
+                "reached_round": self.reached_round}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how devices compress updates (default fp32)")
     p.add_argument("--topk-fraction", type=float, default=0.1,
                    help="topk: fraction of entries each update keeps (default 0.1)")
+    p.add_argument("--target", type=float, default=None, metavar="ACC",
+                   help="stop early once the central test accuracy reaches ACC (the rounds "
+                        "to a target accuracy, as benchmarks/bench_learning.py reads them)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the per-round results as JSON here")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -135,12 +143,12 @@ def run(args: argparse.Namespace) -> int:
         _say_broker(handle)
         broker_cfg = BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
         result = DemoResult(broker=handle.kind, partition=args.partition, devices=args.devices,
-                            codec=args.codec)
+                            codec=args.codec, target=getattr(args, "target", None))
 
         # The watcher subscribes before anything is published, like any app on the model topic.
-        models: dict[int, GlobalModel] = {}
+        models, arrived, on_model = _model_inbox()
         watcher = ModelSubscriber(broker_cfg, FEDERATION, summaries=True, evaluations=True,
-                                  on_model=lambda m: models.__setitem__(m.version, m)).start()
+                                  on_model=on_model).start()
         stack.callback(watcher.stop)
 
         config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
@@ -154,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         agg.start()
         stack.callback(agg.stop)
 
-        if not _follow_rounds(watcher, models, args, scorer, result):
+        if not _follow_rounds(watcher, models, args, scorer, result,
+                              arrived=arrived, since=time.monotonic()):
             print(f"fedmq demo: timed out after {args.timeout:.0f} s with "
                   f"{len(result.rounds)}/{args.rounds} rounds done", file=sys.stderr)
             return 1
@@ -169,15 +178,40 @@ def run(args: argparse.Namespace) -> int:
               f"{last['federated_accuracy']:.4f} on {last['federated_examples']} examples held "
               f"out on {last['federated_devices']} devices (central test split: "
               f"{result.final_accuracy:.4f} on {len(y_test)} examples)")
-    print(f"final held-out accuracy {result.final_accuracy:.4f} after {args.rounds} rounds "
+    _say_target(result)
+    print(f"final held-out accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
           f"({args.partition}, {args.devices} devices, {args.codec}, {result.broker} broker, "
           f"{result.wall_s:.1f} s, {rejected} updates rejected{': ' + reasons if reasons else ''}, "
           f"{clipped} clipped to the norm bound)")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.as_json(), indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
     return 0
+
+
+def _write_json(path: Path | None, result: DemoResult) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.as_json(), indent=2))
+        print(f"wrote {path}")
+
+
+def _model_inbox() -> tuple[dict[int, GlobalModel], dict[int, float],
+                            Callable[[GlobalModel], None]]:
+    """The watcher's models by version, when each arrived, and the callback that fills both."""
+    models: dict[int, GlobalModel] = {}
+    arrived: dict[int, float] = {}
+
+    def on_model(m: GlobalModel) -> None:
+        arrived.setdefault(m.version, time.monotonic())
+        models[m.version] = m
+
+    return models, arrived, on_model
+
+
+def _say_target(result: DemoResult) -> None:
+    if result.target is not None:
+        print(f"target accuracy {result.target:g}: " + (
+            f"reached in round {result.reached_round}" if result.reached_round is not None
+            else f"not reached in {len(result.rounds)} rounds"))
 
 
 def _trainers(args: argparse.Namespace, trainer_cls: Any, x: Any, y: Any,
@@ -253,6 +287,9 @@ def _check_knobs(args: argparse.Namespace) -> str:
         return f"--proximal-mu {args.proximal_mu} must be in [0, {MAX_PROXIMAL_MU:g}]"
     if args.clip_norm is not None and not (math.isfinite(args.clip_norm) and args.clip_norm > 0):
         return f"--clip-norm {args.clip_norm} must be a positive number"
+    target = getattr(args, "target", None)
+    if target is not None and not 0.0 < target <= 1.0:
+        return f"--target {target} must be in (0, 1]"
     if not 0.0 <= args.slow_fraction <= 1.0:
         return f"--slow-fraction {args.slow_fraction} must be in [0, 1]"
     if not (math.isfinite(args.slow_factor) and args.slow_factor >= 1.0):
@@ -297,20 +334,25 @@ def _train_settings(args: argparse.Namespace, defaults: Any) -> TrainSettings:
         proximal_mu=getattr(args, "proximal_mu", 0.0))
 
 
-def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],
-                   args: argparse.Namespace, scorer: Any, result: DemoResult) -> bool:
-    """Score each new model as it arrives on the model topic; False on timeout."""
+def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],  # noqa: PLR0917
+                   args: argparse.Namespace, scorer: Any, result: DemoResult,
+                   arrived: dict[int, float] | None = None, since: float = 0.0) -> bool:
+    """Score each new model as it arrives on the model topic; False on timeout. A round's
+    ``elapsed_s`` is when its model reached the watcher (``arrived``), from ``since``; with a
+    ``result.target`` the rounds stop at the first model whose central accuracy reaches it."""
     deadline = time.monotonic() + args.timeout
     round_started = time.monotonic()
     ready_at: dict[int, float] = {}
-    while len(result.rounds) < args.rounds:
+    arrived = arrived if arrived is not None else {}
+    while len(result.rounds) < args.rounds and result.reached_round is None:
         if time.monotonic() > deadline:
             return False
         watcher.poll(0.2)
         # A round is reported once its model and its summary are in (either order), and the
         # devices' evaluations of the model (every device, or after EVAL_WAIT_S).
         version = len(result.rounds) + 1
-        while version in models and version in watcher.summaries:
+        while (version in models and version in watcher.summaries
+               and result.reached_round is None):
             ev_msg = watcher.evaluations.get(version)
             first = ready_at.setdefault(version, time.monotonic())
             if (ev_msg is None or ev_msg.devices < args.devices) and (
@@ -328,9 +370,12 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],
                      "bytes_in": s.bytes_in,
                      "norm_bound": s.metrics.get("norm_bound"),
                      "clipped": int(s.metrics.get("clipped_updates", 0)),
-                     "seconds": round(time.monotonic() - round_started, 3)}
+                     "seconds": round(time.monotonic() - round_started, 3),
+                     "elapsed_s": round(arrived.get(version, time.monotonic()) - since, 3)}
             round_started = time.monotonic()
             result.rounds.append(entry)
+            if result.target is not None and ev.accuracy >= result.target:
+                result.reached_round = version
             federated = (f"federated {fed_acc:.4f}" if fed_acc is not None
                          else "federated  —    ")
             print(f"round {version:3d}/{args.rounds}  participants {s.participants:3d}  "
