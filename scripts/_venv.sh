@@ -23,7 +23,9 @@ ensure_venv() {
 
 # Install Debian's mosquitto when no binary is found and we may use apt-get.
 ensure_mosquitto() {
-    if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+    # mosquitto_sub (mosquitto-clients) too: tests/integration/test_app_docs.py runs docs/apps.md.
+    if { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } \
+            && command -v mosquitto_sub >/dev/null 2>&1; then
         return 0
     fi
     local sudo=""
@@ -32,13 +34,13 @@ ensure_mosquitto() {
             sudo="sudo -n"
         else
             echo "mosquitto is missing and apt-get needs root: run 'sudo apt-get install" \
-                 "mosquitto' (tests that need a broker will fail without it)" >&2
+                 "mosquitto mosquitto-clients' (tests that need a broker will fail without it)" >&2
             return 0
         fi
     fi
-    echo "installing mosquitto with apt-get" >&2
+    echo "installing mosquitto and mosquitto-clients with apt-get" >&2
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || true
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >&2
 }
 
 # Install Debian's prometheus (for tests/integration/test_prometheus.py) when /usr/bin/prometheus

@@ -1,13 +1,16 @@
-"""Helpers for the integration tests: a recording subscriber, update builders, aggregators."""
+"""Helpers for the integration tests: a recording subscriber, update builders, aggregators, the
+marked code blocks of a doc page."""
 
 from __future__ import annotations
 
 import queue
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,6 +48,16 @@ def broker_config(broker: MosquittoBroker) -> BrokerConfig:
     return BrokerConfig(
         host=broker.host, port=broker.port, reconnect_min_s=0.1, reconnect_max_s=1.0
     )
+
+
+def marked_blocks(page: Path, marker: str) -> dict[str, str]:
+    """The page's code blocks marked ``<!-- MARKER: NAME -->`` on the line before, by NAME."""
+    text = page.read_text(encoding="utf-8")
+    found = re.findall(rf"^<!-- {re.escape(marker)}: (\S+) -->\n```[a-z]*\n(.*?)^```$", text,
+                       re.MULTILINE | re.DOTALL)
+    blocks = dict(found)
+    assert len(blocks) == len(found), f"{page.name}: a block name is used twice"
+    return blocks
 
 
 def unique_federation(prefix: str = "t") -> str:

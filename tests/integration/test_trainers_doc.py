@@ -7,7 +7,6 @@ real Mosquitto. Only the broker port changes.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 from fedmq.broker import MosquittoBroker
 from fedmq.subscriber import ModelSubscriber
 
-from fedhelpers import broker_config
+from fedhelpers import broker_config, marked_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "trainers.md"
@@ -29,12 +28,7 @@ FILES = ("linear_regression.py", "make_model.py", "aggregator.toml", "agent.toml
 
 def doc_blocks() -> dict[str, str]:
     """The page's code blocks marked ``<!-- trainers-doc: NAME -->``, by NAME."""
-    text = DOC.read_text(encoding="utf-8")
-    found = re.findall(r"^<!-- trainers-doc: (\S+) -->\n```[a-z]*\n(.*?)^```$", text,
-                       re.MULTILINE | re.DOTALL)
-    blocks = dict(found)
-    assert len(blocks) == len(found), "a block name is used twice"
-    return blocks
+    return marked_blocks(DOC, "trainers-doc")
 
 
 def test_the_doc_shows_the_example_file_as_it_is() -> None:
