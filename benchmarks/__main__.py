@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("kernels", "peer", "e2e", "wire")
+NAMES = ("kernels", "peer", "e2e", "wire", "learning")
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in (*NAMES, "all"):
-        print(f"usage: scripts/bench {{{'|'.join(NAMES)}|all}} [--quick] [--json PATH]",
-              file=sys.stderr)
+        print(f"usage: scripts/bench {{{'|'.join(NAMES)}|all}} [--quick] [--json PATH]"
+              " (learning also: [--plot PATH])", file=sys.stderr)
         return 2
     name, rest = argv[0], argv[1:]
     if name == "all":
