@@ -1,9 +1,9 @@
 """Bytes on the wire per codec, and what each codec costs in accuracy on the digits demo.
 
 ``wire_ratio_<codec>``: the size of an fp32 update of 1M parameters divided by the same update
-encoded with the codec (topk at 1% density). ``accuracy_<codec>``: the demo's final held-out
-accuracy (20 devices, iid, 20 rounds, same seed) with devices sending that codec (topk at 10%
-density with error feedback).
+encoded with the codec. ``accuracy_<codec>``: the demo's final held-out accuracy (20 devices,
+iid, 20 rounds, same seed) with devices sending that codec. Top-k keeps the default
+``[compression] fraction`` in both (1%; with error feedback in the demo).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from fedmq import codec, compression
 from fedmq.cli import build_parser
+from fedmq.config import CompressionConfig
 from fedmq.demo import run as run_demo
 from fedmq.wire import ModelUpdate
 
@@ -42,8 +43,7 @@ def demo_accuracy(codec_name: str, rounds: int, devices: int, seed: int) -> floa
         out = Path(tmp) / "demo.json"
         args = build_parser().parse_args([
             "demo", "--devices", str(devices), "--rounds", str(rounds), "--partition", "iid",
-            "--seed", str(seed), "--codec", codec_name, "--topk-fraction", "0.1",
-            "--json", str(out)])
+            "--seed", str(seed), "--codec", codec_name, "--json", str(out)])
         with contextlib.redirect_stdout(io.StringIO()):
             code = run_demo(args)
         if code != 0:
@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     params = 1_000_000
-    sizes = {c: wire_bytes(params, c, **({"fraction": 0.01} if c == "topk" else {}))
+    fraction = CompressionConfig().fraction  # the demo's default too
+    sizes = {c: wire_bytes(params, c, **({"fraction": fraction} if c == "topk" else {}))
              for c in CODECS}
     result: dict[str, float] = {}
     print(f"{'codec':6} {'bytes/update':>13} {'ratio':>7} {'accuracy':>9}")

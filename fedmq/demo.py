@@ -99,8 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how many times slower the slow devices train (default 10)")
     p.add_argument("--codec", choices=("fp32", "fp16", "int8", "topk"), default="fp32",
                    help="how devices compress updates (default fp32)")
-    p.add_argument("--topk-fraction", type=float, default=0.1,
-                   help="topk: fraction of entries each update keeps (default 0.1)")
+    # The config's default, so the demo shows what a deployment gets.
+    topk = CompressionConfig().fraction
+    p.add_argument("--topk-fraction", type=float, default=topk,
+                   help=f"topk: fraction of entries each update keeps (default {topk:g}, as "
+                        "[compression] fraction)")
     p.add_argument("--target", type=float, default=None, metavar="ACC",
                    help="stop early once the central test accuracy reaches ACC (the rounds "
                         "to a target accuracy, as benchmarks/bench_learning.py reads them)")
