@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from aggregator import kernels
 from aggregator.spec import ModelSpec
@@ -18,7 +19,7 @@ from fedmq.config import LimitsConfig
 from fedmq.errors import DecodeError
 from fedmq.wire import ModelUpdate, Tensor
 
-__all__ = ["Admitted", "admit", "sq_norm"]
+__all__ = ["Admitted", "TaskCheck", "admit", "sq_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,14 @@ class Admitted:
     weight: float
     #: Squared L2 norm of the decoded values (of this chunk only, for a chunked update).
     sq_norm: float
+
+
+class TaskCheck(Protocol):
+    """A task's own checks of an update in place of the model's (``aggregator.statistics``)."""
+
+    def check(self, update: ModelUpdate) -> tuple[str, str]:
+        """``("", "")`` when ``update`` is acceptable, else (reason, detail); never raises."""
+        ...
 
 
 def sq_norm(tensors: tuple[Tensor, ...] | list[Tensor]) -> float:
@@ -55,9 +64,13 @@ def sq_norm(tensors: tuple[Tensor, ...] | list[Tensor]) -> float:
 
 
 def admit(payload: bytes, device: str, *, federation: str, spec: ModelSpec,
-          limits: LimitsConfig, decode_limits: codec.DecodeLimits
+          limits: LimitsConfig, decode_limits: codec.DecodeLimits, task: TaskCheck | None = None
           ) -> tuple[Admitted | None, str, str]:
-    """``(admitted, "", "")`` or ``(None, reason, what was wrong)`` for one update message."""
+    """``(admitted, "", "")`` or ``(None, reason, what was wrong)`` for one update message.
+
+    With a ``task`` (a statistics federation), its check replaces the model's (weight, shapes,
+    norm): the update counts once, with weight 1 and no norm.
+    """
     if len(payload) > limits.max_update_bytes:
         return None, "oversize", f"{len(payload)} bytes"
     try:
@@ -68,6 +81,9 @@ def admit(payload: bytes, device: str, *, federation: str, spec: ModelSpec,
         return None, "wrong_federation", f"federation {update.federation!r}"
     if update.device_id != device:
         return None, "wrong_device", f"device id {update.device_id!r} on {device!r}'s topic"
+    if task is not None:
+        reason, detail = task.check(update)
+        return (None, reason, detail) if reason else (Admitted(update, 1.0, 0.0), "", "")
     n = update.num_examples
     if n <= 0 or (n > limits.max_examples and limits.weight_mode == "reject"):
         return None, "invalid_weight", f"num_examples {n}"

@@ -56,6 +56,8 @@ def recover(svc: AggregatorService) -> bool:
     svc._replay_now = float(meta["opened_at"])
     try:
         svc._publish_model(metrics=_stored_metrics(svc))
+        if "result" in meta:  # before the replay, which may close a round and publish anew
+            svc.publisher.result_payload(bytes.fromhex(meta["result"]))
         svc._open_round(float(meta["opened_at"]), snapshot=False)
         svc.bound.restore(meta.get("robust", {}))
         if "mid" in meta and snap.acc is not None:
@@ -118,6 +120,9 @@ def save(svc: AggregatorService, opened_at: float, mid: bool = False) -> None:
         "wal_segment": segment, "federation": svc.config.federation, "run": svc.run,
         "robust": svc.bound.export(),
     }
+    result = svc.publisher.last_result()
+    if result is not None:  # a statistics federation's last result, republished on recovery
+        meta["result"] = result.hex()
     acc = None
     if mid:
         acc, total_weight, contributors, parts = svc.strategy.export_state()

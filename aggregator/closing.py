@@ -89,6 +89,8 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
     svc.stats.rounds_completed += 1
     trained = ", ".join(f"{k.removeprefix('train_')} {v:.4f}"
                         for k, v in sorted(metrics.items()) if k.startswith("train_"))
+    if svc.task is not None:  # a statistics federation: the round's result, retained
+        svc.task.publish(svc, summary)
     log.info("round %d closed by %s after %.1f s: %d participants (%d clipped), %s in; "
              "model version %d (training %s)", svc.round, closed_by,
              now - svc._round_opened, participants, svc.ledger.clipped,

@@ -1,6 +1,7 @@
 """What the aggregator publishes: the retained model (whole or chunked), the retained round
-announcement, round summaries, the federated evaluation of each version and the open round's
-progress; and the same retained state again after a reconnect.
+announcement, round summaries, the federated evaluation of each version, the open round's
+progress and a statistics federation's result; and the same retained state again after a
+reconnect.
 
 ``Publisher`` holds only what publishing needs to remember (the retained payloads, how many model
 parts the last split left, the current model's digest); the service decides when.
@@ -19,6 +20,7 @@ from fedmq import codec
 from fedmq.chunking import split_model
 from fedmq.compression import encode_all
 from fedmq.config import AggregatorConfig, CompressionConfig
+from fedmq.statistics import query_of
 from fedmq.topics import Topics
 from fedmq.transport import Transport
 from fedmq.wire import (
@@ -27,6 +29,7 @@ from fedmq.wire import (
     RoundAnnouncement,
     RoundProgress,
     RoundSummary,
+    StatisticsResult,
     model_digest,
 )
 
@@ -59,6 +62,8 @@ class Publisher:
         self.model_parts = 0
         #: SHA-256 of the current model, as announced.
         self.model_sha = ""
+        #: A statistics federation's query, announced with every round (docs/analytics.md).
+        self.query = query_of(config.task) if config.task.kind == "statistics" else ()
         if config.train.extra:  # said once: a misspelt [train] key is forwarded, not refused
             log.info("extra [train] keys, sent to the devices' trainers in every announcement: "
                      "%s", ", ".join(f"{k} = {v!r}" for k, v in config.train.extra.items()))
@@ -91,7 +96,8 @@ class Publisher:
         for topic, payload in out:
             self.transport.publish(topic, payload, qos=1, retain=True)
         # The model replaces the previous one's messages; the round and the metrics stay.
-        keep = (self.topics.round, self.topics.model_eval, self.topics.progress)
+        keep = (self.topics.round, self.topics.model_eval, self.topics.progress,
+                self.topics.result)
         self.retained = [r for r in self.retained if r[0] in keep] + out
 
     def announce(self, *, round_: int, version: int, run: int, deadline: float,
@@ -112,7 +118,8 @@ class Publisher:
             max_chunk_bytes=self.chunk_limit(), open=open_, run=run,
             # Each extension below quorum redraws the sample (fedmq.sampling), but only when
             # there is a sample to redraw.
-            sample_draw=draw if cfg.sampling.rate < 1.0 else 0)
+            sample_draw=draw if cfg.sampling.rate < 1.0 else 0,
+            task=cfg.task.kind, columns=self.query)
         payload = codec.encode(ann)
         self.transport.publish(self.topics.round, payload, qos=1, retain=True)
         self._retain(self.topics.round, payload)
@@ -143,6 +150,19 @@ class Publisher:
     def _retain(self, topic: str, payload: bytes) -> None:
         self.retained = [r for r in self.retained if r[0] != topic]
         self.retained.append((topic, payload))
+
+    def result(self, result: StatisticsResult) -> None:
+        """Publish a statistics round's result (retained: an app reads the latest at once)."""
+        self.result_payload(codec.encode(result))
+
+    def result_payload(self, payload: bytes) -> None:
+        """Publish an encoded result as is (a recovered aggregator's last one, byte for byte)."""
+        self.transport.publish(self.topics.result, payload, qos=1, retain=True)
+        self._retain(self.topics.result, payload)
+
+    def last_result(self) -> bytes | None:
+        """The encoded result last published, if any (kept in snapshots)."""
+        return next((p for t, p in self.retained if t == self.topics.result), None)
 
     def republish(self) -> None:
         """Publish the retained model and round again, byte for byte (receivers dedupe)."""

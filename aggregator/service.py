@@ -50,6 +50,7 @@ from aggregator.rounds import (
     UpdateOffered,
 )
 from aggregator.spec import ModelSpec
+from aggregator.statistics import StatisticsTask, attach
 from aggregator.strategies import FedAvg, Strategy
 from aggregator.telemetry import Telemetry
 from aggregator.wal import REJECT, TICK, UPDATE, WriteAheadLog
@@ -70,7 +71,7 @@ Weights = dict[str, npt.NDArray[np.float32]]
 REJECT_REASONS: tuple[str, ...] = (
     "malformed", "oversize", "wrong_federation", "wrong_device", "invalid_weight",
     "wrong_shape", "non_finite", "norm_bound", "stale", "unknown_round", "duplicate",
-    "round_closed", "overload",
+    "round_closed", "overload", "invalid_statistics",
 )
 
 #: Why a round's result can be dropped instead of published (docs/robustness.md).
@@ -182,6 +183,8 @@ class AggregatorService:
         self.folder = BoundedFold(self.strategy, self.bound, self.stats,
                                   max_examples=config.limits.max_examples,
                                   reject_mode=config.robust.mode == "reject")
+        #: A statistics federation ([task] kind) swaps in its own model, strategy and checks.
+        self.task: StatisticsTask | None = attach(self)
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         #: Devices by their retained status (``status/+``), for metrics.
@@ -355,7 +358,7 @@ class AggregatorService:
             return
         admitted, reason, detail = admit(
             msg.payload, device, federation=self.config.federation, spec=self.spec,
-            limits=self.config.limits, decode_limits=self.limits)
+            limits=self.config.limits, decode_limits=self.limits, task=self.task)
         if admitted is None:
             self.stats.last_rejection = f"{device}: {reason} ({detail})"
             self._reject(device, "", reason, detail)

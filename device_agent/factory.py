@@ -80,8 +80,9 @@ def _holdout_seed(config: AgentConfig) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _load_factory(kind: str) -> Callable[..., Any]:
-    """The callable ``[trainer] kind = "package.module:factory"`` names.
+def _load_factory(kind: str, key: str = "[trainer] kind", what: str = "factory"
+                  ) -> Callable[..., Any]:
+    """The callable ``[trainer] kind = "package.module:factory"`` (or another ``key``) names.
 
     The module is looked for in the working directory too: the ``fedmq`` console script's
     ``sys.path`` does not hold it, yet that is where a trainer kept beside agent.toml lives.
@@ -89,21 +90,21 @@ def _load_factory(kind: str) -> Callable[..., Any]:
     """
     module_name, _, attr = kind.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"[trainer] kind = {kind!r}: expected 'package.module:factory'")
+        raise ConfigError(f"{key} = {kind!r}: expected 'package.module:{what}'")
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"[trainer] kind = {kind!r}: cannot import module {module_name!r} "
+        raise ConfigError(f"{key} = {kind!r}: cannot import module {module_name!r} "
                           f"(from {cwd} or sys.path): {exc}") from None
     factory = getattr(module, attr, None)
     if factory is None:
-        raise ConfigError(f"[trainer] kind = {kind!r}: module {module_name!r} "
+        raise ConfigError(f"{key} = {kind!r}: module {module_name!r} "
                           f"({getattr(module, '__file__', '?')}) has no attribute {attr!r}")
     if not callable(factory):
-        raise ConfigError(f"[trainer] kind = {kind!r}: {attr!r} is not callable")
+        raise ConfigError(f"{key} = {kind!r}: {attr!r} is not callable")
     return factory  # type: ignore[no-any-return]
 
 

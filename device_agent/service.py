@@ -34,6 +34,7 @@ import numpy.typing as npt
 from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.factory import build_trainer
 from device_agent.outbox import Outbox, OutboxFullError
+from device_agent.statistics import Analyst, NoTraining
 from device_agent.trainers import (
     TrainConfig,
     Trainer,
@@ -109,6 +110,8 @@ class AgentService:
         #: Rounds whose training (``fit``, or encoding its result) raised: skipped, not fatal.
         self.training_errors = 0
         self._evaluated = (-1, -1)  # (run, version) last scored
+        #: A statistics device's source of values (``[task] kind = "statistics"``).
+        self.analyst: Analyst | None = None
         self.updates_sent = 0
         self.bytes_sent = 0
         self.feedback = feedback or compression.ErrorFeedback(None)
@@ -176,6 +179,11 @@ class AgentService:
         outbox = Outbox(Path(state) / "outbox" if state else None, d.outbox_max_bytes,
                         d.outbox_max_messages)
         trained = Path(state) / f"trained-{config.federation}.json" if state else None
+        if config.task.kind == "statistics":  # no model: a summary of its values each round
+            service = cls.over_mqtt(config.federation, device_id, NoTraining(), config.broker,
+                                    outbox=outbox, trained_path=trained, evaluate=False)
+            service.analyst = Analyst.from_config(config)
+            return service
         if trainer is None:
             trainer = build_trainer(config)  # checked there, failing as a ConfigError
         else:
@@ -386,6 +394,9 @@ class AgentService:
     def _train(self, job: Train) -> None:
         ann = job.announcement
         self.publish_status("training")
+        if ann.task == "statistics":
+            self._contribute(job)
+            return
         config = TrainConfig.from_mapping(ann.train)
         result = self.trainer.fit(job.weights, config, round_seed=ann.round)
         delta = {name: np.subtract(result.weights[name], base, dtype=np.float32)
@@ -409,6 +420,22 @@ class AgentService:
         self.publish_status("online")
         log.info("device %s: sent update for round %d (%d bytes in %d messages)", self.device_id,
                  ann.round, sent, len(messages))
+
+    def _contribute(self, job: Train) -> None:
+        """Send this device's statistics for the announced columns (one message)."""
+        if self.analyst is None:
+            raise RuntimeError('the federation asks for statistics; set [task] kind = '
+                               '"statistics" in agent.toml to take part')
+        ann = job.announcement
+        update = self.analyst.update(self.federation, self.device_id, ann, job.version)
+        payload = codec.encode(update)
+        self._send_update(update.update_id, [(self.topics.update(self.device_id), payload)])
+        self._remember_trained(ann)
+        self.updates_sent += 1
+        self.bytes_sent += len(payload)
+        self.publish_status("online")
+        log.info("device %s: sent statistics for round %d (%d bytes)", self.device_id,
+                 ann.round, len(payload))
 
     def _evaluate(self, version: int, run: int) -> None:
         """Score the model just adopted on the held-out data and report it (QoS 1, not kept

@@ -9,6 +9,7 @@ fields are ignored and a missing required one is an error. Any failure is a ``De
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from fedmq.msgpack_views import unpack
 from fedmq.wire import (
     CODECS,
     DEVICE_STATES,
+    FP64,
     SCHEMA_VERSION,
     TOPK_VALUES,
     Blob,
+    ColumnStatistics,
     DeviceStatus,
     Evaluation,
     GlobalModel,
@@ -33,13 +36,15 @@ from fedmq.wire import (
     RoundAnnouncement,
     RoundProgress,
     RoundSummary,
+    StatisticsResult,
+    StatsColumn,
     Tensor,
     blocks,
 )
 
 T = TypeVar("T")
 M = TypeVar("M", RoundAnnouncement, GlobalModel, ModelUpdate, DeviceStatus, RoundSummary,
-            Evaluation, ModelEvaluation, RoundProgress)
+            Evaluation, ModelEvaluation, RoundProgress, StatisticsResult)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
             } | ({"codec_params": dict(msg.codec_params)} if msg.codec_params else {}) | (
                 {"max_chunk_bytes": msg.max_chunk_bytes} if msg.max_chunk_bytes else {}) | (
                 {"run": msg.run} if msg.run else {}) | (
-                {"sample_draw": msg.sample_draw} if msg.sample_draw else {})
+                {"sample_draw": msg.sample_draw} if msg.sample_draw else {}) | (
+                _task_map(msg) if msg.task != "train" or msg.columns else {})
         case GlobalModel():
             m = head | {
                 "kind": "model", "version": msg.version, "round": msg.round,
@@ -148,7 +154,30 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "max_updates": msg.max_updates, "deadline": float(msg.deadline),
                 "rejected": dict(msg.rejected), "ts": float(msg.ts),
             } | ({"run": msg.run} if msg.run else {})
+        case StatisticsResult():
+            return head | {
+                "kind": "result", "round": msg.round, "version": msg.version,
+                "devices": list(msg.devices), "columns": [_column_map(c) for c in msg.columns],
+                "closed_by": msg.closed_by, "ts": float(msg.ts),
+            } | ({"run": msg.run} if msg.run else {})
     raise TypeError(f"not a fedmq message: {type(msg).__name__}")
+
+
+def _task_map(msg: RoundAnnouncement) -> dict[str, Any]:
+    """A statistics announcement's ``task`` and ``columns`` (absent in a training one)."""
+    return {"task": msg.task, "columns": [{"name": c.name, "edges": [float(e) for e in c.edges]}
+                                          for c in msg.columns]}
+
+
+def _column_map(c: ColumnStatistics) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": c.name, "count": c.count}
+    # Undefined without values (sample variance: without two): absent, never NaN.
+    for key in ("mean", "variance", "sample_variance", "min", "max"):
+        value = getattr(c, key)
+        if value is not None:
+            m[key] = float(value)
+    return m | {"edges": [float(e) for e in c.edges], "hist": list(c.hist),
+                "underflow": c.underflow, "overflow": c.overflow, "devices": c.devices}
 
 
 def encode(msg: Message) -> bytes:
@@ -262,9 +291,12 @@ def _tensor(raw: Any, i: int, limits: DecodeLimits) -> Tensor:
     if math.prod(d for d in shape if d) > limits.max_elements:
         raise DecodeError(f"{where} {name!r}: shape {list(shape)} exceeds the limit of "
                           f"{limits.max_elements} elements", reason="oversize")
-    if dtype != "float32":
-        raise DecodeError(f"{where} {name!r}: dtype {dtype!r} is not supported (float32)")
-    if codec not in CODECS:
+    # float64 travels only as fp64, and fp64 only as float64 (statistics contributions).
+    wide = dtype == "float64" and codec == FP64
+    if dtype != "float32" and not wide:
+        raise DecodeError(f"{where} {name!r}: dtype {dtype!r} is not supported (float32; "
+                          f"float64 with codec {FP64})")
+    if codec not in CODECS and not wide:
         raise DecodeError(f"{where} {name!r}: codec {codec!r} is not supported "
                           f"({', '.join(CODECS)})")
     offset = f.optional("offset", f.int_, 0)
@@ -289,7 +321,7 @@ def _tensor(raw: Any, i: int, limits: DecodeLimits) -> Tensor:
     elif indices:
         raise DecodeError(f"{where} {name!r}: indices are only allowed with codec topk")
     value_codec = values if codec == "topk" else codec
-    itemsize = {"fp32": 4, "fp16": 2, "int8": 1}[value_codec]
+    itemsize = {"fp32": 4, "fp16": 2, "int8": 1, FP64: 8}[value_codec]
     if len(data) != nnz * itemsize:
         raise DecodeError(f"{where} {name!r}: {len(data)} data bytes, {nnz} values with codec "
                           f"{value_codec} need {nnz * itemsize}")
@@ -345,7 +377,51 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
         open=f.optional("open", f.bool_, True), codec_params=_settings(f, "codec_params"),
         max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0), run=_run(f),
         sample_draw=f.optional("sample_draw", lambda k: f.int_(k, 0, MAX_DRAWS), 0),
+        task=_task(f), columns=_query(f),
     )
+
+
+#: Tasks an announcement may name (``RoundAnnouncement.task``).
+TASKS = ("train", "statistics")
+#: Most columns in a statistics query, and bins per column.
+MAX_COLUMNS = 256
+MAX_BINS = 1 << 16
+
+
+def _task(f: _Fields) -> str:
+    task = f.optional("task", f.str_, "train")
+    if task not in TASKS:  # a device must not compute what it does not know
+        raise DecodeError(f"round: task {task!r} is not one of {', '.join(TASKS)}")
+    return task
+
+
+def _edges(raw: Any, where: str) -> tuple[float, ...]:
+    """Histogram bin edges: 2 to MAX_BINS + 1 finite numbers, strictly increasing."""
+    if not isinstance(raw, list) or not 2 <= len(raw) <= MAX_BINS + 1 \
+            or not all(_is_number(e) for e in raw):
+        raise DecodeError(f"{where}: edges must be 2 to {MAX_BINS + 1} numbers")
+    edges = tuple(float(e) for e in raw)
+    if not all(math.isfinite(e) for e in edges) or any(
+            b <= a for a, b in itertools.pairwise(edges)):
+        raise DecodeError(f"{where}: edges must be finite and strictly increasing")
+    return edges
+
+
+def _query(f: _Fields) -> tuple[StatsColumn, ...]:
+    """The announcement's statistics ``columns``: unique names, each with its bin edges."""
+    raw: list[Any] = f.optional("columns", f.list_, [])
+    if len(raw) > MAX_COLUMNS:
+        raise DecodeError(f"round: more than {MAX_COLUMNS} columns")
+    columns = []
+    for i, c in enumerate(raw):
+        if not isinstance(c, dict):
+            raise DecodeError(f"round: column {i} must be a map")
+        cf = _Fields(c, f"round: column {i}", f.limits)
+        columns.append(StatsColumn(name=cf.str_("name"),
+                                   edges=_edges(cf.list_("edges"), cf.where)))
+    if len({c.name for c in columns}) != len(columns):
+        raise DecodeError("round: column names are not unique")
+    return tuple(columns)
 
 
 #: Most redraws of one round's sample a device evaluates (a round extended more often than this
@@ -448,9 +524,44 @@ def _progress(f: _Fields, fed: str) -> RoundProgress:
         rejected=_counts(f, "rejected"), run=_run(f), ts=f.optional("ts", f.float_, 0.0))
 
 
+def _opt_float(f: _Fields, key: str) -> float | None:
+    return f.optional(key, f.float_, None)
+
+
+def _column(raw: Any, i: int, limits: DecodeLimits) -> ColumnStatistics:
+    if not isinstance(raw, dict):
+        raise DecodeError(f"result: column {i} must be a map")
+    f = _Fields(raw, f"result: column {i}", limits)
+    edges = _edges(f.list_("edges"), f.where)
+    hist = f.list_("hist")
+    if len(hist) != len(edges) - 1 or not all(_is_int(h) and h >= 0 for h in hist):
+        raise DecodeError(f"{f.where}: hist must be {len(edges) - 1} non-negative integers")
+    return ColumnStatistics(
+        name=f.str_("name"), count=f.int_("count"), mean=_opt_float(f, "mean"),
+        variance=_opt_float(f, "variance"), sample_variance=_opt_float(f, "sample_variance"),
+        min=_opt_float(f, "min"), max=_opt_float(f, "max"), edges=edges, hist=tuple(hist),
+        underflow=f.optional("underflow", f.int_, 0), overflow=f.optional("overflow", f.int_, 0),
+        devices=f.optional("devices", f.int_, 0))
+
+
+def _result(f: _Fields, fed: str) -> StatisticsResult:
+    devices = f.list_("devices")
+    if not all(isinstance(d, str) for d in devices):
+        raise DecodeError("result: devices must be strings")
+    columns = f.list_("columns")
+    if len(columns) > MAX_COLUMNS:
+        raise DecodeError(f"result: more than {MAX_COLUMNS} columns")
+    return StatisticsResult(
+        federation=fed, round=f.int_("round"), version=f.int_("version"),
+        devices=tuple(devices),
+        columns=tuple(_column(c, i, f.limits) for i, c in enumerate(columns)),
+        closed_by=f.optional("closed_by", f.str_, ""), run=_run(f),
+        ts=f.optional("ts", f.float_, 0.0))
+
+
 _READERS: Mapping[str, Callable[[_Fields, str], Message]] = {
     "round": _round, "model": _model, "update": _update, "status": _status, "summary": _summary,
-    "eval": _eval, "model_eval": _model_eval, "progress": _progress,
+    "eval": _eval, "model_eval": _model_eval, "progress": _progress, "result": _result,
 }
 
 

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import tomllib
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from fedmq.codec import DEFAULT_LIMITS
+from fedmq.codec import DEFAULT_LIMITS, MAX_BINS, MAX_COLUMNS
 from fedmq.compression import MAX_BLOCK
 from fedmq.config_schema import (
     AgentConfig,
@@ -33,6 +34,7 @@ from fedmq.config_schema import (
     CompressionConfig,
     DataConfig,
     DeviceConfig,
+    DeviceTaskConfig,
     DurabilityConfig,
     LimitsConfig,
     MetricsConfig,
@@ -41,6 +43,7 @@ from fedmq.config_schema import (
     RoundsConfig,
     SamplingConfig,
     StrategyConfig,
+    TaskConfig,
     TrainerConfig,
     TrainSettings,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "CompressionConfig",
     "DataConfig",
     "DeviceConfig",
+    "DeviceTaskConfig",
     "DurabilityConfig",
     "LimitsConfig",
     "MetricsConfig",
@@ -66,6 +70,7 @@ __all__ = [
     "Rule",
     "SamplingConfig",
     "StrategyConfig",
+    "TaskConfig",
     "TrainSettings",
     "TrainerConfig",
     "build",
@@ -149,6 +154,25 @@ def _is_listen(value: str) -> bool:
 
 _LISTEN = Rule(_is_listen, "HOST:PORT (e.g. 0.0.0.0:9464 or 127.0.0.1:9464), or empty for none")
 
+def _is_bins(v: list[float]) -> bool:
+    return (len(v) == 3 and all(math.isfinite(x) for x in v) and v[0] < v[1]
+            and float(v[2]).is_integer() and 1 <= v[2] <= MAX_BINS)
+
+
+_BINS = Rule(_is_bins, f"[lo, hi, nbins]: finite lo < hi and an integer nbins in [1, {MAX_BINS}]")
+_EDGES = Rule(lambda v: 2 <= len(v) <= MAX_BINS + 1 and all(math.isfinite(x) for x in v)
+              and all(b > a for a, b in itertools.pairwise(v)),
+              f"2 to {MAX_BINS + 1} finite numbers, strictly increasing")
+_COLUMNS = Rule(lambda v: len(v) <= MAX_COLUMNS and len(set(v)) == len(v)
+                and all(0 < len(c) <= 200 and "\0" not in c for c in v),
+                f"at most {MAX_COLUMNS} distinct names of 1-200 characters (no NUL)")
+_COLUMN_BINS = Rule(lambda v: all(isinstance(k, str) and isinstance(b, list) and all(
+    isinstance(x, int | float) and not isinstance(x, bool) for x in b) and _is_bins(b)
+    for k, b in v.items()), "a table of column = [lo, hi, nbins] (finite lo < hi, an integer "
+    f"nbins in [1, {MAX_BINS}])")
+_FUNCTION = Rule(lambda v: bool(re.fullmatch(r"[\w.]+:[\w.]+", v)),
+                 '"package.module:function"')
+
 #: Per section, per key: what a value must be beyond its type (checked for every value read from
 #: a file, and by ``check_aggregator`` / ``check_agent``). Keys without a rule are the booleans,
 #: the choices (``Literal``: the type check already limits them) and the broker credentials.
@@ -229,6 +253,9 @@ RULES: dict[type, dict[str, Rule]] = {
     },
     MetricsConfig: {"listen": _LISTEN},
     TrainerConfig: {"kind": _TEXT},
+    TaskConfig: {"columns": _COLUMNS, "bins": _BINS, "edges": _EDGES,
+                 "column_bins": _COLUMN_BINS},
+    DeviceTaskConfig: {"columns": _COLUMNS, "statistics": _FUNCTION},
 }
 
 
@@ -461,6 +488,7 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
                  "limits.max_update_bytes", cfg.limits.max_update_bytes)
         _check_train_extra(cfg.train)
         _check_broker(cfg.broker)
+        _check_task(cfg)
 
 
 def _check_train_extra(train: TrainSettings) -> None:
@@ -516,3 +544,57 @@ def check_agent(cfg: AgentConfig, where: str = "config") -> None:
         if d.source == "npz" and d.path is None:
             raise ConfigError('[data] source = "npz" needs [data] path')
         _check_broker(cfg.broker)
+        _check_device_task(cfg)
+
+
+def _only_with_statistics(section: str, keys: dict[str, Any]) -> None:
+    for key, value in keys.items():
+        if value:
+            raise ConfigError(f"[{section}] {key} = {_show(value)} only applies with "
+                              f'[{section}] kind = "statistics" (it is "train")')
+
+
+def _check_task(cfg: AggregatorConfig) -> None:
+    """A statistics query that can be announced: every column has bins, and a contribution
+    fits in one message (contributions are never chunked)."""
+    t = cfg.task
+    if t.kind == "train":
+        _only_with_statistics("task", {"columns": t.columns, "bins": t.bins, "edges": t.edges,
+                                       "column_bins": t.column_bins})
+        return
+    if not t.columns:
+        raise ConfigError('[task] kind = "statistics" needs [task] columns = ["name", ...]')
+    if t.bins is not None and t.edges is not None:
+        raise ConfigError("[task] bins and [task] edges are two ways to give the same bins: "
+                          "set one")
+    unknown = sorted(set(t.column_bins) - set(t.columns))
+    if unknown:
+        raise ConfigError(f"[task.column_bins] {unknown[0]} is not one of [task] columns")
+    if t.bins is None and t.edges is None:
+        missing = [c for c in t.columns if c not in t.column_bins]
+        if missing:
+            raise ConfigError(f"[task] column {missing[0]!r} has no bins: set [task] bins = "
+                              "[lo, hi, nbins] (or edges) for every column, or "
+                              f"[task.column_bins] {missing[0]} = [lo, hi, nbins]")
+    from fedmq.statistics import contribution_bytes, query_of
+
+    try:
+        query = query_of(t)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    size = contribution_bytes(query)
+    limit = min(cfg.compression.max_chunk_bytes, cfg.limits.max_update_bytes)
+    if size > limit:
+        raise ConfigError(f"[task] a contribution to {len(query)} columns with these bins is "
+                          f"about {size} bytes, above [compression] max_chunk_bytes = {limit}: "
+                          "fewer bins or columns (contributions are never chunked)")
+
+
+def _check_device_task(cfg: AgentConfig) -> None:
+    t = cfg.task
+    if t.kind == "train":
+        _only_with_statistics("task", {"columns": t.columns, "statistics": t.statistics})
+    elif t.statistics is None and cfg.data.source != "npz":
+        raise ConfigError('[task] kind = "statistics" summarizes the arrays of an .npz file '
+                          '([data] source = "npz", [data] path) or what [task] statistics = '
+                          '"package.module:function" returns: set one')

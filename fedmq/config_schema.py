@@ -22,6 +22,7 @@ __all__ = [
     "CompressionConfig",
     "DataConfig",
     "DeviceConfig",
+    "DeviceTaskConfig",
     "DurabilityConfig",
     "LimitsConfig",
     "MetricsConfig",
@@ -30,6 +31,7 @@ __all__ = [
     "RoundsConfig",
     "SamplingConfig",
     "StrategyConfig",
+    "TaskConfig",
     "TrainSettings",
     "TrainerConfig",
 ]
@@ -199,6 +201,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """What the federation computes: a model ("train") or statistics of the devices' values
+    ("statistics": federated analytics, docs/analytics.md)."""
+
+    kind: Literal["train", "statistics"] = "train"
+    #: statistics: the columns every device summarizes.
+    columns: list[str] = field(default_factory=list)
+    #: statistics: every column's histogram, ``[lo, hi, nbins]``: nbins equal bins over
+    #: [lo, hi] (numpy.linspace's edges), plus underflow and overflow counters.
+    bins: list[float] | None = None
+    #: statistics: explicit bin edges for every column, strictly increasing (instead of bins).
+    edges: list[float] | None = None
+    #: statistics: ``{column = [lo, hi, nbins]}``, a column's own bins (instead of the above).
+    column_bins: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """``fedmq aggregator --config aggregator.toml``."""
 
@@ -214,6 +233,7 @@ class AggregatorConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass(frozen=True)
@@ -263,6 +283,20 @@ class TrainerConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DeviceTaskConfig:
+    """What the device computes: "train" (updates from its trainer) or "statistics" (a summary
+    of its values for the columns the aggregator asks for, docs/analytics.md)."""
+
+    kind: Literal["train", "statistics"] = "train"
+    #: statistics: the only columns this device shares (empty: every one asked for that its data
+    #: has); a column asked for and not shared is contributed empty (count 0).
+    columns: list[str] = field(default_factory=list)
+    #: statistics: "package.module:function" called as ``function(config)`` each round and
+    #: returning ``{column: 1-D values}``; unset: the arrays of the [data] npz file.
+    statistics: str | None = None
+
+
 _GIVE_ID = "pass --device-id ID, set FEDMQ_DEVICE_ID, or set [device] id in the file"
 
 
@@ -275,6 +309,7 @@ class AgentConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: DeviceTaskConfig = field(default_factory=DeviceTaskConfig)
 
     def device_id(self) -> str:
         """The device id: ``[device] id``, else the environment variable ``id_from_env`` names.

@@ -1,4 +1,5 @@
-"""``ModelSubscriber``: the latest global model, for apps (numpy, msgpack and paho only).
+"""``ModelSubscriber``: the latest global model, for apps (numpy, msgpack and paho only);
+``ResultSubscriber``: a statistics federation's latest result (docs/analytics.md).
 
 Subscribes to a federation's model topic (and the parts of a chunked model), checks each model's
 sha256 and keeps the newest version. Any MQTT client can do the same by following
@@ -21,7 +22,14 @@ from fedmq.config import BrokerConfig
 from fedmq.errors import DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
-from fedmq.wire import GlobalModel, ModelEvaluation, RoundSummary, model_digest, newer
+from fedmq.wire import (
+    GlobalModel,
+    ModelEvaluation,
+    RoundSummary,
+    StatisticsResult,
+    model_digest,
+    newer,
+)
 
 F32 = npt.NDArray[np.float32]
 
@@ -120,3 +128,47 @@ class ModelSubscriber:
     def weights(model: GlobalModel) -> dict[str, F32]:
         """The model's tensors as float32 arrays."""
         return decode_all(model.tensors)
+
+
+class ResultSubscriber:
+    """Follows a statistics federation's retained result topic; ``latest`` is the newest."""
+
+    def __init__(self, broker: BrokerConfig, federation: str, *,
+                 transport: Transport | None = None) -> None:
+        self.federation = federation
+        self.transport: Transport = transport or PahoTransport(
+            broker, client_id=f"fedmq-app-{federation}-{id(self):x}")
+        self.transport.subscribe(Topics(federation).result)
+        self.latest: StatisticsResult | None = None
+        self.rejected = 0
+
+    def start(self) -> ResultSubscriber:
+        self.transport.start()
+        return self
+
+    def stop(self) -> None:
+        self.transport.stop()
+
+    def wait_for_round(self, round_: int, timeout: float) -> StatisticsResult | None:
+        """Block until a result of at least round ``round_`` arrived (None on timeout)."""
+        end = time.monotonic() + timeout
+        while self.latest is None or self.latest.round < round_:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                msg = self.transport.inbox.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+            if not msg.payload:
+                continue
+            try:
+                got = codec.decode(msg.payload)
+            except DecodeError:
+                self.rejected += 1
+                continue
+            if isinstance(got, StatisticsResult) and got.federation == self.federation and (
+                    self.latest is None
+                    or newer(got.run, got.round, self.latest.run, self.latest.round)):
+                self.latest = got
+        return self.latest

@@ -53,6 +53,12 @@ class Topics:
         return f"{self.base}/metrics"
 
     @property
+    def result(self) -> str:
+        """A statistics federation's latest result (``StatisticsResult``, retained): the model
+        topic's sibling."""
+        return f"{self.base}/result"
+
+    @property
     def aggregator(self) -> str:
         """The running aggregator's presence (retained JSON; ``fedmq.instance``)."""
         return f"{self.base}/aggregator"

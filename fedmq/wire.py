@@ -15,6 +15,7 @@ class                      kind        topic
 ``Evaluation``             ``eval``    ``fedmq/v1/{fed}/eval/{device}``
 ``ModelEvaluation``        ``model_eval`` ``fedmq/v1/{fed}/metrics/eval``
 ``RoundProgress``          ``progress`` ``fedmq/v1/{fed}/metrics/progress``
+``StatisticsResult``       ``result``  ``fedmq/v1/{fed}/result``
 =========================  ==========  =================================
 
 Evolving the schema: a new optional field may be added under the same ``"v"`` (decoders ignore
@@ -43,6 +44,11 @@ SCHEMA_VERSION = 1
 Blob: TypeAlias = bytes | memoryview
 
 CODECS: tuple[str, ...] = ("fp32", "fp16", "int8", "topk")
+
+#: The codec of statistics contributions (federated analytics, ``fedmq.statistics``): the values
+#: as little-endian float64, with ``dtype`` "float64" (the only pairing of either). Not in
+#: ``CODECS``: model updates never use it, and the aggregator's fold kernels do not know it.
+FP64 = "fp64"
 
 #: Value encodings of a ``topk`` tensor.
 TOPK_VALUES: tuple[str, ...] = ("int8", "fp16")
@@ -99,6 +105,16 @@ class Tensor:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsColumn:
+    """One column of a statistics query: its name and its histogram's bin edges (float64,
+    strictly increasing, at least two: bin i holds ``edges[i] <= x < edges[i+1]``, the last bin
+    also ``x == edges[-1]``, numpy.histogram's rule)."""
+
+    name: str
+    edges: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RoundAnnouncement:
     """The aggregator opens (or extends, or ends) a round; retained on the round topic."""
 
@@ -123,6 +139,11 @@ class RoundAnnouncement:
     #: Redraws of this round's sample: each extension of a round below quorum adds one, and a
     #: device takes part if any of the draws 0..sample_draw selects it (``fedmq.sampling``).
     sample_draw: int = 0
+    #: What devices compute: "train" (a model update) or "statistics" (federated analytics:
+    #: a contribution for each of ``columns``, ``fedmq.statistics``).
+    task: str = "train"
+    #: The statistics query: each column and its histogram's bin edges.
+    columns: tuple[StatsColumn, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +265,48 @@ class RoundProgress:
     ts: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class ColumnStatistics:
+    """The federated statistics of one column over the values of every contributing device.
+
+    ``hist[i]`` counts the values in bin ``i`` of ``edges``; ``underflow`` / ``overflow`` those
+    below ``edges[0]`` / above ``edges[-1]``, so ``count = underflow + sum(hist) + overflow``.
+    ``variance`` is the population variance (numpy's ``var``, ddof 0), ``sample_variance`` the
+    unbiased one (ddof 1). With no values, mean, variance, min and max are None (absent on the
+    wire); ``sample_variance`` needs two values. ``devices``: contributions with values in it.
+    """
+
+    name: str
+    count: int
+    mean: float | None
+    variance: float | None
+    sample_variance: float | None
+    min: float | None
+    max: float | None
+    edges: tuple[float, ...]
+    hist: tuple[int, ...]
+    underflow: int = 0
+    overflow: int = 0
+    devices: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StatisticsResult:
+    """A statistics round's result: retained on ``fedmq/v1/{fed}/result``. ``devices`` are the
+    ids whose contributions it covers (the round's accepted ones), sorted."""
+
+    federation: str
+    round: int
+    version: int
+    devices: tuple[str, ...]
+    columns: tuple[ColumnStatistics, ...]
+    closed_by: str = ""
+    run: int = 0
+    ts: float = 0.0
+
+
 Message = (RoundAnnouncement | GlobalModel | ModelUpdate | DeviceStatus | RoundSummary
-           | Evaluation | ModelEvaluation | RoundProgress)
+           | Evaluation | ModelEvaluation | RoundProgress | StatisticsResult)
 
 
 def newer(run: int, number: int, than_run: int, than_number: int) -> bool:

@@ -441,7 +441,10 @@ CHOICES = {
     ("rounds", "below_quorum"): "extend", ("limits", "weight_mode"): "cap",
     ("robust", "mode"): "clip", ("strategy", "name"): "fedavg", ("compression", "codec"): "fp32",
     ("compression", "values"): "int8", ("data", "source"): "digits", ("data", "partition"): "iid",
+    ("task", "kind"): "train", ("rounds", "mode"): "sync", ("rounds", "staleness_weight"): "sqrt",
 }
+COLUMNS = [("not-a-list", '"a"'), ("duplicate", '["a", "a"]'), ("empty-name", '[""]'),
+           ("number", "[1]"), ("too-many", "[" + ", ".join(f'"c{i}"' for i in range(257)) + "]")]
 
 AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("", "federation"): NAME,
@@ -504,6 +507,15 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("metrics", "listen"): [("no-port", '"0.0.0.0"'), ("port-0", '"host:0"'),
                             ("port-65536", '"host:65536"'), ("port-word", '"host:http"'),
                             ("int", "9464"), ("bool", "true")],
+    ("task", "kind"): CHOICE,
+    ("task", "columns"): COLUMNS,
+    ("task", "bins"): [("two", "[0, 1]"), ("lo-above-hi", "[1, 0, 4]"), ("no-bins", "[0, 1, 0]"),
+                       ("fractional-bins", "[0, 1, 2.5]"), ("nan", "[0, nan, 3]"),
+                       ("too-many-bins", "[0, 1, 65537]"), ("not-a-list", "3")],
+    ("task", "edges"): [("one", "[0]"), ("unsorted", "[0, 2, 1]"), ("equal", "[0, 1, 1]"),
+                        ("inf", "[0, inf]"), ("not-a-list", "1")],
+    ("task", "column_bins"): [("not-a-table", "[1]"), ("bad-bins", "{ a = [1, 0, 3] }"),
+                              ("text", '{ a = "0:1:3" }')],
 }
 
 AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
@@ -529,6 +541,10 @@ AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("data", "eval_fraction"): UNIT,
     ("trainer", "kind"): TEXT,
     ("trainer", "options"): [("integer", "3"), ("string", '"hidden=32"'), ("list", "[1, 2]")],
+    ("task", "kind"): CHOICE,
+    ("task", "columns"): COLUMNS,
+    ("task", "statistics"): [("no-colon", '"pkg.mod"'), ("empty", '""'), ("int", "5"),
+                             ("space", '"pkg mod:f"')],
 }
 
 
