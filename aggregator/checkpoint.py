@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.async_rounds import AsyncRoundMachine
 from aggregator.chunks import export_pending, restore_pending
 from aggregator.history import HistoryError
 from aggregator.ledger import RoundLedger
@@ -60,6 +61,8 @@ def recover(svc: AggregatorService) -> bool:
             svc.publisher.result_payload(bytes.fromhex(meta["result"]))
         svc._open_round(float(meta["opened_at"]), snapshot=False)
         svc.bound.restore(meta.get("robust", {}))
+        if isinstance(svc.machine, AsyncRoundMachine):  # earlier buffers' updates (duplicates)
+            svc.machine.restore(meta.get("async", []))
         if "mid" in meta and snap.acc is not None:
             restore_mid(svc, meta["mid"], snap.acc)
         for rec in records:
@@ -120,6 +123,8 @@ def save(svc: AggregatorService, opened_at: float, mid: bool = False) -> None:
         "wal_segment": segment, "federation": svc.config.federation, "run": svc.run,
         "robust": svc.bound.export(),
     }
+    if isinstance(svc.machine, AsyncRoundMachine):
+        meta["async"] = svc.machine.export()
     result = svc.publisher.last_result()
     if result is not None:  # a statistics federation's last result, republished on recovery
         meta["result"] = result.hex()
@@ -144,7 +149,9 @@ def restore_mid(svc: AggregatorService, mid: Mapping[str, Any],
     for ev in mid["events"]:
         if ev[0] == "u":
             svc.machine.handle(UpdateOffered(
-                device_id=ev[1], round=svc.round, base_version=svc.version,
+                device_id=ev[1], round=svc.round,
+                # async updates come from several versions (older snapshots: the round's)
+                base_version=ev[4] if len(ev) > 4 else svc.version,
                 update_id=ev[2], now=ev[3]))
         else:
             svc.machine.handle(Tick(ev[1]))

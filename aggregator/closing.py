@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aggregator.async_rounds import summary_metrics
 from fedmq.errors import ProtocolError
 from fedmq.wire import RoundSummary
 
@@ -82,6 +83,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
         accepted=svc.machine.accepted_ids, rejected=dict(svc.ledger.rejected),
         bytes_in=svc.ledger.bytes_in, duration_s=now - svc._round_opened,
         metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {})
+        | summary_metrics(svc.machine)
         | ({"norm_bound": bound, "clipped_updates": float(svc.ledger.clipped)}
            if math.isfinite(bound) else {}))
     svc.publisher.summary(summary)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from aggregator.chunks import PendingChunks
@@ -57,6 +57,10 @@ class BoundedFold:
         # Accepted updates held back until the norm estimate is bootstrapped, in order.
         self.held: list[Offered | HeldChunked] = []
         self.held_bytes = 0  # chunks held back, in payload bytes
+        #: Async mode: the staleness weight of an update by its base version, multiplied into
+        #: its clip factor (so it shrinks the update's pull, not its share of the mean's
+        #: denominator: FedBuff). None: every update folds whole (sync mode).
+        self.discount: Callable[[int], float] | None = None
 
     def new_round(self, ledger: RoundLedger) -> None:
         """Drop whatever the last round had waiting (an abandoned round's updates go with it)."""
@@ -96,7 +100,8 @@ class BoundedFold:
         # which folds each message as it is handled (so the same bits after a crash).
         self.flush()
         t0 = time.perf_counter()
-        self.strategy.fold_part(key, update.tensors, weight, scale)
+        self.strategy.fold_part(key, update.tensors, weight,
+                                scale * self._factor(update.base_version))
         self.stats.fold_seconds += time.perf_counter() - t0
         return scale
 
@@ -130,7 +135,8 @@ class BoundedFold:
             return
         batch, self.deferred = self.deferred, []
         t0 = time.perf_counter()
-        items = [(u.tensors, weight, self.clip(self.bound.scale(math.sqrt(sq))))
+        items = [(u.tensors, weight,
+                  self.clip(self.bound.scale(math.sqrt(sq))) * self._factor(u.base_version))
                  for u, weight, sq in batch]
         if len(items) == 1:
             self.strategy.fold(*items[0])
@@ -167,7 +173,8 @@ class BoundedFold:
             else:
                 u, weight, sq = item
                 self.strategy.fold(u.tensors, weight,
-                                   self.clip(self.bound.held_scale(math.sqrt(sq))))
+                                   self.clip(self.bound.held_scale(math.sqrt(sq)))
+                                   * self._factor(u.base_version))
         if in_flight is not None:
             self.held_bytes = 0
             for key, p in in_flight.items():
@@ -179,10 +186,14 @@ class BoundedFold:
     def _fold_waiting(self, key: Key, pending: PendingChunks, weight: float) -> ChunkBudget:
         """Fold a chunked update's held chunks under a budget from the bound now in force."""
         budget = ChunkBudget(self.bound.bound() if self.bound.active else math.inf)
+        factor = self._factor(pending.header[1])  # header: (round, base_version, ...)
         for tensors, sq in pending.waiting or []:
             scale = budget.take(sq, clip=True)  # held, so clipped in reject mode too
             assert scale is not None
-            self.strategy.fold_part(key, tensors, weight, scale)
+            self.strategy.fold_part(key, tensors, weight, scale * factor)
         pending.budget = budget
         pending.waiting = None
         return budget
+
+    def _factor(self, base_version: int) -> float:
+        return 1.0 if self.discount is None else self.discount(base_version)

@@ -104,10 +104,14 @@ class Publisher:
                  open_: bool = True, draw: int = 0) -> None:
         """Publish the round announcement (retained) for round ``round_`` on ``version``."""
         cfg = self.config
+        r = cfg.rounds
+        # In async mode a round is one buffer: it closes at buffer_size updates (max_updates).
+        buffered = r.mode == "async"
         ann = RoundAnnouncement(
             federation=cfg.federation, round=round_, base_version=version,
-            model_sha256=self.model_sha, deadline=deadline,
-            min_updates=cfg.rounds.min_updates, max_updates=cfg.rounds.max_updates,
+            model_sha256=self.model_sha, deadline=deadline, min_updates=r.min_updates,
+            max_updates=r.buffer_size if buffered else r.max_updates,
+            mode=r.mode, max_staleness=r.max_staleness if buffered else 0,
             train={"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                    "lr": cfg.train.lr, "seed": cfg.train.seed,
                    # only when on: older agents would take it for an unknown extra key

@@ -27,7 +27,8 @@ from typing import Final, Literal
 from fedmq.errors import ProtocolError
 
 BelowQuorum = Literal["extend", "reannounce"]
-ClosedBy = Literal["max_updates", "grace", "deadline"]
+#: "buffer": an asynchronous round (``aggregator.async_rounds``) took its ``buffer_size``-th update.
+ClosedBy = Literal["max_updates", "grace", "deadline", "buffer"]
 RejectReason = Literal["stale", "unknown_round", "duplicate", "round_closed"]
 
 

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from aggregator import checkpoint, chunk_intake, closing, kernels
 from aggregator.admission import admit
+from aggregator.async_rounds import AsyncRoundMachine, machine_for
 from aggregator.chunks import PendingChunks
 from aggregator.exporter import Exporter
 from aggregator.folding import BoundedFold
@@ -45,7 +46,6 @@ from aggregator.rounds import (
     OpenRound,
     Reject,
     RoundMachine,
-    RoundRules,
     Tick,
     UpdateOffered,
 )
@@ -154,9 +154,7 @@ class AggregatorService:
         self.spec = ModelSpec.from_weights(self.model)
         self.strategy: Strategy = FedAvg(self.spec, server_lr=config.strategy.server_lr)
         r = config.rounds
-        self.machine = RoundMachine(RoundRules(
-            min_updates=r.min_updates, max_updates=r.max_updates, deadline_s=r.deadline_s,
-            grace_s=r.grace_s, below_quorum=r.below_quorum, max_extensions=r.max_extensions))
+        self.machine: RoundMachine = machine_for(r)  # sync rounds, or async buffers (FedBuff)
         self.limits = codec.DecodeLimits(max_payload_bytes=config.limits.max_update_bytes,
                                          max_tensors=max(len(self.spec.names), 1),
                                          max_elements=max(self.spec.total, 1))
@@ -185,6 +183,8 @@ class AggregatorService:
                                   reject_mode=config.robust.mode == "reject")
         #: A statistics federation ([task] kind) swaps in its own model, strategy and checks.
         self.task: StatisticsTask | None = attach(self)
+        if isinstance(self.machine, AsyncRoundMachine):
+            self.folder.discount = self.machine.weight  # the staleness weight (FedBuff)
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         #: Devices by their retained status (``status/+``), for metrics.
@@ -432,7 +432,8 @@ class AggregatorService:
         if self.bound.observe(math.sqrt(sq)):
             self._flush(release=True)  # the bootstrap is complete: fold what it held
         # What the round machine saw, in order, so a mid-round snapshot can rebuild it.
-        self.ledger.events.append(["u", update.device_id, update.update_id, self._now()])
+        self.ledger.events.append(["u", update.device_id, update.update_id, self._now(),
+                                   update.base_version])
         self.ledger.add_metrics(update.metrics, weight)
 
     # ---------------------------------------------------------------- rounds
@@ -444,10 +445,15 @@ class AggregatorService:
         self.bound.new_round()
         self.strategy.init(self.model)
         self._round_opened = now
+        # Chunked updates still in flight counted in part in the round just ended.
+        partial = [(d, u, p.header[1]) for (d, u), p in self._pending.items()]
         self._pending = {}
         self._pending_devices = set()
         self._pending_ids = set()
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
+        if isinstance(self.machine, AsyncRoundMachine):
+            for device, update_id, base in partial:  # their later chunks are duplicates
+                self.machine.retire(device, update_id, base)
         if snapshot and self.state_dir is not None and self.wal is not None:
             checkpoint.save(self, now)
         self._announce(now + self.config.rounds.deadline_s)
@@ -472,7 +478,7 @@ class AggregatorService:
             self.telemetry.progress(
                 now, round_=self.round, base_version=self.version, accepted=m.accepted,
                 min_updates=self.config.rounds.min_updates,
-                max_updates=self.config.rounds.max_updates, deadline=m.deadline,
+                max_updates=m.rules.max_updates, deadline=m.deadline,
                 rejected=dict(self.ledger.rejected), run=self.run)
         if self._final_at is not None:
             entry = self.telemetry.evaluated(self.version)

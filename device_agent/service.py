@@ -87,6 +87,7 @@ class AgentService:
         trained_path: Path | None = None,
         evaluate: bool = True,
         train: bool = True,
+        min_interval_s: float = 0.0,
     ) -> None:
         self.topics = Topics(federation)
         self.federation = federation
@@ -94,7 +95,7 @@ class AgentService:
         self.trainer = trainer
         self.transport = transport
         self.clock = clock
-        self.machine = AgentMachine(federation, device_id)
+        self.machine = AgentMachine(federation, device_id, min_interval_s=min_interval_s)
         # Which round this device last trained for, kept beside its outbox so a restart does
         # not train (and send) the same round again (see _remember_trained).
         self.trained_path = trained_path
@@ -146,7 +147,8 @@ class AgentService:
                   feedback: compression.ErrorFeedback | None = None,
                   outbox: Outbox | None = None,
                   trained_path: Path | None = None,
-                  evaluate: bool = True, train: bool = True) -> AgentService:
+                  evaluate: bool = True, train: bool = True,
+                  min_interval_s: float = 0.0) -> AgentService:
         """A service on a real broker, with a last will that marks the device offline.
 
         The will is built before each connection attempt, so its ``ts`` is that connect's time
@@ -166,7 +168,8 @@ class AgentService:
                                   # a lambda: `service` does not exist yet
                                   on_connect=lambda: service.on_connected())  # noqa: PLW0108
         service = cls(federation, device_id, trainer, transport, feedback=feedback,
-                      outbox=outbox, trained_path=trained_path, evaluate=evaluate, train=train)
+                      outbox=outbox, trained_path=trained_path, evaluate=evaluate, train=train,
+                      min_interval_s=min_interval_s)
         return service
 
     @classmethod
@@ -192,7 +195,7 @@ class AgentService:
         return cls.over_mqtt(config.federation, device_id, trainer,
                              config.broker, feedback=compression.ErrorFeedback(path),
                              outbox=outbox, trained_path=trained, evaluate=fraction > 0,
-                             train=fraction < 1)
+                             train=fraction < 1, min_interval_s=d.min_interval_s)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -334,13 +337,22 @@ class AgentService:
                 log.exception("device %s: outbox error", self.device_id)
             self.check_waiting()
             try:
-                msg = self.transport.inbox.get(timeout=0.1)
+                msg: Message | None = self.transport.inbox.get(timeout=0.1)
             except queue.Empty:
-                continue
+                msg = None
             try:
-                self.handle_message(msg)
+                if msg is not None:
+                    self.handle_message(msg)
+                if self.transport.inbox.empty():
+                    # Async rounds train from the newest model held: only once none is queued.
+                    self.tick()
             except Exception:  # a bad model or a trainer bug must not kill the device
-                log.exception("device %s: error while handling %s", self.device_id, msg.topic)
+                log.exception("device %s: error while handling %s", self.device_id,
+                              msg.topic if msg is not None else "a tick")
+
+    def tick(self) -> None:
+        """Let the machine train if that is due now (asynchronous rounds; see ``on_tick``)."""
+        self._run(self.machine.on_tick(self.clock()))
 
     def handle_message(self, msg: Message) -> None:
         """Process one message from the round or model topic."""
@@ -413,13 +425,13 @@ class AgentService:
         topic = self.topics.update(self.device_id)
         payloads = [codec.encode(message) for message in messages]
         self._send_update(update.update_id, [(topic, payload) for payload in payloads])
-        self._remember_trained(ann)
+        self._remember_trained(ann, job)
         sent = sum(len(payload) for payload in payloads)
         self.updates_sent += 1
         self.bytes_sent += sent
         self.publish_status("online")
-        log.info("device %s: sent update for round %d (%d bytes in %d messages)", self.device_id,
-                 ann.round, sent, len(messages))
+        log.info("device %s: sent update for round %d from model version %d (%d bytes in %d "
+                 "messages)", self.device_id, ann.round, job.version, sent, len(messages))
 
     def _contribute(self, job: Train) -> None:
         """Send this device's statistics for the announced columns (one message)."""
@@ -430,7 +442,7 @@ class AgentService:
         update = self.analyst.update(self.federation, self.device_id, ann, job.version)
         payload = codec.encode(update)
         self._send_update(update.update_id, [(self.topics.update(self.device_id), payload)])
-        self._remember_trained(ann)
+        self._remember_trained(ann, job)
         self.updates_sent += 1
         self.bytes_sent += len(payload)
         self.publish_status("online")
@@ -468,13 +480,17 @@ class AgentService:
         log.info("device %s: model version %d on %d held-out examples: %s", self.device_id,
                  version, n, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
 
-    def _remember_trained(self, ann: RoundAnnouncement) -> None:
+    def _remember_trained(self, ann: RoundAnnouncement, job: Train) -> None:
         """Record the round just sent; written after the outbox has the update, so a crash in
-        between at worst trains the round again (the old behaviour), never skips it unsent."""
+        between at worst trains the round again (the old behaviour), never skips it unsent.
+        Async rounds record the model trained from, which is not always the announced one."""
         if self.trained_path is None:
             return
-        record = {"round": ann.round, "base_version": ann.base_version,
-                  "model_sha256": ann.model_sha256, "deadline": ann.deadline}
+        buffered = ann.mode == "async"
+        record = {"round": ann.round,
+                  "base_version": job.version if buffered else ann.base_version,
+                  "model_sha256": job.model_sha256 if buffered else ann.model_sha256,
+                  "deadline": ann.deadline}
         data = json.dumps(record).encode()
 
         def write(f: BinaryIO) -> None:

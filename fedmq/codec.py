@@ -23,6 +23,7 @@ from fedmq.wire import (
     CODECS,
     DEVICE_STATES,
     FP64,
+    ROUND_MODES,
     SCHEMA_VERSION,
     TOPK_VALUES,
     Blob,
@@ -96,6 +97,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 {"max_chunk_bytes": msg.max_chunk_bytes} if msg.max_chunk_bytes else {}) | (
                 {"run": msg.run} if msg.run else {}) | (
                 {"sample_draw": msg.sample_draw} if msg.sample_draw else {}) | (
+                {"mode": msg.mode} if msg.mode != "sync" else {}) | (
+                {"max_staleness": msg.max_staleness} if msg.max_staleness else {}) | (
                 _task_map(msg) if msg.task != "train" or msg.columns else {})
         case GlobalModel():
             m = head | {
@@ -368,6 +371,9 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
     rate = f.optional("sample_rate", f.float_, 1.0)
     if not 0.0 <= rate <= 1.0:
         raise DecodeError(f"round: sample_rate {rate} is outside [0, 1]")
+    mode = f.optional("mode", f.str_, "sync")
+    if mode not in ROUND_MODES:  # a device must not train by rules it does not know
+        raise DecodeError(f"round: mode {mode!r} is not one of {', '.join(ROUND_MODES)}")
     return RoundAnnouncement(
         federation=fed, round=f.int_("round"), base_version=f.int_("base_version"),
         model_sha256=f.str_("model_sha256"), deadline=f.float_("deadline"),
@@ -377,6 +383,7 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
         open=f.optional("open", f.bool_, True), codec_params=_settings(f, "codec_params"),
         max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0), run=_run(f),
         sample_draw=f.optional("sample_draw", lambda k: f.int_(k, 0, MAX_DRAWS), 0),
+        mode=mode, max_staleness=f.optional("max_staleness", f.int_, 0),
         task=_task(f), columns=_query(f),
     )
 

@@ -98,6 +98,9 @@ class Rule:
 INT_MAX = (1 << 63) - 1
 #: Durations are waited on (threading caps a timeout near 9.2e9 s): at most about 31 years.
 MAX_SECONDS = 1e9
+#: Async rounds remember the updates of the last ``max_staleness`` buffers (duplicates): both
+#: are bounded so that memory stays bounded.
+MAX_ASYNC = 1_000_000
 
 
 def _ints(lo: int, hi: int = INT_MAX) -> Rule:
@@ -199,6 +202,9 @@ RULES: dict[type, dict[str, Rule]] = {
         "max_extensions": _ints(0),
         "max_rounds": _ints(0),
         "idle_warn_s": _seconds(),
+        "buffer_size": _ints(1, MAX_ASYNC),
+        "max_staleness": _ints(0, MAX_ASYNC),
+        "staleness_exponent": _numbers(0.0, 10.0, lo_open=False),
     },
     # The bounds devices enforce on an announcement (device_agent/trainers.py).
     TrainSettings: {
@@ -242,6 +248,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "state_dir": _TEXT,
         "outbox_max_bytes": _ints(1),
         "outbox_max_messages": _ints(1),
+        "min_interval_s": _seconds(zero=True),
     },
     DataConfig: {
         "path": _TEXT,
@@ -477,6 +484,8 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         _check_fields(cfg)
         r = cfg.rounds
         _at_most("rounds.min_updates", r.min_updates, "rounds.max_updates", r.max_updates)
+        if r.mode == "async":  # a partial buffer is published at the deadline from min_updates
+            _at_most("rounds.min_updates", r.min_updates, "rounds.buffer_size", r.buffer_size)
         if r.below_quorum == "reannounce" and r.max_extensions:
             raise ConfigError(f"[rounds] max_extensions = {r.max_extensions} only applies with "
                               '[rounds] below_quorum = "extend" (it is "reannounce")')

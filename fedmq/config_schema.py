@@ -82,6 +82,17 @@ class RoundsConfig:
     #: Below quorum with nothing received for this long: one warning line (repeated at most
     #: this often) saying what the round waits for.
     idle_warn_s: float = 30.0
+    #: "sync" (the rounds above) or "async": buffered asynchronous aggregation (FedBuff,
+    #: docs/rounds.md "Asynchronous mode"), a new version every ``buffer_size`` folded updates.
+    mode: Literal["sync", "async"] = "sync"
+    #: async: folded updates per new model version (FedBuff's K).
+    buffer_size: int = 10
+    #: async: an update whose base version is more than this many versions behind is ``stale``.
+    max_staleness: int = 10
+    #: async: an update ``s`` versions stale folds with ``1/sqrt(1+s)`` ("sqrt"),
+    #: ``(1+s)**-staleness_exponent`` ("poly") or 1 ("constant") times its weight.
+    staleness_weight: Literal["sqrt", "poly", "constant"] = "sqrt"
+    staleness_exponent: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,9 @@ class DeviceConfig:
     #: whole updates are dropped (device_agent/outbox.py).
     outbox_max_bytes: int = 64 * 1024 * 1024
     outbox_max_messages: int = 1000
+    #: Asynchronous rounds: at least this many seconds from one training's start to the next
+    #: (the agent also never trains twice from one model version).
+    min_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.outbox_max_bytes < 1 or self.outbox_max_messages < 1:

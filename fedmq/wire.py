@@ -53,6 +53,9 @@ FP64 = "fp64"
 #: Value encodings of a ``topk`` tensor.
 TOPK_VALUES: tuple[str, ...] = ("int8", "fp16")
 
+#: Round modes an announcement may name (``RoundAnnouncement.mode``).
+ROUND_MODES: tuple[str, ...] = ("sync", "async")
+
 DeviceState = Literal["online", "training", "offline"]
 DEVICE_STATES: tuple[str, ...] = ("online", "training", "offline")
 
@@ -144,6 +147,13 @@ class RoundAnnouncement:
     task: str = "train"
     #: The statistics query: each column and its histogram's bin edges.
     columns: tuple[StatsColumn, ...] = ()
+    #: "sync", or "async" (buffered asynchronous rounds, FedBuff): devices train from the newest
+    #: model they hold, at most once per version, and the aggregator folds updates up to
+    #: ``max_staleness`` versions old with a smaller weight (docs/rounds.md).
+    mode: str = "sync"
+    #: async: updates built on a version more than this many versions behind ``base_version``
+    #: are rejected as stale (0 in sync mode, where only ``base_version`` itself counts).
+    max_staleness: int = 0
 
 
 @dataclass(frozen=True, slots=True)

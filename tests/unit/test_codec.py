@@ -271,7 +271,8 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
 SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks", "run"),
                                       "update": ("chunk", "chunks", "run"),
                                       "round": ("codec_params", "max_chunk_bytes", "run",
-                                                "sample_draw", "task", "columns")}
+                                                "sample_draw", "mode", "max_staleness", "task",
+                                                "columns")}
 ENVELOPE = ("v", "kind", "fed")
 TENSOR_KEYS = ("name", "dtype", "shape", "codec", "data")
 WIRE_TO_ATTR = {"fed": "federation", "device": "device_id"}
