@@ -70,8 +70,14 @@ class DemoResult:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's command-line options."""
-    p.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
-    p.add_argument("--rounds", type=int, default=20, help="rounds to run (default 20)")
+    p.add_argument("--task", choices=("train", "statistics"), default="train",
+                   help="train: federated learning on digits; statistics: federated analytics "
+                        "on river's room-occupancy readings, one device per day "
+                        "(docs/analytics.md; needs the analytics extra)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="simulated devices (default 20; statistics: the first N days of 7)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds to run (default 20; statistics: 1)")
     p.add_argument("--partition", choices=("iid", "shards"), default="iid",
                    help="iid: equal random split; shards: 2 label-sorted shards per device")
     p.add_argument("--broker", default="auto",
@@ -115,6 +121,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
+    if getattr(args, "task", "train") == "statistics":  # federated analytics, its own module
+        from fedmq.demo_statistics import run_statistics
+
+        return run_statistics(args)
+    return _run_training(args)
+
+
+def _run_training(args: argparse.Namespace) -> int:
+    """The training demo on digits."""
+    # Unset on the command line: 20 of each (statistics has its own defaults).
+    args.devices, args.rounds = (20 if v is None else v for v in (args.devices, args.rounds))
     problem = _check_knobs(args)
     if problem:
         print(f"fedmq demo: {problem}", file=sys.stderr)

@@ -34,6 +34,20 @@ from fedmq.wire import (
 F32 = npt.NDArray[np.float32]
 
 
+def _drain(transport: Transport, handle: Callable[[Message], None], timeout: float) -> None:
+    """Hand every message in the inbox to ``handle``, waiting up to ``timeout`` for the first."""
+    try:
+        msg = transport.inbox.get(timeout=timeout) if timeout else transport.inbox.get_nowait()
+    except queue.Empty:
+        return
+    handle(msg)
+    while True:
+        try:
+            handle(transport.inbox.get_nowait())
+        except queue.Empty:
+            return
+
+
 class ModelSubscriber:
     """Follows a federation's model topic; ``latest`` / ``wait_for_version`` return models."""
 
@@ -68,17 +82,8 @@ class ModelSubscriber:
 
     def poll(self, timeout: float = 0.0) -> GlobalModel | None:
         """Handle what has arrived (waiting up to ``timeout`` for one message); the latest."""
-        try:
-            msg = self.transport.inbox.get(timeout=timeout) if timeout else \
-                self.transport.inbox.get_nowait()
-        except queue.Empty:
-            return self._latest
-        self._handle(msg)
-        while True:
-            try:
-                self._handle(self.transport.inbox.get_nowait())
-            except queue.Empty:
-                return self._latest
+        _drain(self.transport, self._handle, timeout)
+        return self._latest
 
     def _handle(self, msg: Message) -> None:
         if not msg.payload:
@@ -131,16 +136,22 @@ class ModelSubscriber:
 
 
 class ResultSubscriber:
-    """Follows a statistics federation's retained result topic; ``latest`` is the newest."""
+    """Follows a statistics federation's retained result topic; ``latest`` is the newest.
+
+    ``on_result`` is called with each result newer than the last (by run, then round): the
+    retained one first, then every round's as it closes.
+    """
 
     def __init__(self, broker: BrokerConfig, federation: str, *,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None,
+                 on_result: Callable[[StatisticsResult], None] | None = None) -> None:
         self.federation = federation
         self.transport: Transport = transport or PahoTransport(
             broker, client_id=f"fedmq-app-{federation}-{id(self):x}")
         self.transport.subscribe(Topics(federation).result)
         self.latest: StatisticsResult | None = None
         self.rejected = 0
+        self.on_result = on_result
 
     def start(self) -> ResultSubscriber:
         self.transport.start()
@@ -149,6 +160,26 @@ class ResultSubscriber:
     def stop(self) -> None:
         self.transport.stop()
 
+    def poll(self, timeout: float = 0.0) -> StatisticsResult | None:
+        """Handle what has arrived (waiting up to ``timeout`` for one message); the latest."""
+        _drain(self.transport, self._handle, timeout)
+        return self.latest
+
+    def _handle(self, msg: Message) -> None:
+        if not msg.payload:
+            return
+        try:
+            got = codec.decode(msg.payload)
+        except DecodeError:
+            self.rejected += 1
+            return
+        if isinstance(got, StatisticsResult) and got.federation == self.federation and (
+                self.latest is None
+                or newer(got.run, got.round, self.latest.run, self.latest.round)):
+            self.latest = got
+            if self.on_result is not None:
+                self.on_result(got)
+
     def wait_for_round(self, round_: int, timeout: float) -> StatisticsResult | None:
         """Block until a result of at least round ``round_`` arrived (None on timeout)."""
         end = time.monotonic() + timeout
@@ -156,19 +187,5 @@ class ResultSubscriber:
             left = end - time.monotonic()
             if left <= 0:
                 return None
-            try:
-                msg = self.transport.inbox.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                continue
-            if not msg.payload:
-                continue
-            try:
-                got = codec.decode(msg.payload)
-            except DecodeError:
-                self.rejected += 1
-                continue
-            if isinstance(got, StatisticsResult) and got.federation == self.federation and (
-                    self.latest is None
-                    or newer(got.run, got.round, self.latest.run, self.latest.round)):
-                self.latest = got
+            self.poll(min(left, 0.2))
         return self.latest
