@@ -159,7 +159,9 @@ class AggregatorService:
                                          max_tensors=max(len(self.spec.names), 1),
                                          max_elements=max(self.spec.total, 1))
         self.stats = Stats()
-        self.bound = NormBound(config.robust, bootstrap_size(r.min_updates, r.max_updates))
+        # A buffer's size is its max_updates (async mode): the bootstrap fits in one buffer.
+        self.bound = NormBound(config.robust,
+                               bootstrap_size(r.min_updates, self.machine.rules.max_updates))
         self.reporter = Reporter(config.limits.reject_log_every_s, r.idle_warn_s)
         self.telemetry = Telemetry(config.federation, self.publisher, self.stats,
                                    max_examples=config.limits.max_examples)

@@ -348,17 +348,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="demos run at once for the rounds-to-target cells (default 4); the "
                         "wall-time cells and the memory runs always run alone")
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3, quick 1)")
+    p.add_argument("--groups", default="table2,remedies,async,rss",
+                   help="which parts to run (default all: table2,remedies,async,rss)")
     args = p.parse_args(argv)
     started = time.monotonic()
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     work = Path(tempfile.mkdtemp(prefix="fedmq-learning-"))
     print(f"rounds to target on the central test split; demo JSON under {work}", flush=True)
-    results = run_cells(table2_cells(args.quick) + remedy_cells(args.quick), seeds, args.jobs,
-                        work)
+    groups = set(args.groups.split(","))
+    cells = ((table2_cells(args.quick) if "table2" in groups else [])
+             + (remedy_cells(args.quick) if "remedies" in groups else []))
+    results = run_cells(cells, seeds, args.jobs, work)
     # Wall time is the measurement here: one demo at a time, nothing else on the CPUs.
-    results += run_cells(async_cells(args.quick), seeds, 1, work)
+    if "async" in groups:
+        results += run_cells(async_cells(args.quick), seeds, 1, work)
     strategies = ("fedavg", "fedadam") if args.quick else learning_rss.STRATEGIES
-    rss = learning_rss.run(strategies, 50, 500, 2 if args.quick else 3)
+    rss = (learning_rss.run(strategies, 50, 500, 2 if args.quick else 3) if "rss" in groups
+           else {})
     table = markdown(results, rss)
     print(table)
     out = summary(results, rss, args.quick)

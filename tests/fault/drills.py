@@ -5,6 +5,11 @@ kill9_aggregator
     (10) round run of ``--devices`` (5) driven devices, restarting it each time. Passes with
     ``lost`` = 0, ``double_counted`` = 0 and ``max_abs_diff_vs_reference`` <= 1e-9.
 
+    With ``--mode async`` (``async_drill.py``): buffered asynchronous rounds (FedBuff), each
+    buffer ``--devices`` fresh updates and one 0-2 versions stale; the fault-free run first,
+    then the killed one, which passes only with the fault-free run's bits too
+    (``bit_identical_to_fault_free``).
+
 restart_broker
     SIGKILL Mosquitto ``--kills`` times (default 10) mid-round and restart it on the same port,
     across ``--rounds`` (10) rounds of ``--devices`` (5) device-agent processes with on-disk
@@ -69,6 +74,7 @@ from typing import Any
 
 from fedmq.broker import MosquittoBroker, default_config_dir
 
+from async_drill import kill9_async
 from faultkit import (
     AckWindowProbe,
     Drill,
@@ -112,6 +118,8 @@ def passed(result: dict[str, Any]) -> bool:
     if result["drill"] in ("restart_broker", "drop_devices"):
         return (ok and not result["round_rule_violations"] and not result["stalled"]
                 and result["rounds"] == result["rounds_expected"])
+    if result.get("mode") == "async":
+        ok = ok and result["bit_identical_to_fault_free"] is True
     return ok and result["rounds"] == result["rounds_expected"]
 
 
@@ -167,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--devices", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="kill9_aggregator: sync rounds, or async buffers with stale updates")
     p.add_argument("--keep", type=Path, default=None,
                    help="run in this directory and keep it (logs, journals, state)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -178,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in opts:
                 p.error(f"--{key} does not apply to {args.name}")
             opts[key] = value
-    if args.keep is not None:
+    if args.mode == "async" and args.name != "kill9_aggregator":
+        p.error(f"--mode does not apply to {args.name}")
+    if args.mode == "async":  # async_drill.py: the fault-free run, then the killed one
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = kill9_async(opts, random.Random(args.seed), args.keep or Path(tmp))
+    elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run(args.name, opts, args.seed, args.keep, keep=True)
     else:

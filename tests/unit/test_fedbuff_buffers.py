@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,10 @@ def test_a_crash_anywhere_gives_the_model_of_the_run_without_one(tmp_path: Path,
         second.wal.close()
     assert reference.wal is not None
     reference.wal.close()
+
+
+def test_the_norm_bound_bootstraps_within_one_buffer() -> None:
+    """The bootstrap holds updates back until its norms are in: at most one buffer's worth
+    (with [rounds] max_updates, unused in async mode, it would wait for 8 here)."""
+    agg = _aggregator(replace(_config(buffer_size=4), robust=RobustConfig()))
+    assert agg.bound.bootstrap == 4
