@@ -42,6 +42,9 @@ FEDERATION = "demo"
 
 #: How long a round's line waits for the devices' evaluations of its model.
 EVAL_WAIT_S = 5.0
+#: Async mode: versions a slow device's update may lag, and the devices' pacing.
+ASYNC_MAX_STALENESS = 20
+ASYNC_MIN_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -57,6 +60,8 @@ class DemoResult:
     #: ``--target`` and the first round whose central accuracy reached it (None: not reached).
     target: float | None = None
     reached_round: int | None = None
+    #: "sync" rounds or "async" buffers (``--mode``): then each entry of ``rounds`` is a version.
+    mode: str = "sync"
 
     codec: str = "fp32"
 
@@ -65,7 +70,7 @@ class DemoResult:
                 "codec": self.codec,
                 "rounds": self.rounds, "final_accuracy": self.final_accuracy,
                 "wall_s": self.wall_s, "target": self.target,
-                "reached_round": self.reached_round}
+                "reached_round": self.reached_round, "mode": self.mode}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +103,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 0: FedAvg)")
     p.add_argument("--clip-norm", type=float, default=None,
                    help="a fixed per-update L2 norm bound instead of the adaptive one")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="sync rounds, or async buffered aggregation (FedBuff): a new model "
+                        "every half-the-devices updates, devices train whenever ready "
+                        "(docs/rounds.md); --rounds then counts model versions")
     p.add_argument("--slow-fraction", type=float, default=0.0,
                    help="this fraction of the devices trains --slow-factor times slower "
                         "(default 0)")
@@ -163,7 +172,8 @@ def _run_training(args: argparse.Namespace) -> int:
         _say_broker(handle)
         broker_cfg = BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
         result = DemoResult(broker=handle.kind, partition=args.partition, devices=args.devices,
-                            codec=args.codec, target=getattr(args, "target", None))
+                            codec=args.codec, target=getattr(args, "target", None),
+                            mode=getattr(args, "mode", "sync"))
 
         # The watcher subscribes before anything is published, like any app on the model topic.
         models, arrived, on_model = _model_inbox()
@@ -173,7 +183,8 @@ def _run_training(args: argparse.Namespace) -> int:
 
         config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
         agg = AggregatorService(config)
-        agents = [AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer, broker_cfg)
+        agents = [AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer, broker_cfg,
+                                         min_interval_s=_min_interval(args))
                   for i, trainer in enumerate(_trainers(args, trainer_cls, x_train, y_train,
                                                         shards))]
         for a in agents:
@@ -323,6 +334,12 @@ def _rounds(args: argparse.Namespace) -> RoundsConfig:
     closes 2 s after half of the expected sample is in, or when every device has answered; a
     sample below that is redrawn every 10 s (docs/rounds.md)."""
     fraction = getattr(args, "fraction", 1.0)
+    if getattr(args, "mode", "sync") == "async":
+        # FedBuff's setting: a new version every K = half the devices' updates; a slow device's
+        # update is folded up to ASYNC_MAX_STALENESS versions late, with weight 1/sqrt(1 + s).
+        return RoundsConfig(mode="async", buffer_size=max(1, args.devices // 2), min_updates=1,
+                            max_staleness=ASYNC_MAX_STALENESS, deadline_s=60.0,
+                            max_rounds=args.rounds)
     if fraction >= 1.0:
         return RoundsConfig(min_updates=args.devices, max_updates=args.devices,
                             deadline_s=60.0, grace_s=1.0, max_rounds=args.rounds)
@@ -330,6 +347,12 @@ def _rounds(args: argparse.Namespace) -> RoundsConfig:
     # A short deadline: a sample smaller than the quorum is redrawn at each extension.
     return RoundsConfig(min_updates=quorum, max_updates=args.devices, deadline_s=10.0,
                         grace_s=2.0, max_rounds=args.rounds)
+
+
+def _min_interval(args: argparse.Namespace) -> float:
+    """Async devices pace themselves: at least this long from one training's start to the
+    next (the slow ones are slower anyway). Sync rounds pace them already."""
+    return ASYNC_MIN_INTERVAL_S if getattr(args, "mode", "sync") == "async" else 0.0
 
 
 def _batch_size(text: str) -> int:
@@ -376,7 +399,7 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],  # 
             ev_msg = watcher.evaluations.get(version)
             first = ready_at.setdefault(version, time.monotonic())
             if (ev_msg is None or ev_msg.devices < args.devices) and (
-                    time.monotonic() - first < EVAL_WAIT_S):
+                    time.monotonic() - first < _eval_wait(args)):
                 break
             model, s = models.pop(version), watcher.summaries.pop(version)
             ev = scorer.evaluate(decode_all(model.tensors))
@@ -403,6 +426,12 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],  # 
                   f"received {_mb(s.bytes_in)}  ({entry['seconds']:.2f} s)", flush=True)
             version += 1
     return True
+
+
+def _eval_wait(args: argparse.Namespace) -> float:
+    """How long a version waits for every device's evaluation before it is reported: in async
+    mode busy devices evaluate late, and the versions come faster."""
+    return EVAL_WAIT_S if getattr(args, "mode", "sync") == "sync" else 0.5
 
 
 def _mb(n: int) -> str:
