@@ -486,6 +486,9 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         _at_most("rounds.min_updates", r.min_updates, "rounds.max_updates", r.max_updates)
         if r.mode == "async":  # a partial buffer is published at the deadline from min_updates
             _at_most("rounds.min_updates", r.min_updates, "rounds.buffer_size", r.buffer_size)
+            if cfg.task.kind != "train":  # a statistic has no model version to be stale against
+                raise ConfigError('[rounds] mode = "async" only applies with [task] kind = '
+                                  f'"train" (it is "{cfg.task.kind}")')
         if r.below_quorum == "reannounce" and r.max_extensions:
             raise ConfigError(f"[rounds] max_extensions = {r.max_extensions} only applies with "
                               '[rounds] below_quorum = "extend" (it is "reannounce")')

@@ -38,7 +38,9 @@ from fedmq.config import (
     ModelConfig,
     RobustConfig,
     RoundsConfig,
+    load_aggregator,
 )
+from fedmq.errors import ConfigError
 from fedmq.memory_transport import MemoryHub, MemoryTransport
 from fedmq.transport import Message
 from fedmq.wire import ModelUpdate, RoundAnnouncement
@@ -370,3 +372,20 @@ def test_the_norm_bound_bootstraps_within_one_buffer() -> None:
     (with [rounds] max_updates, unused in async mode, it would wait for 8 here)."""
     agg = _aggregator(replace(_config(buffer_size=4), robust=RobustConfig()))
     assert agg.bound.bootstrap == 4
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[rounds]\nmode = "async"\nbuffer_size = 3\nmin_updates = 4',
+     r"\[rounds\] min_updates = 4 must be <= \[rounds\] buffer_size = 3$"),
+    ('[rounds]\nmode = "async"\n[task]\nkind = "statistics"\ncolumns = ["t"]\nbins = [0, 1, 4]',
+     r'\[rounds\] mode = "async" only applies with \[task\] kind = "train" \(it is '
+     r'"statistics"\)$'),
+    ('[rounds]\nmode = "buffered"', r"\[rounds\] mode = \"buffered\""),
+    ("[rounds]\nmax_staleness = -1", r"\[rounds\] max_staleness = -1 must be"),
+])
+def test_bad_async_settings_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_aggregator(path)
+    assert "\n" not in str(info.value)
