@@ -47,6 +47,7 @@ def recover(svc: AggregatorService) -> bool:
         raise ConfigError(f"{svc.state_dir}: the saved model does not match [model] in the "
                           "config; point durability.state_dir elsewhere or restore the model")
     svc.model = dict(snap.model)
+    _restore_strategy(svc, meta, snap.state)  # before the replay, which may close a round
     svc.run = int(meta.get("run", 0))  # snapshots written before runs existed: 0
     svc.version = int(meta["version"])
     svc.round = int(meta["round"]) - 1
@@ -79,6 +80,23 @@ def recover(svc: AggregatorService) -> bool:
     log.warning("recovered round %d on model version %d from %s: replayed %d logged events",
                 svc.round, svc.version, svc.state_dir, len(records))
     return True
+
+
+def _restore_strategy(svc: AggregatorService, meta: Mapping[str, Any],
+                      state: Mapping[str, npt.NDArray[np.float64]]) -> None:
+    """The server optimizer's state as the snapshot has it. After a change of ``[strategy]
+    name`` the new optimizer starts afresh (the old one's moments mean nothing to it)."""
+    saved = meta.get("strategy", "fedavg")  # snapshots written before there was a choice
+    if saved != svc.strategy.name:
+        log.warning("%s was written with [strategy] name = %r, the config says %r: the new "
+                    "strategy starts with a fresh optimizer state", svc.state_dir, saved,
+                    svc.strategy.name)
+        return
+    try:
+        svc.strategy.load_state(state)
+    except ValueError as exc:
+        raise ConfigError(f"{svc.state_dir}: the saved optimizer state does not fit the "
+                          f"model: {exc}") from None
 
 
 def _stored_metrics(svc: AggregatorService) -> dict[str, float]:
@@ -121,7 +139,7 @@ def save(svc: AggregatorService, opened_at: float, mid: bool = False) -> None:
         "rounds_completed": svc.stats.rounds_completed,
         "model_parts": svc.publisher.model_parts,
         "wal_segment": segment, "federation": svc.config.federation, "run": svc.run,
-        "robust": svc.bound.export(),
+        "robust": svc.bound.export(), "strategy": svc.strategy.name,
     }
     if isinstance(svc.machine, AsyncRoundMachine):
         meta["async"] = svc.machine.export()
@@ -137,7 +155,7 @@ def save(svc: AggregatorService, opened_at: float, mid: bool = False) -> None:
             "pending": export_pending(svc._pending),
             "accepted": svc.stats.accepted,
         }
-    Snapshot(svc.model, meta, acc).save(svc.state_dir)
+    Snapshot(svc.model, meta, acc, svc.strategy.state()).save(svc.state_dir)
     svc.wal.rotate(segment)
     svc._since_snapshot = 0
     svc._snapshot_at = svc.clock()

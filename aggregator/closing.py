@@ -34,7 +34,8 @@ def finalize(svc: AggregatorService) -> tuple[Weights | None, str, str]:
 
     A model that is not finite in float32, or that moves farther than
     ``robust.max_change_norm`` from its base, is never published: whatever the updates,
-    the round ends cleanly and the federation goes on from the model it had.
+    the round ends cleanly and the federation goes on from the model (and the server
+    optimizer's state) it had.
     """
     try:
         new = svc.strategy.finalize()
@@ -69,6 +70,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
         abandon(svc, reason, detail, now)
         return
     bound = svc.bound.bound() if svc.bound.active else math.inf
+    svc.strategy.commit()  # the optimizer state moves only with a published model
     svc.model = new
     svc.bound.end_round()
     svc.version += 1

@@ -51,7 +51,7 @@ from aggregator.rounds import (
 )
 from aggregator.spec import ModelSpec
 from aggregator.statistics import StatisticsTask, attach
-from aggregator.strategies import FedAvg, Strategy
+from aggregator.strategies import Strategy, build_strategy
 from aggregator.telemetry import Telemetry
 from aggregator.wal import REJECT, TICK, UPDATE, WriteAheadLog
 from fedmq import codec
@@ -152,7 +152,7 @@ class AggregatorService:
         self.model: Weights = {k: np.asarray(v, dtype=np.float32, order="C")
                                for k, v in base.items()}
         self.spec = ModelSpec.from_weights(self.model)
-        self.strategy: Strategy = FedAvg(self.spec, server_lr=config.strategy.server_lr)
+        self.strategy: Strategy = build_strategy(config.strategy, self.spec)
         r = config.rounds
         self.machine: RoundMachine = machine_for(r)  # sync rounds, or async buffers (FedBuff)
         self.limits = codec.DecodeLimits(max_payload_bytes=config.limits.max_update_bytes,
@@ -237,8 +237,8 @@ class AggregatorService:
                 self.stop()  # a port in use: leave no worker or connection behind
                 raise
             self.exporter = exporter
-        log.info("aggregator for federation %r started (%d parameters)",
-                 self.config.federation, self.spec.total)
+        log.info("aggregator for federation %r started (%d parameters, strategy %s)",
+                 self.config.federation, self.spec.total, self.strategy.describe())
 
     def stop(self) -> None:
         """Stop the worker and disconnect (retained model and round stay on the broker)."""

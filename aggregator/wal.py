@@ -14,8 +14,9 @@ first record whose length or checksum does not hold, which is exactly the un-syn
 
 A snapshot is written at each round opening (when the accumulator is empty, so it is small) and,
 optionally, every so many updates or seconds within a round (then it carries the accumulator and
-the round's bookkeeping); each time the log moves to a new segment and older segments are
-deleted, so replay after a crash covers only what came after the last snapshot.
+the round's bookkeeping); either kind carries the server optimizer's state (its moments), if any.
+Each time the log moves to a new segment and older segments are deleted, so replay after a crash
+covers only what came after the last snapshot.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ REJECT = 3  # a rejected message: its reason (as the topic), so the round's coun
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BdH")
 SNAPSHOT = "snapshot.npz"
+_STATE = "state."  # prefix of the optimizer state's arrays in a snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,9 @@ class Snapshot:
     meta: Mapping[str, Any]
     #: The running weighted sum, for a snapshot taken in the middle of a round.
     acc: npt.NDArray[np.float64] | None = None
+    #: The server optimizer's state by name (``Strategy.state``; empty for FedAvg and in
+    #: snapshots written before there was any).
+    state: Mapping[str, npt.NDArray[np.float64]] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         """Write atomically: a reader sees the old snapshot or the new one, never a mix."""
@@ -176,6 +181,7 @@ class Snapshot:
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         if self.acc is not None:
             arrays["acc"] = self.acc
+        arrays |= {f"{_STATE}{k}": v for k, v in self.state.items()}
         atomic_write(directory / SNAPSHOT, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
@@ -189,4 +195,6 @@ class Snapshot:
             model = {name: np.array(f[f"m{i}"], dtype=np.float32)
                      for i, name in enumerate(meta["names"])}
             acc = np.array(f["acc"], dtype=np.float64) if "acc" in f.files else None
-        return cls(model, meta, acc)
+            state = {k.removeprefix(_STATE): np.array(f[k], dtype=np.float64)
+                     for k in f.files if k.startswith(_STATE)}
+        return cls(model, meta, acc, state)

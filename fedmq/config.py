@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from fedmq.codec import DEFAULT_LIMITS, MAX_BINS, MAX_COLUMNS
 from fedmq.compression import MAX_BLOCK
 from fedmq.config_schema import (
+    STRATEGY_DEFAULTS,
     AgentConfig,
     AggregatorConfig,
     BrokerConfig,
@@ -54,6 +55,7 @@ from fedmq.topics import check_name
 __all__ = [
     "DEVICE_ID_ENV",
     "RULES",
+    "STRATEGY_DEFAULTS",
     "AgentConfig",
     "AggregatorConfig",
     "BrokerConfig",
@@ -229,7 +231,14 @@ RULES: dict[type, dict[str, Rule]] = {
         "adapt_rate": _numbers(0.0, 10.0),
         "max_change_norm": _positive(),
     },
-    StrategyConfig: {"server_lr": _positive(), "fold_threads": _ints(0, 1024)},
+    StrategyConfig: {
+        "server_lr": _positive(),
+        "momentum": _numbers(0.0, 1.0, lo_open=False, hi_open=True),
+        "beta1": _numbers(0.0, 1.0, lo_open=False, hi_open=True),
+        "beta2": _numbers(0.0, 1.0, lo_open=False, hi_open=True),
+        "tau": _positive(),  # also keeps √v + τ > 0 where v is 0
+        "fold_threads": _ints(0, 1024),
+    },
     CompressionConfig: {
         "block": _ints(1, MAX_BLOCK),
         "fraction": _numbers(0.0, 1.0),
@@ -500,7 +509,19 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
                  "limits.max_update_bytes", cfg.limits.max_update_bytes)
         _check_train_extra(cfg.train)
         _check_broker(cfg.broker)
+        _check_strategy(cfg.strategy)
         _check_task(cfg)
+
+
+def _check_strategy(s: StrategyConfig) -> None:
+    """A setting the named strategy does not use is a mistake (momentum without fedavgm, say)."""
+    for key in ("server_lr", "momentum", "beta1", "beta2", "tau"):
+        value = getattr(s, key)
+        if value is not None and key not in STRATEGY_DEFAULTS[s.name]:
+            users = [f'"{n}"' for n, keys in STRATEGY_DEFAULTS.items() if key in keys]
+            names = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} or {users[-1]}"
+            raise ConfigError(f"[strategy] {key} = {_show(value)} only applies with [strategy] "
+                              f'name = {names} (it is "{s.name}")')
 
 
 def _check_train_extra(train: TrainSettings) -> None:

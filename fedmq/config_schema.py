@@ -16,6 +16,7 @@ from fedmq.models import DEFAULT_LAYER_SIZES
 from fedmq.topics import check_name
 
 __all__ = [
+    "STRATEGY_DEFAULTS",
     "AgentConfig",
     "AggregatorConfig",
     "BrokerConfig",
@@ -158,16 +159,38 @@ class RobustConfig:
     max_change_norm: float = 100_000.0
 
 
+#: Each strategy's settings and their defaults (docs/learning.md): a key the chosen strategy has
+#: no use for is refused (``check_aggregator``), not silently ignored.
+STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedavg": {"server_lr": 1.0},
+    "fedavgm": {"server_lr": 1.0, "momentum": 0.9},
+    "fedadam": {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+    "fedyogi": {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+    "fedadagrad": {"server_lr": 0.1, "beta1": 0.9, "tau": 1e-3},
+}
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    """The aggregation strategy."""
+    """The aggregation strategy: FedAvg or a server optimizer (docs/learning.md)."""
 
-    name: Literal["fedavg"] = "fedavg"
-    server_lr: float = 1.0
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    #: The optimizer's settings; unset (None) means the named strategy's default
+    #: (``STRATEGY_DEFAULTS``; ``settings()`` resolves them).
+    server_lr: float | None = None
+    momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
     #: Threads for folding a dense tensor of at least 2M elements (0 = every core, the
     #: default: the kernels release the GIL, and measured ingest over a broker on the same
     #: 2-core host was no worse for it). Set 1 to keep folding on one core.
     fold_threads: int = 0
+
+    def settings(self) -> dict[str, float]:
+        """The named strategy's settings: its defaults, replaced by the keys that are set."""
+        return {key: default if (value := getattr(self, key)) is None else value
+                for key, default in STRATEGY_DEFAULTS[self.name].items()}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 from fedmq.broker import BrokerHandle, start_broker
 from fedmq.compression import decode_all
 from fedmq.config import (
+    STRATEGY_DEFAULTS,
     AggregatorConfig,
     BrokerConfig,
     CompressionConfig,
@@ -30,6 +31,7 @@ from fedmq.config import (
     RobustConfig,
     RoundsConfig,
     SamplingConfig,
+    StrategyConfig,
     TrainSettings,
 )
 from fedmq.models import DEFAULT_LAYER_SIZES, MAX_BATCH_SIZE, MAX_PROXIMAL_MU
@@ -64,10 +66,12 @@ class DemoResult:
     mode: str = "sync"
 
     codec: str = "fp32"
+    #: ``[strategy] name`` and its settings, as the aggregator's log line says them.
+    strategy: str = "fedavg"
 
     def as_json(self) -> dict[str, Any]:
         return {"broker": self.broker, "partition": self.partition, "devices": self.devices,
-                "codec": self.codec,
+                "codec": self.codec, "strategy": self.strategy,
                 "rounds": self.rounds, "final_accuracy": self.final_accuracy,
                 "wall_s": self.wall_s, "target": self.target,
                 "reached_round": self.reached_round, "mode": self.mode}
@@ -101,6 +105,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proximal-mu", type=float, default=0.0,
                    help="FedProx: mu of the proximal term the devices add to their loss "
                         "(default 0: FedAvg)")
+    p.add_argument("--strategy", choices=list(STRATEGY_DEFAULTS), default="fedavg",
+                   help="how the aggregator moves the model by the round's mean delta "
+                        "(default fedavg; docs/learning.md), with its default settings")
+    p.add_argument("--server-lr", type=float, default=None,
+                   help="the strategy's server learning rate (default: the strategy's own)")
     p.add_argument("--clip-norm", type=float, default=None,
                    help="a fixed per-update L2 norm bound instead of the adaptive one")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
@@ -183,6 +192,7 @@ def _run_training(args: argparse.Namespace) -> int:
 
         config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
         agg = AggregatorService(config)
+        result.strategy = agg.strategy.describe()
         agents = [AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer, broker_cfg,
                                          min_interval_s=_min_interval(args))
                   for i, trainer in enumerate(_trainers(args, trainer_cls, x_train, y_train,
@@ -211,8 +221,9 @@ def _run_training(args: argparse.Namespace) -> int:
               f"{result.final_accuracy:.4f} on {len(y_test)} examples)")
     _say_target(result)
     print(f"final held-out accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
-          f"({args.partition}, {args.devices} devices, {args.codec}, {result.broker} broker, "
-          f"{result.wall_s:.1f} s, {rejected} updates rejected{': ' + reasons if reasons else ''}, "
+          f"({args.partition}, {args.devices} devices, {result.strategy}, {args.codec}, "
+          f"{result.broker} broker, {result.wall_s:.1f} s, "
+          f"{rejected} updates rejected{': ' + reasons if reasons else ''}, "
           f"{clipped} clipped to the norm bound)")
     _write_json(args.json, result)
     return 0
@@ -301,6 +312,8 @@ def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list
         rounds=_rounds(args),
         sampling=SamplingConfig(rate=getattr(args, "fraction", 1.0), seed=args.seed),
         robust=RobustConfig(clip_norm=getattr(args, "clip_norm", None)),
+        strategy=StrategyConfig(name=getattr(args, "strategy", "fedavg"),
+                                server_lr=getattr(args, "server_lr", None)),
         train=_train_settings(args, TrainConfig()),
         # The operator's weight cap, sized as docs/robustness.md says: the largest honest
         # local data set, so no device counts for more than the biggest real one.
@@ -318,6 +331,9 @@ def _check_knobs(args: argparse.Namespace) -> str:
         return f"--proximal-mu {args.proximal_mu} must be in [0, {MAX_PROXIMAL_MU:g}]"
     if args.clip_norm is not None and not (math.isfinite(args.clip_norm) and args.clip_norm > 0):
         return f"--clip-norm {args.clip_norm} must be a positive number"
+    server_lr = getattr(args, "server_lr", None)
+    if server_lr is not None and not (math.isfinite(server_lr) and server_lr > 0):
+        return f"--server-lr {server_lr} must be a positive number"
     target = getattr(args, "target", None)
     if target is not None and not 0.0 < target <= 1.0:
         return f"--target {target} must be in (0, 1]"

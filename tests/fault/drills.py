@@ -2,8 +2,11 @@
 
 kill9_aggregator
     SIGKILL the aggregator ``--kills`` times (default 20) at random moments of a ``--rounds``
-    (10) round run of ``--devices`` (5) driven devices, restarting it each time. Passes with
-    ``lost`` = 0, ``double_counted`` = 0 and ``max_abs_diff_vs_reference`` <= 1e-9.
+    (10) round run of ``--devices`` (5) driven devices, restarting it each time, with the
+    ``--strategy`` (fedavg; or fedavgm, fedadam, fedyogi, fedadagrad with their default
+    settings: the optimizer's moments must survive every kill too). Passes with ``lost`` = 0,
+    ``double_counted`` = 0 and ``max_abs_diff_vs_reference`` <= 1e-9 (the reference is the
+    fault-free run computed in numpy: 0.0 means bit-identical).
 
     With ``--mode async`` (``async_drill.py``): buffered asynchronous rounds (FedBuff), each
     buffer ``--devices`` fresh updates and one 0-2 versions stale; the fault-free run first,
@@ -73,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.broker import MosquittoBroker, default_config_dir
+from fedmq.config import STRATEGY_DEFAULTS
 
 from async_drill import kill9_async
 from faultkit import (
@@ -124,7 +128,7 @@ def passed(result: dict[str, Any]) -> bool:
 
 
 def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
-        keep: bool = False) -> dict[str, Any]:
+        keep: bool = False, *, strategy: str = "fedavg") -> dict[str, Any]:
     rng = random.Random(seed)
     if name == "broker_ack_window":
         return AckWindowProbe(tmp / "broker").run(opts["trials"], ACK_WINDOW_DELAYS_MS)
@@ -139,9 +143,10 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
     if name == "kill9_aggregator":
         with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
             drill = Drill(broker_config(broker), tmp, devices=opts["devices"],
-                          rounds=opts["rounds"])
+                          rounds=opts["rounds"], strategy=strategy)
             result: dict[str, Any] = dict(drill.run(kills=opts["kills"], rng=rng, timeout=900))
             result["rounds_expected"] = opts["rounds"]
+            result["strategy"] = strategy
             return result
     if name == "soak":
         with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
@@ -175,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--devices", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", choices=list(STRATEGY_DEFAULTS), default=None,
+                   help="kill9_aggregator: the aggregator's [strategy] name (default fedavg)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="kill9_aggregator: sync rounds, or async buffers with stale updates")
     p.add_argument("--keep", type=Path, default=None,
@@ -188,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in opts:
                 p.error(f"--{key} does not apply to {args.name}")
             opts[key] = value
+    if args.strategy is not None and args.name != "kill9_aggregator":
+        p.error(f"--strategy does not apply to {args.name}")
+    strategy = args.strategy or "fedavg"
     if args.mode == "async" and args.name != "kill9_aggregator":
         p.error(f"--mode does not apply to {args.name}")
     if args.mode == "async":  # async_drill.py: the fault-free run, then the killed one
@@ -197,10 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = kill9_async(opts, random.Random(args.seed), args.keep or Path(tmp))
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args.name, opts, args.seed, args.keep, keep=True)
+        result = run(args.name, opts, args.seed, args.keep, keep=True, strategy=strategy)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run(args.name, opts, args.seed, Path(tmp))
+            result = run(args.name, opts, args.seed, Path(tmp), strategy=strategy)
     result = {"drill": args.name, **result}
     result["passed"] = passed(result)
     print(json.dumps(result, indent=2))

@@ -61,7 +61,7 @@ from device_agent.service import AgentService
 from device_agent.trainers import EvalResult, FitResult, TrainConfig
 from fedmq import codec, compression
 from fedmq.broker import MosquittoBroker, default_config_dir
-from fedmq.config import BrokerConfig
+from fedmq.config import BrokerConfig, StrategyConfig
 from fedmq.models import Weights, init_mlp
 from fedmq.subscriber import ModelSubscriber
 from fedmq.topics import Topics
@@ -69,9 +69,11 @@ from fedmq.transport import PahoTransport
 from fedmq.wire import ModelUpdate, RoundAnnouncement, RoundSummary
 
 ROOT = Path(__file__).resolve().parents[2]
-# The kernels' numpy references (tests/unit/naive.py): one copy, for the drills' references too.
+# The kernels' numpy references (tests/unit/naive.py) and the server optimizers'
+# (tests/unit/server_opt_reference.py): one copy, for the drills' references too.
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 naive = importlib.import_module("naive")
+server_opt_reference = importlib.import_module("server_opt_reference")
 F32 = npt.NDArray[np.float32]
 
 
@@ -302,6 +304,8 @@ class Drill:
     max_rounds: int | None = None
     #: Publish every device's update as soon as a round opens (else one per loop turn).
     burst: bool = False
+    #: ``[strategy] name``, with its default settings (docs/learning.md).
+    strategy: str = "fedavg"
     federation: str = field(default_factory=lambda: f"fault-{uuid.uuid4().hex[:8]}")
     kills: int = 0
     sent: dict[str, int] = field(default_factory=dict)  # update id -> round
@@ -318,7 +322,7 @@ class Drill:
             self.federation, self.broker, self.state_dir / "state",
             f"layers = {self.layers}\nseed = {SEED}", min_updates=self.devices,
             max_updates=self.devices, deadline_s=300, grace_s=5.0, max_rounds=max_rounds)
-            + self._robust_toml())
+            + self._robust_toml() + f'[strategy]\nname = "{self.strategy}"\n')
 
     def _initial_norm(self) -> float | None:
         # Up to MAX_BOOTSTRAP devices the estimate starts from all of round 1 (any arrival
@@ -345,8 +349,11 @@ class Drill:
         """The fault-free model after all rounds (exact arithmetic, any order), with every
         update clipped by the default adaptive norm bound (written out here from
         docs/robustness.md: every device is in every round, so the estimate starts as the
-        median of round 1's norms and moves once per round)."""
+        median of round 1's norms and moves once per round), each round's mean delta applied
+        by the strategy's numpy reference (``server_opt_reference``)."""
         model = init_mlp(self.layers, SEED)
+        optimizer = server_opt_reference.ServerOptimizer(
+            self.strategy, **StrategyConfig(name=self.strategy).settings())  # type: ignore[arg-type]
         w = [d + 1 for d in range(self.devices)]
         estimate = self._initial_norm()
         for r in range(1, self.rounds + 1):
@@ -361,10 +368,9 @@ class Drill:
                 estimate = float(np.median(norms))
             bound = min(CLIP_MULTIPLIER * estimate, MAX_NORM)
             scales = [1.0 if n <= bound else bound / n for n in norms]
-            model = {k: (v.astype(np.float64) + sum(
-                deltas[d][k].astype(np.float64) * (w[d] * scales[d])
-                for d in range(self.devices)) / sum(w)).astype(np.float32)
-                for k, v in model.items()}
+            mean = {k: sum(deltas[d][k].astype(np.float64) * (w[d] * scales[d])
+                           for d in range(self.devices)) / sum(w) for k in model}
+            model = {k: v.astype(np.float32) for k, v in optimizer.step(model, mean).items()}
             if not first:
                 below = sum(n <= estimate for n in norms) / len(norms)
                 estimate *= math.exp(-ADAPT_RATE * (below - 0.5))

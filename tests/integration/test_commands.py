@@ -393,3 +393,27 @@ def test_demo_knobs_sampling_fedprox_fedsgd_and_slow_devices(tmp_path: Path) -> 
                            env=_env(), capture_output=True, text=True, timeout=60, check=False)
     assert worse.returncode == 2
     assert "'0' is not a positive integer or 'full'" in worse.stderr
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_demo_with_a_server_optimizer(tmp_path: Path) -> None:
+    """--strategy reaches the aggregator: FedAdam at its defaults learns in a few rounds (its
+    first step moves every weight by about server_lr, so round 1 is still near chance)."""
+    out = tmp_path / "fedadam.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "demo", "--devices", "4", "--rounds", "4",
+         "--broker", "mosquitto", "--strategy", "fedadam", "--json", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["strategy"] == "fedadam (server_lr 0.01, beta1 0.9, beta2 0.99, tau 0.001)"
+    accuracy = [r["accuracy"] for r in result["rounds"]]
+    assert len(accuracy) == 4
+    assert accuracy[-1] > accuracy[0] + 0.3, accuracy
+    assert "fedadam (server_lr 0.01" in run.stdout.splitlines()[-2]  # the final line names it
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "demo", "--strategy", "fedadam", "--server-lr", "0"],
+        env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "fedmq demo: --server-lr 0.0 must be a positive number"

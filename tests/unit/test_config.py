@@ -106,7 +106,7 @@ def test_empty_files_give_the_defaults(tmp_path: Path) -> None:
         ('federaton = "x"', r"unknown key `federaton`"),
         ("[rounds]\nmin_update = 2", r"unknown key `rounds\.min_update`"),
         ('[broker]\nhostname = "x"', r"unknown key `broker\.hostname`"),
-        ("[strategy]\nmomentum = 0.9", r"unknown key `strategy\.momentum`"),
+        ("[strategy]\nnesterov = true", r"unknown key `strategy\.nesterov`"),
         ("[federation]\nname = 'x'", r'federation = \{name = "x"\} must be a string'),
     ],
     ids=["top-level", "rounds", "broker", "strategy", "federation-as-table"],
@@ -419,6 +419,7 @@ SECONDS = [*POSITIVE, ("above-1e9", "1e10")]
 SECONDS_OR_ZERO = [*NON_NEGATIVE, ("above-1e9", "1e10")]
 UNIT = [*NON_NEGATIVE, ("above-1", "1.5")]  # [0, 1]
 QUANTILE = [*UNIT, ("zero", "0"), ("one", "1")]  # (0, 1)
+DECAY = [*NON_NEGATIVE, ("one", "1"), ("above-1", "1.5")]  # [0, 1)
 WRONG_FOR_INT = [*WRONG_FOR_NUMBER, ("float", "2.0"), ("fraction", "1.5"), ("nan", "nan"),
                  ("inf", "inf"), ("2**63", str(1 << 63)), ("-2**63-1", str(-(1 << 63) - 1))]
 INT_NON_NEGATIVE = [*WRONG_FOR_INT, ("negative", "-1"), ("-2**63", str(-(1 << 63)))]
@@ -490,6 +491,10 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("limits", "reject_log_every_s"): SECONDS,
     ("strategy", "name"): CHOICE,
     ("strategy", "server_lr"): POSITIVE,
+    ("strategy", "momentum"): DECAY,
+    ("strategy", "beta1"): DECAY,
+    ("strategy", "beta2"): DECAY,
+    ("strategy", "tau"): POSITIVE,
     ("strategy", "fold_threads"): [*INT_NON_NEGATIVE, ("1025", "1025")],
     ("robust", "mode"): CHOICE,
     ("robust", "clip_norm"): POSITIVE,
@@ -652,6 +657,11 @@ EDGES = [
     f"[sampling]\nrate = 0\nseed = {(1 << 63) - 1}",
     "[sampling]\nrate = 1.0",
     "[strategy]\nfold_threads = 1024\nserver_lr = 1e6",
+    '[strategy]\nname = "fedavgm"\nmomentum = 0\nserver_lr = 1e-9',
+    '[strategy]\nname = "fedavgm"\nmomentum = 0.999999',
+    '[strategy]\nname = "fedadam"\nbeta1 = 0\nbeta2 = 0.999999\ntau = 1e-12',
+    '[strategy]\nname = "fedyogi"\nbeta1 = 0.999999\nbeta2 = 0\ntau = 1e6',
+    '[strategy]\nname = "fedadagrad"\nbeta1 = 0\ntau = 1e-9\nserver_lr = 10',
     "[robust]\nclip_norm = 100\nmax_norm = 100\ninitial_norm = 1e-9\ntarget_quantile = 0.999"
     "\nadapt_rate = 10\nmode = \"reject\"",
     "[robust]\ntarget_quantile = 1e-6\nadapt_rate = 1e-9\nmode = \"off\"",
@@ -725,10 +735,20 @@ def test_train_bounds_are_the_devices(tmp_path: Path) -> None:
         ("[data]\nnum_shards = 3\nshard = 3", True,
          r"\[data\] shard = 3 must be < \[data\] num_shards = 3$"),
         ('[data]\nsource = "npz"', True, r'\[data\] source = "npz" needs \[data\] path$'),
+        ("[strategy]\nmomentum = 0.5", False,
+         r'\[strategy\] momentum = 0.5 only applies with \[strategy\] name = "fedavgm" '
+         r'\(it is "fedavg"\)$'),
+        ('[strategy]\nname = "fedavgm"\nbeta1 = 0.8', False,
+         r'\[strategy\] beta1 = 0.8 only applies with \[strategy\] name = "fedadam", '
+         r'"fedyogi" or "fedadagrad" \(it is "fedavgm"\)$'),
+        ('[strategy]\nname = "fedadagrad"\nbeta2 = 0.9', False,
+         r'\[strategy\] beta2 = 0.9 only applies with \[strategy\] name = "fedadam" or '
+         r'"fedyogi" \(it is "fedadagrad"\)$'),
     ],
     ids=["reconnect-min-above-max", "agent-reconnect-min-above-default-max",
          "clip-above-max-norm", "clip-above-smaller-max-norm", "chunk-above-update-limit",
-         "extensions-with-reannounce", "shard-not-below-num-shards", "npz-without-path"],
+         "extensions-with-reannounce", "shard-not-below-num-shards", "npz-without-path",
+         "momentum-without-fedavgm", "beta1-with-fedavgm", "beta2-with-fedadagrad"],
 )
 def test_values_that_do_not_fit_together(
     tmp_path: Path, text: str, agent: bool, pattern: str
@@ -736,6 +756,27 @@ def test_values_that_do_not_fit_together(
     path = agent_file(tmp_path, text) if agent else write(tmp_path, text)
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {pattern}"):
         (load_agent if agent else load_aggregator)(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", {"server_lr": 1.0}),
+        ("server_lr = 0.5", {"server_lr": 0.5}),
+        ('name = "fedavgm"', {"server_lr": 1.0, "momentum": 0.9}),
+        ('name = "fedadam"\ntau = 1e-4',
+         {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-4}),
+        ('name = "fedyogi"\nserver_lr = 0.03\nbeta2 = 0.9',
+         {"server_lr": 0.03, "beta1": 0.9, "beta2": 0.9, "tau": 1e-3}),
+        ('name = "fedadagrad"\nbeta1 = 0', {"server_lr": 0.1, "beta1": 0.0, "tau": 1e-3}),
+    ],
+    ids=["fedavg", "fedavg-lr", "fedavgm", "fedadam-tau", "fedyogi-lr-beta2", "fedadagrad"],
+)
+def test_strategy_settings_are_the_defaults_replaced_by_the_keys_set(
+        tmp_path: Path, text: str, expected: dict[str, float]) -> None:
+    settings = load_aggregator(write(tmp_path, f"[strategy]\n{text}")).strategy.settings()
+    assert settings == expected
+    assert all(type(v) is float for v in settings.values())
 
 
 def test_device_id_problems_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from fedmq.config import (
     DurabilityConfig,
     ModelConfig,
     RoundsConfig,
+    StrategyConfig,
 )
 from fedmq.memory_transport import MemoryHub, MemoryTransport
 from fedmq.transport import Message
@@ -121,13 +122,14 @@ class Clock:
         return self.now
 
 
-def _config(state_dir: Path, every: int = 0) -> AggregatorConfig:
+def _config(state_dir: Path, every: int = 0, strategy: str = "fedavg") -> AggregatorConfig:
     return AggregatorConfig(
         federation=FED, model=ModelConfig(layers=[6, 4, 3], seed=2),
         rounds=RoundsConfig(min_updates=DEVICES, max_updates=DEVICES, deadline_s=600.0,
                             max_rounds=0),
         durability=DurabilityConfig(state_dir=str(state_dir), snapshot_every_updates=every,
-                                    snapshot_every_s=0))
+                                    snapshot_every_s=0),
+        strategy=StrategyConfig(name=strategy))  # type: ignore[arg-type]
 
 
 def _updates(rounds: int, chunked: bool = False) -> list[list[Message]]:
@@ -152,8 +154,9 @@ def _updates(rounds: int, chunked: bool = False) -> list[list[Message]]:
     return out
 
 
-def _run(state_dir: Path, hub: MemoryHub, clock: Clock, every: int = 0) -> AggregatorService:
-    agg = AggregatorService(_config(state_dir, every), MemoryTransport(hub), clock=clock)
+def _run(state_dir: Path, hub: MemoryHub, clock: Clock, every: int = 0,
+         strategy: str = "fedavg") -> AggregatorService:
+    agg = AggregatorService(_config(state_dir, every, strategy), MemoryTransport(hub), clock=clock)
     agg.start()
     agg.stop()  # drive it by hand: step() below
     return agg
@@ -163,13 +166,17 @@ def _final_model(agg: AggregatorService) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in agg.model.items()}
 
 
-@pytest.mark.parametrize(("every", "chunked"), [(0, False), (1, False), (3, False), (2, True)],
-                         ids=["round-snapshots", "snapshot-each-update", "snapshot-every-3",
-                              "chunked-snapshot-every-2"])
-def test_crash_anywhere_gives_the_reference_model(tmp_path: Path, every: int,
-                                                  chunked: bool) -> None:
+@pytest.mark.parametrize(
+    ("every", "chunked", "strategy"),
+    [(0, False, "fedavg"), (1, False, "fedavg"), (3, False, "fedavg"), (2, True, "fedavg"),
+     (0, False, "fedadam"), (1, False, "fedyogi"), (2, True, "fedavgm")],
+    ids=["round-snapshots", "snapshot-each-update", "snapshot-every-3",
+         "chunked-snapshot-every-2", "fedadam-round-snapshots", "fedyogi-snapshot-each-update",
+         "fedavgm-chunked-snapshot-every-2"])
+def test_crash_anywhere_gives_the_reference_model(tmp_path: Path, every: int, chunked: bool,
+                                                  strategy: str) -> None:
     rounds = _updates(3, chunked)
-    reference = _run(tmp_path / "ref", MemoryHub(), Clock())
+    reference = _run(tmp_path / "ref", MemoryHub(), Clock(), strategy=strategy)
     for msgs in rounds:
         reference.step(*msgs)
     assert reference.version == 3
@@ -178,13 +185,13 @@ def test_crash_anywhere_gives_the_reference_model(tmp_path: Path, every: int,
     for crash_after in range(1, len(flat)):
         state = tmp_path / f"s{crash_after}"
         hub, clock = MemoryHub(), Clock()
-        first = _run(state, hub, clock, every)
+        first = _run(state, hub, clock, every, strategy)
         for m in flat[:crash_after]:
             first.step(m)
         # kill -9: no stop(), no final snapshot; only what step() synced survives.
         assert first.wal is not None
         first.wal.drop()
-        second = _run(state, hub, clock, every)
+        second = _run(state, hub, clock, every, strategy)
         assert second.version == first.version
         # The broker redelivers what it was not sure we got: here, the last message again.
         second.step(flat[crash_after - 1])
@@ -198,6 +205,8 @@ def test_crash_anywhere_gives_the_reference_model(tmp_path: Path, every: int,
                                                   and not first._pending)
         for name, value in _final_model(reference).items():
             np.testing.assert_array_equal(second.model[name], value)
+        for key, value in reference.strategy.state().items():  # the moments, bit for bit
+            np.testing.assert_array_equal(second.strategy.state()[key], value)
         summaries = [codec.decode(p.payload) for p in second.transport.published  # type: ignore[attr-defined]
                      if p.topic.endswith("/metrics")]
         assert all(isinstance(s, RoundSummary) for s in summaries)
@@ -224,6 +233,70 @@ def test_messages_are_acked_only_after_the_log_sync(tmp_path: Path) -> None:
     assert synced[0] == 0  # nothing was acked before the sync
     assert agg.transport.acked == msgs  # type: ignore[attr-defined]
     agg.wal.close()
+
+
+class CrashError(Exception):
+    """kill -9 at this point."""
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_a_round_closed_again_by_the_replay_gives_the_same_model_and_moments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    rounds = _updates(3)
+    reference = _run(tmp_path / "ref", MemoryHub(), Clock(), strategy=strategy)
+    for msgs in rounds:
+        reference.step(*msgs)
+    hub, clock = MemoryHub(), Clock()
+    first = _run(tmp_path / "s", hub, clock, strategy=strategy)
+    for m in [*rounds[0], *rounds[1][:-1]]:
+        first.step(m)
+    save = Snapshot.save
+
+    def crash_before_round_3(snap: Snapshot, directory: Path) -> None:
+        if snap.meta["round"] == 3:
+            raise CrashError  # round 2 is closed and published, its snapshot not yet written
+        save(snap, directory)
+
+    monkeypatch.setattr(Snapshot, "save", crash_before_round_3)
+    with pytest.raises(CrashError):
+        first.step(rounds[1][-1])
+    assert first.version == 2
+    assert first.wal is not None
+    first.wal.drop()
+    monkeypatch.setattr(Snapshot, "save", save)
+    # From round 2's opening snapshot (the moments after round 1), the replay closes round 2
+    # again: finalize and commit run once more and must land on the same bits.
+    second = _run(tmp_path / "s", hub, clock, strategy=strategy)
+    assert second.version == 2
+    for key, value in first.strategy.state().items():
+        np.testing.assert_array_equal(second.strategy.state()[key], value)
+    second.step(rounds[1][-1])  # redelivered: stale now
+    second.step(*rounds[2])
+    assert second.version == 3
+    for name, value in _final_model(reference).items():
+        np.testing.assert_array_equal(second.model[name], value)
+    for key, value in reference.strategy.state().items():
+        np.testing.assert_array_equal(second.strategy.state()[key], value)
+    for agg in (reference, second):
+        assert agg.wal is not None
+        agg.wal.close()
+
+
+def test_a_new_strategy_on_old_state_starts_its_moments_afresh(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hub, clock = MemoryHub(), Clock()
+    first = _run(tmp_path, hub, clock, strategy="fedadam")
+    first.step(*_updates(1)[0])
+    assert first.wal is not None
+    first.wal.close()
+    assert np.any(first.strategy.state()["m"])
+    second = _run(tmp_path, hub, clock, strategy="fedyogi")
+    assert "written with [strategy] name = 'fedadam', the config says 'fedyogi'" in caplog.text
+    assert second.version == 1
+    np.testing.assert_array_equal(second.strategy.state()["m"], 0.0)
+    np.testing.assert_array_equal(second.strategy.state()["v"], 1e-3**2)
+    assert second.wal is not None
+    second.wal.close()
 
 
 def test_recovery_refuses_a_state_dir_of_another_model(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""Aggregation strategies: streaming ``init / fold / finalize`` over a round's updates.
+"""The part every strategy shares: the streaming fold of a round's updates into ``Σ w·x``.
 
 A strategy never holds a list of updates: each one is folded into a flat float64 accumulator
 (``Σ w·x``) the moment it arrives, so memory is O(params) whatever the number of devices.
-Folding runs through ``aggregator.kernels`` (this module does not import numba).
+Folding runs through ``aggregator.kernels`` (this module does not import numba). The fold is the
+same for every strategy; they differ only in ``finalize``, which turns the round's mean delta
+into the new model (and, for the server optimizers, new optimizer state, adopted by ``commit``).
 
 Order independence is up to float64 rounding: every add rounds at about 1e-16 relative, far below
 float32 resolution, so the float32 model is the same whatever the arrival order except when a
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +26,7 @@ from aggregator.spec import ModelSpec
 from fedmq.errors import ProtocolError
 from fedmq.wire import Tensor
 
-__all__ = ["FedAvg", "PartialSum", "Strategy"]
+__all__ = ["F32", "F64", "PartialSum", "Strategy", "StreamingFold"]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -73,10 +75,20 @@ class PartialSum:
 
 
 class Strategy(Protocol):
-    """A server aggregation rule, fed one update at a time."""
+    """A server aggregation rule, fed one update at a time.
+
+    ``finalize`` computes the round's model without changing anything that outlives the round;
+    ``commit`` then adopts the optimizer state that model came with, once the model is accepted
+    (a round abandoned after ``finalize`` leaves the state as it was). ``state`` is that
+    state, for snapshots; ``load_state`` restores it.
+    """
+
+    #: The ``[strategy] name`` it implements.
+    name: ClassVar[str]
 
     def init(self, base: Mapping[str, F32]) -> None:
-        """Start a round on ``base`` (the model devices trained from); clears the accumulator."""
+        """Start a round on ``base`` (the model devices trained from); clears the accumulator
+        (not the optimizer state) and drops a finalized round that was not committed."""
         ...
 
     def fold(self, tensors: Sequence[Tensor], weight: float, scale: float = 1.0) -> None:
@@ -85,7 +97,24 @@ class Strategy(Protocol):
         ...
 
     def finalize(self) -> dict[str, F32]:
-        """The new model, by tensor name in the spec's order."""
+        """The new model, by tensor name in the spec's order; the optimizer state it implies
+        is kept aside until ``commit``."""
+        ...
+
+    def commit(self) -> None:
+        """Adopt the optimizer state of the last ``finalize``: its model was published."""
+        ...
+
+    def state(self) -> dict[str, F64]:
+        """The committed optimizer state by name (empty for FedAvg), for snapshots."""
+        ...
+
+    def load_state(self, arrays: Mapping[str, npt.NDArray[np.float64]]) -> None:
+        """Restore what ``state`` gave (a snapshot's)."""
+        ...
+
+    def describe(self) -> str:
+        """The name and settings, for the log."""
         ...
 
     def fold_many(self, updates: Sequence[tuple[Sequence[Tensor], float, float]]) -> None:
@@ -150,19 +179,33 @@ def _unit_scale(scale: float) -> float:
     return s
 
 
-class FedAvg(Strategy):
-    """Federated averaging: ``base + server_lr · Σ w·Δ / Σ w`` (McMahan et al. 2017).
+def _finite_positive(name: str, value: float) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0; got {value!r}")
+    return v
+
+
+def _fraction(name: str, value: float) -> float:
+    """A decay factor in [0, 1)."""
+    v = float(value)
+    if not 0.0 <= v < 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be in [0, 1); got {value!r}")
+    return v
+
+
+class StreamingFold:
+    """The fold every strategy shares; subclasses say how the mean delta moves the model.
 
     Updates are deltas from the base; ``weight`` is usually the device's ``num_examples``.
-    ``server_lr = 1`` is plain FedAvg.
+    A subclass implements ``_step`` (and names its optimizer state in ``_state``).
     """
 
-    def __init__(self, spec: ModelSpec, server_lr: float = 1.0) -> None:
-        lr = float(server_lr)
-        if not math.isfinite(lr) or lr <= 0.0:
-            raise ValueError(f"server_lr must be finite and > 0; got {server_lr!r}")
+    name: ClassVar[str] = ""
+
+    def __init__(self, spec: ModelSpec, server_lr: float) -> None:
         self.spec = spec
-        self.server_lr = lr
+        self.server_lr = _finite_positive("server_lr", server_lr)
         # Allocated once and reused every round: memory does not grow with rounds or devices.
         self._acc: F64 = np.zeros(spec.total, dtype=np.float64)
         self._base: F32 = np.zeros(spec.total, dtype=np.float32)
@@ -173,6 +216,19 @@ class FedAvg(Strategy):
         # Chunked updates still missing chunks: key -> (weight, [(start, stop), ...]) of the
         # accumulator ranges already folded in. Small: a few ranges per in-flight update.
         self._open_parts: dict[Hashable, tuple[float, list[tuple[int, int]]]] = {}
+        # Optimizer state (flat float64, one array per name; it persists across rounds), and
+        # the state the last finalize computed, adopted only by commit.
+        self._state: dict[str, F64] = {}
+        self._staged: dict[str, F64] | None = None
+
+    def _step(self, delta: F64) -> tuple[F64, dict[str, F64]]:
+        """The new flat model in float64 from the round's mean delta (``delta`` may be reused
+        as its buffer), and the optimizer state after this round; ``_state`` is not changed."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The name and settings, e.g. ``fedavg (server_lr 1)``."""
+        return f"{self.name} (server_lr {self.server_lr:g})"
 
     @property
     def contributors(self) -> int:
@@ -203,6 +259,7 @@ class FedAvg(Strategy):
         self._total_weight = 0.0
         self._contributors = 0
         self._open_parts = {}
+        self._staged = None  # a finalized round that was not committed was abandoned
         self._started = True
 
     def fold(self, tensors: Sequence[Tensor], weight: float, scale: float = 1.0) -> None:
@@ -313,21 +370,52 @@ class FedAvg(Strategy):
         return mean
 
     def finalize(self) -> dict[str, F32]:
-        """``base + server_lr · mean_delta`` in float64, rounded once to float32.
+        """The new model, computed in float64 and rounded once to float32; the optimizer state
+        it implies waits for ``commit``.
 
         The arrays are views into one new buffer. Raises ``FloatingPointError`` rather than return
         a model with NaN or inf (a float32 overflow).
         """
         self._require_started("finalize")
-        new = self.mean_delta()
-        new *= self.server_lr
-        new += self._base
+        new, state = self._step(self.mean_delta())
         # An out-of-range value becomes inf here; it is reported just below with a clearer message.
         with np.errstate(over="ignore", invalid="ignore"):
             out = new.astype(np.float32)
         if not all_finite_fp32(out):
             raise FloatingPointError("the new model has NaN or inf values (float32 overflow)")
+        self._staged = state
         return self.spec.split(out)
+
+    def model64(self) -> F64:
+        """The flat model ``finalize`` would round to float32, in float64 (for references and
+        tools); nothing is staged."""
+        self._require_started("model64")
+        return self._step(self.mean_delta())[0]
+
+    def commit(self) -> None:
+        """Adopt the optimizer state of the last ``finalize`` (its model was published)."""
+        if self._staged is None:
+            raise ProtocolError("commit without finalize: there is no new state to adopt")
+        self._state, self._staged = self._staged, None
+
+    def state(self) -> dict[str, F64]:
+        """The committed optimizer state (the arrays themselves: a commit replaces them, it
+        never writes into them)."""
+        return dict(self._state)
+
+    def load_state(self, arrays: Mapping[str, npt.NDArray[np.float64]]) -> None:
+        """Restore a snapshot's optimizer state: the same names, sizes and finite values."""
+        if set(arrays) != set(self._state):
+            raise ValueError(f"{self.name} keeps the state {sorted(self._state)}; "
+                             f"got {sorted(arrays)}")
+        loaded: dict[str, F64] = {}
+        for key, a in arrays.items():
+            if a.shape != (self.spec.total,) or not np.isfinite(a).all():
+                raise ValueError(f"saved state {key!r} has {a.size} values (or non-finite "
+                                 f"ones); the model has {self.spec.total}")
+            loaded[key] = np.array(a, dtype=np.float64)
+        self._state = loaded
+        self._staged = None
 
     def partial(self) -> PartialSum:
         """A copy of the accumulator, total weight and contributor count."""
