@@ -15,8 +15,6 @@ in the common case. Duplicates are harmless: the aggregator rejects them as ``du
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import queue
@@ -24,9 +22,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -35,27 +32,26 @@ from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.factory import build_trainer
 from device_agent.outbox import Outbox, OutboxFullError
 from device_agent.statistics import Analyst, NoTraining
+from device_agent.trained_record import load_trained, save_trained
 from device_agent.trainers import (
     TrainConfig,
     Trainer,
     check_trainer,
 )
+from device_agent.update_encoding import encode_update
 from fedmq import __version__, codec, compression
-from fedmq.chunking import ModelAssembler, place, split_update
+from fedmq.chunking import ModelAssembler
 from fedmq.config import AgentConfig, BrokerConfig, DeviceConfig
-from fedmq.durable import atomic_write
 from fedmq.errors import BrokerError, DecodeError
 from fedmq.topics import Topics
 from fedmq.transport import Delivery, Message, PahoTransport, Transport, Will
 from fedmq.wire import (
     CODECS,
-    TOPK_VALUES,
     DeviceStatus,
     Evaluation,
     GlobalModel,
     ModelUpdate,
     RoundAnnouncement,
-    Tensor,
     newer,
 )
 
@@ -99,7 +95,7 @@ class AgentService:
         # Which round this device last trained for, kept beside its outbox so a restart does
         # not train (and send) the same round again (see _remember_trained).
         self.trained_path = trained_path
-        self.machine.trained_before = _load_trained(trained_path)
+        self.machine.trained_before = load_trained(trained_path)
         self.assembler = ModelAssembler()
         self.ignored: Counter[str] = Counter()
         #: Report an evaluation of every new model (federated evaluation); train for rounds
@@ -421,7 +417,8 @@ class AgentService:
             # What training measured (train_loss, train_accuracy for the built-in trainers);
             # the model's quality on held-out data goes in Evaluation reports instead.
             metrics={str(k): float(v) for k, v in result.metrics.items()})
-        messages = self.encode_update(update, delta, ann)
+        messages = encode_update(update, delta, ann, self.feedback,
+                                 self.transport.max_packet_size)
         topic = self.topics.update(self.device_id)
         payloads = [codec.encode(message) for message in messages]
         self._send_update(update.update_id, [(topic, payload) for payload in payloads])
@@ -487,80 +484,16 @@ class AgentService:
         if self.trained_path is None:
             return
         buffered = ann.mode == "async"
-        record = {"round": ann.round,
-                  "base_version": job.version if buffered else ann.base_version,
-                  "model_sha256": job.model_sha256 if buffered else ann.model_sha256,
-                  "deadline": ann.deadline}
-        data = json.dumps(record).encode()
-
-        def write(f: BinaryIO) -> None:
-            f.write(data)
-
         try:
-            atomic_write(self.trained_path, write)
+            save_trained(self.trained_path, ann.round,
+                         job.version if buffered else ann.base_version,
+                         job.model_sha256 if buffered else ann.model_sha256, ann.deadline)
         except OSError as exc:
             log.warning("device %s: cannot record the trained round in %s: %s",
                         self.device_id, self.trained_path, exc)
-
-    def encode_update(self, update: ModelUpdate, delta: dict[str, F32],
-                      ann: RoundAnnouncement) -> list[ModelUpdate]:
-        """Compress ``delta`` as the announcement asks and cut it into chunks that fit.
-
-        With a lossy codec the error-feedback residual is added first, and what the chunks
-        really carry is subtracted back out and kept for the next round.
-        """
-        codec_name = ann.codec if ann.codec in CODECS else "fp32"
-        opts = codec_options(ann.codec_params)
-        lossy = codec_name != "fp32"
-        intended = self.feedback.compensate(delta) if lossy else delta
-
-        def encoder(name: str, values: F32) -> Tensor:
-            return compression.encode(name, values, codec_name, **opts)
-
-        whole = dataclasses.replace(update, tensors=tuple(
-            dataclasses.replace(encoder(n, a.reshape(-1)), shape=a.shape)
-            for n, a in intended.items()))
-        limits = [x for x in (ann.max_chunk_bytes, self.transport.max_packet_size) if x]
-        messages = (split_update(whole, intended, encoder, min(limits)) if limits else [whole])
-        if lossy:
-            sent = place(((t, compression.decode_range(t)) for m in messages for t in m.tensors),
-                         {n: a.shape for n, a in intended.items()})
-            self.feedback.record(sent, intended)
-            self.feedback.save()
-        return messages
-
-
-def codec_options(params: Mapping[str, float | int | str]) -> dict[str, Any]:
-    """The encoder keyword arguments an announcement's ``codec_params`` name (others ignored)."""
-    opts: dict[str, Any] = {}
-    if isinstance(params.get("block"), int):
-        opts["block"] = params["block"]
-    if isinstance(params.get("fraction"), int | float):
-        opts["fraction"] = float(params["fraction"])
-    if params.get("values") in TOPK_VALUES:
-        opts["values"] = params["values"]
-    return opts
-
 
 def _status(federation: str, device_id: str, state: str, ts: float) -> DeviceStatus:
     return DeviceStatus(federation=federation, device_id=device_id, state=state,
                         agent_version=__version__, capabilities=CODECS, ts=ts)
 
 
-def _load_trained(path: Path | None) -> tuple[int, int, str, float] | None:
-    """The (round, base version, model digest, deadline) recorded by ``_remember_trained``."""
-    if path is None:
-        return None
-    try:
-        raw = json.loads(path.read_bytes())
-        record = (raw["round"], raw["base_version"], raw["model_sha256"], raw["deadline"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError, KeyError) as exc:  # damaged: train as if new
-        log.warning("ignoring the trained-round record %s: %s", path, exc)
-        return None
-    if not (isinstance(record[0], int) and isinstance(record[1], int)
-            and isinstance(record[2], str) and isinstance(record[3], int | float)):
-        log.warning("ignoring the trained-round record %s: wrong types", path)
-        return None
-    return record[0], record[1], record[2], float(record[3])
