@@ -172,14 +172,10 @@ def _run_training(args: argparse.Namespace) -> int:
     scorer = trainer_cls(x_test, y_test, num_classes=10)
 
     with contextlib.ExitStack() as stack:
-        try:
-            handle = stack.enter_context(start_broker(args.broker))
-        except Exception as exc:
-            print(f"fedmq demo: could not start the broker ({args.broker}): {exc}",
-                  file=sys.stderr)
+        opened = open_broker(stack, args.broker)
+        if opened is None:
             return 1
-        _say_broker(handle)
-        broker_cfg = BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
+        handle, broker_cfg = opened
         result = DemoResult(broker=handle.kind, partition=args.partition, devices=args.devices,
                             codec=args.codec, target=getattr(args, "target", None),
                             mode=getattr(args, "mode", "sync"))
@@ -452,6 +448,18 @@ def _eval_wait(args: argparse.Namespace) -> float:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def open_broker(stack: contextlib.ExitStack, kind: str) -> tuple[BrokerHandle, BrokerConfig] | None:
+    """Start the demo's broker (stopped with ``stack``) and say where it is; None, after one
+    line on stderr, when it cannot start."""
+    try:
+        handle = stack.enter_context(start_broker(kind))
+    except Exception as exc:
+        print(f"fedmq demo: could not start the broker ({kind}): {exc}", file=sys.stderr)
+        return None
+    _say_broker(handle)
+    return handle, BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
 
 
 def _say_broker(handle: BrokerHandle) -> None:

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.broker import start_broker
 from fedmq.config import AggregatorConfig, BrokerConfig, RoundsConfig, TaskConfig
 from fedmq.subscriber import ResultSubscriber
 from fedmq.wire import ColumnStatistics, StatisticsResult
@@ -165,21 +164,17 @@ def run_statistics(args: argparse.Namespace) -> int:
                            "devices": [{"id": f"day-{d}", "readings": len(data[d]["CO2"])}
                                        for d in days]}
     with contextlib.ExitStack() as stack:
-        try:
-            handle = stack.enter_context(start_broker(args.broker))
-        except Exception as exc:
-            print(f"fedmq demo: could not start the broker ({args.broker}): {exc}",
-                  file=sys.stderr)
-            return 1
-        from fedmq.demo import _say_broker
+        from fedmq.demo import open_broker
 
-        _say_broker(handle)
+        opened = open_broker(stack, args.broker)
+        if opened is None:
+            return 1
+        handle, broker = opened
         out["broker"] = handle.kind
         print(f"river's room-occupancy readings ({path.name}, from the installed package): "
               f"{sum(d['readings'] for d in out['devices'])} readings of one room, one every "
               f"16 min; one device per day of the recording: {len(days)} devices "
               f"({days[0]} .. {days[-1]})")
-        broker = BrokerConfig(host=handle.host, port=handle.port, mqtt5=handle.mqtt5)
         last, rejected = _federate(stack, broker, {d: data[d] for d in days}, rounds, args, out)
     if last is None:
         print(f"fedmq demo: timed out after {args.timeout:.0f} s with {len(out['rounds'])}/"
