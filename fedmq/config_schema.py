@@ -28,6 +28,7 @@ __all__ = [
     "LimitsConfig",
     "MetricsConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "RobustConfig",
     "RoundsConfig",
     "SamplingConfig",
@@ -159,6 +160,24 @@ class RobustConfig:
     max_change_norm: float = 100_000.0
 
 
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """What the federation hides (docs/privacy.md, docs/security.md)."""
+
+    #: Differential privacy (DP-FedAvg): the Gaussian noise's standard deviation on the round's
+    #: sum of clipped updates, in units of ``clip_norm`` (0: no noise, no DP).
+    noise_multiplier: float = 0.0
+    #: DP: the L2 bound each update's delta is clipped to; required with noise, and then the
+    #: norm bound in force ([robust] clip_norm unset or the same value).
+    clip_norm: float | None = None
+    #: DP: the run stops before a round would take epsilon past this (unset: no limit).
+    target_epsilon: float | None = None
+    #: DP: the delta of the reported (epsilon, delta) guarantee.
+    delta: float = 1e-5
+    #: Secure aggregation of masked updates (docs/security.md).
+    secure_aggregation: bool = False
+
+
 #: Each strategy's settings and their defaults (docs/learning.md): a key the chosen strategy has
 #: no use for is refused (``check_aggregator``), not silently ignored.
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
@@ -268,6 +287,7 @@ class AggregatorConfig:
     durability: DurabilityConfig = field(default_factory=DurabilityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 @dataclass(frozen=True)

@@ -526,6 +526,11 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
                         ("inf", "[0, inf]"), ("not-a-list", "1")],
     ("task", "column_bins"): [("not-a-table", "[1]"), ("bad-bins", "{ a = [1, 0, 3] }"),
                               ("text", '{ a = "0:1:3" }')],
+    ("privacy", "noise_multiplier"): [*NON_NEGATIVE, ("above-1e6", "1e7")],
+    ("privacy", "clip_norm"): POSITIVE,
+    ("privacy", "target_epsilon"): [*POSITIVE, ("above-1e6", "1e7")],
+    ("privacy", "delta"): [*QUANTILE],
+    ("privacy", "secure_aggregation"): BOOL,
 }
 
 AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
