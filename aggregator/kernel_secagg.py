@@ -23,10 +23,11 @@ __all__ = ["fold_masked", "warmup_masked"]
 
 @_jit
 def _fold_masked(acc: U32, x: U32, offset: int) -> None:
+    a = acc[offset:offset + x.size]
     for i in range(x.size):
-        # numba widens uint32 + uint32 to 64 bits; the store keeps the low 32: the ring's add
-        acc[offset + i] = np.uint32((np.uint64(acc[offset + i]) + np.uint64(x[i]))
-                                    & np.uint64(0xFFFFFFFF))
+        # numba widens uint32 + uint32 to 64 bits and the store keeps the low 32: the ring's
+        # add, in a loop LLVM vectorizes (an explicit mask did not: twice as slow)
+        a[i] += x[i]
 
 
 def fold_masked(acc: U32, data: Buffer, offset: int = 0) -> None:
