@@ -1,7 +1,8 @@
 """Check the layout's import boundaries (shared/design.md, "Layout").
 
 Only the transport modules (``*/transport.py`` and ``fedmq/paho_client.py``) import paho, only
-``fedmq/codec.py`` (and its ``msgpack_views``) imports msgpack, only ``aggregator/exporter.py``
+``fedmq/codec.py`` (and its ``msgpack_views``, and
+``fedmq/secagg/codec.py``) imports msgpack, only ``aggregator/exporter.py``
 imports prometheus_client, only ``aggregator/kernel*.py`` imports numba, and amqtt only
 ``fedmq/broker.py``. The shared
 ``fedmq`` core never imports either side at module level (the CLI and the demo, the composition
@@ -21,7 +22,8 @@ PACKAGES = ("fedmq", "aggregator", "device_agent")
 # top-level module -> predicate on the importing file's path (relative, POSIX)
 ALLOWED = {
     "paho": lambda p: p.endswith("/transport.py") or p == "fedmq/paho_client.py",
-    "msgpack": lambda p: p in ("fedmq/codec.py", "fedmq/msgpack_views.py"),
+    "msgpack": lambda p: p in ("fedmq/codec.py", "fedmq/msgpack_views.py",
+                               "fedmq/secagg/codec.py"),
     "prometheus_client": lambda p: p == "aggregator/exporter.py",
     "numba": lambda p: p.startswith("aggregator/kernel"),
     "amqtt": lambda p: p == "fedmq/broker.py",
