@@ -17,9 +17,11 @@ import numpy.typing as npt
 
 from aggregator.history import ModelHistory
 from fedmq import codec
-from fedmq.chunking import split_model
+from fedmq.chunking import MIN_CHUNK_BYTES, split_model
 from fedmq.compression import encode_all
 from fedmq.config import AggregatorConfig, CompressionConfig
+from fedmq.keys import load_signer
+from fedmq.signing import manifest_of
 from fedmq.statistics import query_of
 from fedmq.topics import Topics
 from fedmq.transport import Transport
@@ -64,6 +66,9 @@ class Publisher:
         self.model_sha = ""
         #: A statistics federation's query, announced with every round (docs/analytics.md).
         self.query = query_of(config.task) if config.task.kind == "statistics" else ()
+        #: Signs every model and announcement when ``[security] signing_key`` is set.
+        key = config.security.signing_key
+        self.signer = load_signer(key) if key else None
         if config.train.extra:  # said once: a misspelt [train] key is forwarded, not refused
             log.info("extra [train] keys, sent to the devices' trainers in every announcement: "
                      "%s", ", ".join(f"{k} = {v!r}" for k, v in config.train.extra.items()))
@@ -84,11 +89,16 @@ class Publisher:
                             created=created, run=run)
         if self.history is not None:
             self.history.save(model)  # the whole model, before it is split for the wire
-        messages = split_model(model, self.chunk_limit())
+        # Room for the signature, so that a signed whole model still fits the limit.
+        room = len(codec.encode_manifest(manifest_of(model))) + 256 if self.signer else 0
+        messages = split_model(model, max(MIN_CHUNK_BYTES, self.chunk_limit() - room))
         # Parts first, manifest last: a subscriber that sees the manifest has the parts coming.
         out = [(self.topics.model_part(m.chunk), codec.encode(m))
                for m in messages[1:] if m.chunk is not None]
-        out.append((self.topics.model, codec.encode(messages[0])))
+        head = messages[0]
+        if self.signer is not None:  # the manifest signs each part's payload (protocol.md 5b)
+            head = self.signer.model(head, manifest_of(model, [p for _, p in out]))
+        out.append((self.topics.model, codec.encode(head)))
         for stale in range(len(messages) - 1, self.model_parts):
             # Clear retained parts an earlier, larger split left behind.
             self.transport.publish(self.topics.model_part(stale), b"", qos=1, retain=True)
@@ -124,7 +134,7 @@ class Publisher:
             # there is a sample to redraw.
             sample_draw=draw if cfg.sampling.rate < 1.0 else 0,
             task=cfg.task.kind, columns=self.query)
-        payload = codec.encode(ann)
+        payload = codec.encode(self.signer.round(ann) if self.signer is not None else ann)
         self.transport.publish(self.topics.round, payload, qos=1, retain=True)
         self._retain(self.topics.round, payload)
 

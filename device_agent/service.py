@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.factory import build_trainer
+from device_agent.model_gate import SignedGate, gate_of
 from device_agent.outbox import Outbox, OutboxFullError
 from device_agent.statistics import Analyst, NoTraining
 from device_agent.trained_record import load_trained, save_trained
@@ -97,6 +98,8 @@ class AgentService:
         self.trained_path = trained_path
         self.machine.trained_before = load_trained(trained_path)
         self.assembler = ModelAssembler()
+        #: Verifies models and announcements when ``[security] trusted_keys`` is set.
+        self.gate: SignedGate | None = None
         self.ignored: Counter[str] = Counter()
         #: Report an evaluation of every new model (federated evaluation); train for rounds
         #: (False: an evaluation-only device, ``[data] eval_fraction = 1``).
@@ -182,16 +185,19 @@ class AgentService:
             service = cls.over_mqtt(config.federation, device_id, NoTraining(), config.broker,
                                     outbox=outbox, trained_path=trained, evaluate=False)
             service.analyst = Analyst.from_config(config)
+            service.gate = gate_of(config, device_id)
             return service
         if trainer is None:
             trainer = build_trainer(config)  # checked there, failing as a ConfigError
         else:
             check_trainer(trainer)  # fails at start-up, not at the first round
         fraction = config.data.eval_fraction
-        return cls.over_mqtt(config.federation, device_id, trainer,
-                             config.broker, feedback=compression.ErrorFeedback(path),
-                             outbox=outbox, trained_path=trained, evaluate=fraction > 0,
-                             train=fraction < 1, min_interval_s=d.min_interval_s)
+        service = cls.over_mqtt(config.federation, device_id, trainer,
+                                config.broker, feedback=compression.ErrorFeedback(path),
+                                outbox=outbox, trained_path=trained, evaluate=fraction > 0,
+                                train=fraction < 1, min_interval_s=d.min_interval_s)
+        service.gate = gate_of(config, device_id)
+        return service
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -362,7 +368,12 @@ class AgentService:
                         msg.topic, exc)
             return
         if isinstance(decoded, GlobalModel) and msg.topic.startswith(self.topics.model):
-            whole = self.assembler.add(decoded)
+            whole, refused = (
+                (self.assembler.add(decoded), None) if self.gate is None else self.gate.model(
+                    decoded, msg.payload, (self.machine.run, self.machine.model_version)))
+            if refused is not None:
+                self._refuse(refused, msg.topic)
+                return
             if whole is None:
                 return  # a part of a chunked model; the rest is on its way
             actions = self.machine.on_model(whole)
@@ -373,12 +384,23 @@ class AgentService:
                 self._evaluated = (whole.run, whole.version)
                 self._evaluate(whole.version, whole.run)
         elif msg.topic == self.topics.round and isinstance(decoded, RoundAnnouncement):
+            if self.gate is not None and (refused := self.gate.round(decoded)):
+                self._refuse(refused, msg.topic)
+                return
             self._round_seen = True
             actions = self.machine.on_round(decoded)
         else:
             self.ignored["unexpected"] += 1
             return
         self._run(actions)
+
+    def _refuse(self, reason: str, topic: str) -> None:
+        """Count a model or announcement the signature check refused (the device keeps what
+        it had)."""
+        self.ignored[reason] += 1
+        if reason != "old_model":  # a republished version is routine
+            log.warning("device %s: refused a message on %s: %s", self.device_id, topic,
+                        reason)
 
     def _run(self, actions: list[Train | Ignored]) -> None:
         while actions:

@@ -160,6 +160,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return watch.run(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``fedmq keys generate``: the key pair of signed models (fedmq.keys)."""
+    from fedmq import keys
+
+    return keys.run(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``fedmq report``: the model history as a picture (aggregator.report)."""
     from aggregator import report
@@ -229,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch.add_arguments(w)
     w.set_defaults(func=cmd_watch, log_default="warning")
+
+    k = sub.add_parser("keys", help="the aggregator's signing key pair (signed models)")
+    from fedmq import keys
+
+    keys.add_arguments(k)
+    k.set_defaults(func=cmd_keys, log_default="warning")
 
     r = sub.add_parser("report", help="accuracy, loss, participants and bytes per version "
                                       "from the model history, as a PNG (the plot extra)")

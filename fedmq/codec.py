@@ -33,10 +33,12 @@ from fedmq.wire import (
     GlobalModel,
     Message,
     ModelEvaluation,
+    ModelManifest,
     ModelUpdate,
     RoundAnnouncement,
     RoundProgress,
     RoundSummary,
+    Signature,
     StatisticsResult,
     StatsColumn,
     Tensor,
@@ -99,7 +101,7 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 {"sample_draw": msg.sample_draw} if msg.sample_draw else {}) | (
                 {"mode": msg.mode} if msg.mode != "sync" else {}) | (
                 {"max_staleness": msg.max_staleness} if msg.max_staleness else {}) | (
-                _task_map(msg) if msg.task != "train" or msg.columns else {})
+                _task_map(msg) if msg.task != "train" or msg.columns else {}) | _sig_map(msg.sig)
         case GlobalModel():
             m = head | {
                 "kind": "model", "version": msg.version, "round": msg.round,
@@ -112,7 +114,7 @@ def _to_map(msg: Message) -> dict[str, Any]:
                     m["chunk"] = msg.chunk
             if msg.run:
                 m["run"] = msg.run
-            return m
+            return m | _sig_map(msg.sig)
         case ModelUpdate():
             m = head | {
                 "kind": "update", "device": msg.device_id, "round": msg.round,
@@ -164,6 +166,23 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "closed_by": msg.closed_by, "ts": float(msg.ts),
             } | ({"run": msg.run} if msg.run else {})
     raise TypeError(f"not a fedmq message: {type(msg).__name__}")
+
+
+def _sig_map(sig: Signature | None) -> dict[str, Any]:
+    """The optional ``sig`` entry, written last (docs/protocol.md, 5b)."""
+    if sig is None:
+        return {}
+    return {"sig": {"key": sig.key, "signed": sig.signed, "ed25519": sig.ed25519}}
+
+
+def encode_manifest(m: ModelManifest) -> bytes:
+    """The bytes a model's signature covers (``Signature.signed``)."""
+    out: bytes = msgpack.packb({
+        "v": SCHEMA_VERSION, "kind": "model", "fed": m.federation, "run": m.run,
+        "version": m.version, "round": m.round, "sha256": m.sha256, "chunks": m.chunks,
+        "codec": m.codec, "shapes": [[name, list(shape)] for name, shape in m.shapes],
+        "parts": list(m.parts)}, use_bin_type=True)
+    return out
 
 
 def _task_map(msg: RoundAnnouncement) -> dict[str, Any]:
@@ -367,6 +386,59 @@ def _settings(f: _Fields, key: str) -> dict[str, float | int | str]:
     return out
 
 
+#: Largest ``sig.signed``: a manifest of the most tensors with the longest names and shapes,
+#: and a SHA-256 for each of the most parts.
+MAX_SIGNED = 8 << 20
+#: Length of an Ed25519 signature.
+ED25519_BYTES = 64
+
+
+def _sig(f: _Fields) -> Signature | None:
+    """The optional ``sig`` map of a round announcement or a model (docs/protocol.md, 5b)."""
+    if "sig" not in f.m:
+        return None
+    s = _Fields(f.map_("sig"), f"{f.where}: sig", f.limits)
+    signed, signature = s.bytes_("signed"), s.bytes_("ed25519")
+    if len(signed) > MAX_SIGNED or len(signature) != ED25519_BYTES:
+        raise DecodeError(f"{s.where}: signed must be at most {MAX_SIGNED} bytes and ed25519 "
+                          f"exactly {ED25519_BYTES}")
+    return Signature(key=s.str_("key"), signed=signed, ed25519=signature)
+
+
+def decode_manifest(payload: bytes | bytearray | memoryview,
+                    limits: DecodeLimits = DEFAULT_LIMITS) -> ModelManifest:
+    """Decode a model's signed manifest (``Signature.signed``); raises ``DecodeError`` only."""
+    try:
+        raw = _unpack(payload, limits)
+    except Exception as exc:
+        raise DecodeError(f"manifest: not a valid msgpack document: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError("manifest: must be a map")
+    f = _Fields(raw, "manifest", limits)
+    if f.int_("v") != SCHEMA_VERSION or f.str_("kind") != "model":
+        raise DecodeError("manifest: not a version 1 model manifest")
+    chunks = f.int_("chunks", 1, MAX_CHUNKS)
+    shapes_raw, parts_raw = f.list_("shapes"), f.list_("parts")
+    if len(shapes_raw) > limits.max_tensors:
+        raise DecodeError("manifest: too many shapes", reason="oversize")
+    shapes = []
+    for item in shapes_raw:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and len(item[0]) <= limits.max_string and isinstance(item[1], list)
+                and len(item[1]) <= limits.max_ndim
+                and all(_is_int(d) and d >= 0 for d in item[1])):
+            raise DecodeError("manifest: shapes must be [name, [dimensions]] pairs")
+        shapes.append((item[0], tuple(item[1])))
+    if not all(isinstance(p, bytes | memoryview) and len(p) == 32 for p in parts_raw) or (
+            parts_raw and len(parts_raw) != chunks) or (chunks > 1 and not parts_raw):
+        raise DecodeError("manifest: parts must be one 32-byte SHA-256 per part of a chunked "
+                          "model, none for a whole one")
+    return ModelManifest(
+        federation=f.str_("fed"), run=f.int_("run"), version=f.int_("version"),
+        round=f.int_("round"), sha256=f.str_("sha256"), chunks=chunks, codec=f.str_("codec"),
+        shapes=tuple(shapes), parts=tuple(bytes(p) for p in parts_raw))
+
+
 def _round(f: _Fields, fed: str) -> RoundAnnouncement:
     rate = f.optional("sample_rate", f.float_, 1.0)
     if not 0.0 <= rate <= 1.0:
@@ -384,7 +456,7 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
         max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0), run=_run(f),
         sample_draw=f.optional("sample_draw", lambda k: f.int_(k, 0, MAX_DRAWS), 0),
         mode=mode, max_staleness=f.optional("max_staleness", f.int_, 0),
-        task=_task(f), columns=_query(f),
+        task=_task(f), columns=_query(f), sig=_sig(f),
     )
 
 
@@ -452,6 +524,7 @@ def _model(f: _Fields, fed: str) -> GlobalModel:
         federation=fed, version=f.int_("version"), round=f.int_("round"), tensors=_tensors(f),
         sha256=f.str_("sha256"), metrics=f.scalars("metrics"),
         created=f.optional("created", f.float_, 0.0), chunk=chunk, chunks=chunks, run=_run(f),
+        sig=_sig(f),
     )
 
 

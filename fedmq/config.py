@@ -44,10 +44,12 @@ from fedmq.config_schema import (
     RobustConfig,
     RoundsConfig,
     SamplingConfig,
+    SigningConfig,
     StrategyConfig,
     TaskConfig,
     TrainerConfig,
     TrainSettings,
+    TrustConfig,
 )
 from fedmq.errors import ConfigError
 from fedmq.models import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_LR, MAX_PROXIMAL_MU
@@ -73,10 +75,12 @@ __all__ = [
     "RoundsConfig",
     "Rule",
     "SamplingConfig",
+    "SigningConfig",
     "StrategyConfig",
     "TaskConfig",
     "TrainSettings",
     "TrainerConfig",
+    "TrustConfig",
     "build",
     "check_agent",
     "check_aggregator",
@@ -177,6 +181,16 @@ _COLUMN_BINS = Rule(lambda v: all(isinstance(k, str) and isinstance(b, list) and
     isinstance(x, int | float) and not isinstance(x, bool) for x in b) and _is_bins(b)
     for k, b in v.items()), "a table of column = [lo, hi, nbins] (finite lo < hi, an integer "
     f"nbins in [1, {MAX_BINS}])")
+def _are_keys(v: list[str]) -> bool:
+    from fedmq.signing import parse_public  # cryptography: only when keys are given
+
+    for text in v:
+        parse_public(text)  # ValueError: refused by _check_value
+    return len(set(v)) == len(v)
+
+
+_KEYS = Rule(_are_keys, "a list of distinct Ed25519 public keys, each 44 characters of base64 "
+                        "(or 64 hex digits) as `fedmq keys generate` prints")
 _FUNCTION = Rule(lambda v: bool(re.fullmatch(r"[\w.]+:[\w.]+", v)),
                  '"package.module:function"')
 
@@ -280,6 +294,8 @@ RULES: dict[type, dict[str, Rule]] = {
     TaskConfig: {"columns": _COLUMNS, "bins": _BINS, "edges": _EDGES,
                  "column_bins": _COLUMN_BINS},
     DeviceTaskConfig: {"columns": _COLUMNS, "statistics": _FUNCTION},
+    SigningConfig: {"signing_key": _TEXT},
+    TrustConfig: {"trusted_keys": _KEYS},
 }
 
 
@@ -519,6 +535,10 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         _check_broker(cfg.broker)
         _check_strategy(cfg.strategy)
         _check_task(cfg)
+        if cfg.security.signing_key:  # read now: a bad key file fails at start-up
+            from fedmq.keys import load_signer
+
+            load_signer(cfg.security.signing_key)
 
 
 def _check_strategy(s: StrategyConfig) -> None:

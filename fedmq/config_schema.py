@@ -178,6 +178,24 @@ class PrivacyConfig:
     secure_aggregation: bool = False
 
 
+@dataclass(frozen=True)
+class SigningConfig:
+    """The aggregator's ``[security]``: the private key that signs every model and round
+    announcement (``fedmq keys generate``; docs/security.md, "Signed models")."""
+
+    #: Path of the Ed25519 private key (PEM); unset: nothing is signed.
+    signing_key: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """The agent's ``[security]``: the federation's public keys (base64, as ``fedmq keys
+    generate`` prints them). Set: only models and announcements signed by one of them are used;
+    several during a key rotation. Empty: nothing is verified."""
+
+    trusted_keys: list[str] = field(default_factory=list)
+
+
 #: Each strategy's settings and their defaults (docs/learning.md): a key the chosen strategy has
 #: no use for is refused (``check_aggregator``), not silently ignored.
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
@@ -288,6 +306,7 @@ class AggregatorConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    security: SigningConfig = field(default_factory=SigningConfig)
 
 
 @dataclass(frozen=True)
@@ -367,6 +386,7 @@ class AgentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: DeviceTaskConfig = field(default_factory=DeviceTaskConfig)
+    security: TrustConfig = field(default_factory=TrustConfig)
 
     def device_id(self) -> str:
         """The device id: ``[device] id``, else the environment variable ``id_from_env`` names.

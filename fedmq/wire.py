@@ -108,6 +108,35 @@ class Tensor:
 
 
 @dataclass(frozen=True, slots=True)
+class Signature:
+    """An Ed25519 signature by the aggregator's key (``fedmq.signing``, docs/protocol.md 5b).
+
+    ``signed`` holds the exact bytes signed: a round announcement's own payload without ``sig``,
+    or a model's ``ModelManifest``; ``key`` names the public key (``signing.key_id``).
+    """
+
+    key: str
+    signed: Blob
+    ed25519: Blob
+
+
+@dataclass(frozen=True, slots=True)
+class ModelManifest:
+    """What a model's signature covers: its identity, its tensors' names, shapes and codec, its
+    digest and, for a chunked model, the SHA-256 of each part's payload (32 bytes each)."""
+
+    federation: str
+    run: int
+    version: int
+    round: int
+    sha256: str
+    chunks: int = 1
+    codec: str = "fp32"
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    parts: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StatsColumn:
     """One column of a statistics query: its name and its histogram's bin edges (float64,
     strictly increasing, at least two: bin i holds ``edges[i] <= x < edges[i+1]``, the last bin
@@ -154,6 +183,8 @@ class RoundAnnouncement:
     #: async: updates built on a version more than this many versions behind ``base_version``
     #: are rejected as stale (0 in sync mode, where only ``base_version`` itself counts).
     max_staleness: int = 0
+    #: The aggregator's signature (absent when it has no signing key).
+    sig: Signature | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +205,8 @@ class GlobalModel:
     chunks: int = 1
     #: The aggregator's run that published this version; 0 when not given.
     run: int = 0
+    #: The aggregator's signature, on a whole model or a chunked model's manifest (not parts).
+    sig: Signature | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,11 +268,11 @@ OPTIONAL: dict[str, tuple[str, ...]] = {
     "summary": ("accepted", "rejected", "bytes_in", "duration_s", "metrics"),
 }
 # Optional fields written only when they differ from their default (chunked messages).
-SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks", "run"),
+SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks", "run", "sig"),
                                       "update": ("chunk", "chunks", "run"),
                                       "round": ("codec_params", "max_chunk_bytes", "run",
                                                 "sample_draw", "mode", "max_staleness", "task",
-                                                "columns")}
+                                                "columns", "sig")}
 ENVELOPE = ("v", "kind", "fed")
 TENSOR_KEYS = ("name", "dtype", "shape", "codec", "data")
 WIRE_TO_ATTR = {"fed": "federation", "device": "device_id"}

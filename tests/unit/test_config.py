@@ -531,6 +531,7 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("privacy", "target_epsilon"): [*POSITIVE, ("above-1e6", "1e7")],
     ("privacy", "delta"): [*QUANTILE],
     ("privacy", "secure_aggregation"): BOOL,
+    ("security", "signing_key"): [*TEXT, ("missing-file", '"/nonexistent/signing_key.pem"')],
 }
 
 AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
@@ -557,6 +558,11 @@ AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("data", "eval_fraction"): UNIT,
     ("trainer", "kind"): TEXT,
     ("trainer", "options"): [("integer", "3"), ("string", '"hidden=32"'), ("list", "[1, 2]")],
+    ("security", "trusted_keys"): [
+        ("not-a-list", '"BcMQ5aAvh6vArr0FFAV5qPSO0l8MquvHinSNt7UDtjA="'), ("number", "[1]"),
+        ("not-base64", '["not a key"]'), ("short", '["BcMQ5aAvh6vArr0F"]'),
+        ("duplicate", '["BcMQ5aAvh6vArr0FFAV5qPSO0l8MquvHinSNt7UDtjA=", '
+                      '"BcMQ5aAvh6vArr0FFAV5qPSO0l8MquvHinSNt7UDtjA="]')],
     ("task", "kind"): CHOICE,
     ("task", "columns"): COLUMNS,
     ("task", "statistics"): [("no-colon", '"pkg.mod"'), ("empty", '""'), ("int", "5"),
