@@ -378,3 +378,25 @@ def test_the_manifest_bytes_are_what_docs_say() -> None:
     assert manifest.chunks == 2
     assert manifest.codec == "fp32"
     assert (manifest.federation, manifest.run, manifest.version) == (FED, RUN, 4)
+
+
+def test_the_protocol_pages_verifier_uses_plain_cryptography() -> None:
+    """docs/protocol.md 5b's verify_model, run as written (msgpack + cryptography only)."""
+    import re
+
+    text = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = text[text.index("## 5b."):text.index("## 6.")]
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    assert set(re.findall(r"^(?:import|from)\s+(\w+)", block.group(1), re.MULTILINE)) == {
+        "hashlib", "msgpack", "cryptography"}
+    namespace: dict[str, object] = {}
+    exec(compile(block.group(1), "protocol.md", "exec"), namespace)
+    verify_model = namespace["verify_model"]
+    trusted = {SIGNER.key_id: KEY.public_key()}
+    payload = codec.encode(signed_whole(4))
+    assert verify_model(payload, trusted)["version"] == 4  # type: ignore[operator]
+    for bad in (codec.encode(model(4)), codec.encode(signed_whole(4, signer=Signer(OTHER))),
+                flip(payload, 300), flip(payload, len(payload) - 200)):
+        with pytest.raises(Exception):  # noqa: B017, PT011 - ValueError or InvalidSignature
+            verify_model(bad, trusted)  # type: ignore[operator]
