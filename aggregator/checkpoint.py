@@ -57,6 +57,8 @@ def recover(svc: AggregatorService) -> bool:
     svc.wal = None  # nothing is logged while the log itself is replayed
     svc._replay_now = float(meta["opened_at"])
     try:
+        if svc.privacy is not None:  # before the round reopens: its budget check reads it
+            svc.privacy.restore(meta.get("privacy", []))
         svc._publish_model(metrics=_stored_metrics(svc))
         if "result" in meta:  # before the replay, which may close a round and publish anew
             svc.publisher.result_payload(bytes.fromhex(meta["result"]))
@@ -143,6 +145,8 @@ def save(svc: AggregatorService, opened_at: float, mid: bool = False) -> None:
     }
     if isinstance(svc.machine, AsyncRoundMachine):
         meta["async"] = svc.machine.export()
+    if svc.privacy is not None:  # the rounds the accountant composed
+        meta["privacy"] = svc.privacy.export()
     result = svc.publisher.last_result()
     if result is not None:  # a statistics federation's last result, republished on recovery
         meta["result"] = result.hex()

@@ -37,6 +37,8 @@ def finalize(svc: AggregatorService) -> tuple[Weights | None, str, str]:
     the round ends cleanly and the federation goes on from the model (and the server
     optimizer's state) it had.
     """
+    if svc.privacy is not None:  # the round's noise: the same bits when the log is replayed
+        svc.privacy.noise.at(svc.run, svc.round)
     try:
         new = svc.strategy.finalize()
     except (FloatingPointError, ValueError, ProtocolError) as exc:
@@ -66,6 +68,8 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
         log.warning("round %d closed with %d chunked updates incomplete: they count on the "
                     "parameters they delivered only", svc.round, incomplete)
     new, reason, detail = finalize(svc)
+    # Noise was drawn: the round costs privacy whether its model is published or abandoned.
+    private = svc.privacy.finalized(svc.round) if svc.privacy is not None else {}
     if new is None:
         abandon(svc, reason, detail, now)
         return
@@ -77,7 +81,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
     metrics = svc.ledger.mean_metrics()  # the devices' training metrics (train_*)
     participants = svc.strategy.contributors
     svc.telemetry.expect(participants, svc.version - 1)
-    svc._publish_model(metrics | {"participants": float(participants),
+    svc._publish_model(metrics | private | {"participants": float(participants),
                                    "bytes_in": float(svc.ledger.bytes_in)})
     summary = RoundSummary(
         federation=svc.config.federation, round=svc.round, version=svc.version,
@@ -85,7 +89,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
         accepted=svc.machine.accepted_ids, rejected=dict(svc.ledger.rejected),
         bytes_in=svc.ledger.bytes_in, duration_s=now - svc._round_opened,
         metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {})
-        | summary_metrics(svc.machine)
+        | summary_metrics(svc.machine) | private
         | ({"norm_bound": bound, "clipped_updates": float(svc.ledger.clipped)}
            if math.isfinite(bound) else {}))
     svc.publisher.summary(summary)

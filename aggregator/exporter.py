@@ -140,6 +140,14 @@ class _Collector:
         if bound.active and math.isfinite(bound.bound()):
             yield gauge("fedmq_norm_bound", "L2 norm bound applied to updates folded now.",
                         bound.bound())
+        dp = s.privacy
+        if dp is not None:  # docs/privacy.md
+            yield gauge("fedmq_dp_epsilon", "Differential privacy: epsilon spent so far, at "
+                        "fedmq_dp_delta (PLD accountant).", dp.epsilon)
+            yield gauge("fedmq_dp_delta", "Differential privacy: the delta of the reported "
+                        "epsilon.", dp.accountant.delta)
+            yield counter("fedmq_dp_rounds", "Rounds finalized with noise (the accountant's "
+                          "count).", dp.accountant.rounds)
 
     def phase(self) -> str:
         """``open``: a round is open and has its quorum; ``waiting``: open, below quorum;

@@ -61,6 +61,8 @@ class BoundedFold:
         #: its clip factor (so it shrinks the update's pull, not its share of the mean's
         #: denominator: FedBuff). None: every update folds whole (sync mode).
         self.discount: Callable[[int], float] | None = None
+        #: Differential privacy (docs/privacy.md): every update weighs 1, whatever it claims.
+        self.unit_weight = False
 
     def new_round(self, ledger: RoundLedger) -> None:
         """Drop whatever the last round had waiting (an abandoned round's updates go with it)."""
@@ -100,7 +102,7 @@ class BoundedFold:
         # which folds each message as it is handled (so the same bits after a crash).
         self.flush()
         t0 = time.perf_counter()
-        self.strategy.fold_part(key, update.tensors, weight,
+        self.strategy.fold_part(key, update.tensors, self._weight(weight),
                                 scale * self._factor(update.base_version))
         self.stats.fold_seconds += time.perf_counter() - t0
         return scale
@@ -135,7 +137,7 @@ class BoundedFold:
             return
         batch, self.deferred = self.deferred, []
         t0 = time.perf_counter()
-        items = [(u.tensors, weight,
+        items = [(u.tensors, self._weight(weight),
                   self.clip(self.bound.scale(math.sqrt(sq))) * self._factor(u.base_version))
                  for u, weight, sq in batch]
         if len(items) == 1:
@@ -172,7 +174,7 @@ class BoundedFold:
                 self.clip(0.0 if budget.spent < budget.raw else 1.0)
             else:
                 u, weight, sq = item
-                self.strategy.fold(u.tensors, weight,
+                self.strategy.fold(u.tensors, self._weight(weight),
                                    self.clip(self.bound.held_scale(math.sqrt(sq)))
                                    * self._factor(u.base_version))
         if in_flight is not None:
@@ -190,10 +192,13 @@ class BoundedFold:
         for tensors, sq in pending.waiting or []:
             scale = budget.take(sq, clip=True)  # held, so clipped in reject mode too
             assert scale is not None
-            self.strategy.fold_part(key, tensors, weight, scale * factor)
+            self.strategy.fold_part(key, tensors, self._weight(weight), scale * factor)
         pending.budget = budget
         pending.waiting = None
         return budget
+
+    def _weight(self, weight: float) -> float:
+        return 1.0 if self.unit_weight else weight
 
     def _factor(self, base_version: int) -> float:
         return 1.0 if self.discount is None else self.discount(base_version)

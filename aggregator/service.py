@@ -34,6 +34,7 @@ from aggregator.folding import BoundedFold
 from aggregator.history import ModelHistory
 from aggregator.ledger import RoundLedger, Stats
 from aggregator.presence import Presence
+from aggregator.privacy import DifferentialPrivacy, norm_config, stop_before
 from aggregator.publishing import Publisher
 from aggregator.reporting import Reporter
 from aggregator.robust import NormBound, bootstrap_size
@@ -160,7 +161,7 @@ class AggregatorService:
                                          max_elements=max(self.spec.total, 1))
         self.stats = Stats()
         # A buffer's size is its max_updates (async mode): the bootstrap fits in one buffer.
-        self.bound = NormBound(config.robust,
+        self.bound = NormBound(norm_config(config),
                                bootstrap_size(r.min_updates, self.machine.rules.max_updates))
         self.reporter = Reporter(config.limits.reject_log_every_s, r.idle_warn_s)
         self.telemetry = Telemetry(config.federation, self.publisher, self.stats,
@@ -185,6 +186,8 @@ class AggregatorService:
                                   reject_mode=config.robust.mode == "reject")
         #: A statistics federation ([task] kind) swaps in its own model, strategy and checks.
         self.task: StatisticsTask | None = attach(self)
+        #: Differential privacy ([privacy] noise_multiplier > 0; docs/privacy.md).
+        self.privacy: DifferentialPrivacy | None = DifferentialPrivacy.attach(self)
         if isinstance(self.machine, AsyncRoundMachine):
             self.folder.discount = self.machine.weight  # the staleness weight (FedBuff)
         self._stopping = threading.Event()
@@ -441,6 +444,8 @@ class AggregatorService:
     # ---------------------------------------------------------------- rounds
 
     def _open_round(self, now: float, snapshot: bool = True) -> None:
+        if stop_before(self, now):  # one more round would pass [privacy] target_epsilon
+            return
         self.round += 1
         # An abandoned round's accepted updates are dropped with it.
         self.folder.new_round(RoundLedger())

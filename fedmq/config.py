@@ -535,6 +535,7 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         _check_broker(cfg.broker)
         _check_strategy(cfg.strategy)
         _check_task(cfg)
+        _check_privacy(cfg)
         if cfg.security.signing_key:  # read now: a bad key file fails at start-up
             from fedmq.keys import load_signer
 
@@ -550,6 +551,42 @@ def _check_strategy(s: StrategyConfig) -> None:
             names = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} or {users[-1]}"
             raise ConfigError(f"[strategy] {key} = {_show(value)} only applies with [strategy] "
                               f'name = {names} (it is "{s.name}")')
+
+
+def _check_privacy(cfg: AggregatorConfig) -> None:
+    """Differential privacy's keys agree with the rest (docs/privacy.md): one clip, bounded."""
+    p = cfg.privacy
+    if p.noise_multiplier == 0:
+        for key in ("clip_norm", "target_epsilon"):
+            if (value := getattr(p, key)) is not None:
+                raise ConfigError(f"[privacy] {key} = {_show(value)} only applies with "
+                                  "[privacy] noise_multiplier > 0 (it is 0: no DP)")
+        return
+    head = f"[privacy] noise_multiplier = {_show(p.noise_multiplier)}"
+    if p.clip_norm is None:
+        raise ConfigError(f"{head} needs [privacy] clip_norm, the L2 bound each update's delta "
+                          "is clipped to")
+    r = cfg.robust
+    if r.clip_norm is not None and r.clip_norm != p.clip_norm:
+        raise ConfigError(f"[robust] clip_norm = {_show(r.clip_norm)} contradicts [privacy] "
+                          f"clip_norm = {_show(p.clip_norm)}: with noise the privacy clip is "
+                          "the norm bound; remove [robust] clip_norm")
+    if r.mode == "off":
+        raise ConfigError(f'{head} needs the norm bound: [robust] mode = "off" leaves the '
+                          "updates unclipped")
+    _at_most("privacy.clip_norm", p.clip_norm, "robust.max_norm", r.max_norm)
+    if cfg.rounds.mode != "sync":
+        raise ConfigError(f'{head} works with [rounds] mode = "sync" only (it is '
+                          f'"{cfg.rounds.mode}")')
+    if cfg.task.kind != "train":
+        raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
+                          f'"{cfg.task.kind}")')
+    if p.secure_aggregation:
+        raise ConfigError(f"{head} with [privacy] secure_aggregation = true is not supported "
+                          "yet: the noise would have to be added by the devices "
+                          "(docs/privacy.md)")
+    if cfg.sampling.rate == 0:
+        raise ConfigError(f"{head} needs [sampling] rate > 0 (0: no device ever trains)")
 
 
 def _check_train_extra(train: TrainSettings) -> None:

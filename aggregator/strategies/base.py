@@ -26,7 +26,7 @@ from aggregator.spec import ModelSpec
 from fedmq.errors import ProtocolError
 from fedmq.wire import Tensor
 
-__all__ = ["F32", "F64", "PartialSum", "Strategy", "StreamingFold"]
+__all__ = ["F32", "F64", "NoisySum", "PartialSum", "Strategy", "StreamingFold"]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -72,6 +72,17 @@ class PartialSum:
             self.total_weight + other.total_weight,
             self.contributors + other.contributors,
         )
+
+
+class NoisySum(Protocol):
+    """Differential privacy's round (``aggregator.privacy.GaussianSum``): the mean delta is the
+    sum plus ``noise(size)``, over a fixed ``denominator`` instead of ``Σ w``."""
+
+    denominator: float
+
+    def noise(self, size: int) -> F64:
+        """The round's noise on the sum, a new array (the same bits for the same round)."""
+        ...
 
 
 class Strategy(Protocol):
@@ -220,6 +231,8 @@ class StreamingFold:
         # the state the last finalize computed, adopted only by commit.
         self._state: dict[str, F64] = {}
         self._staged: dict[str, F64] | None = None
+        #: Differential privacy (``aggregator.privacy``): None for the weighted mean.
+        self.noisy: NoisySum | None = None
 
     def _step(self, delta: F64) -> tuple[F64, dict[str, F64]]:
         """The new flat model in float64 from the round's mean delta (``delta`` may be reused
@@ -355,10 +368,16 @@ class StreamingFold:
         """``Σ w·Δ / Σ w`` over the flat model, as a new float64 array.
 
         Coordinates reached by unsettled chunked updates are divided by their own weight sum.
+        With ``noisy`` set (DP): ``(Σ w·Δ + noise) / denominator`` over every coordinate.
         """
         self._require_started("mean_delta")
         if self._contributors == 0 and not self._open_parts:
             raise ProtocolError("no updates in this round: there is nothing to average")
+        if self.noisy is not None:
+            noisy = self.noisy.noise(self._acc.size)
+            noisy += self._acc
+            noisy /= self.noisy.denominator
+            return noisy
         if not self._open_parts:
             mean: F64 = self._acc / self._total_weight
             return mean
