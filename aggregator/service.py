@@ -81,6 +81,12 @@ ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "bel
 #: Most queued updates folded in one pass over the accumulator.
 FOLD_BATCH = 8
 
+#: The inbox holds at most this many fp32 updates' bytes (or ``INBOX_MIN_BYTES``): memory
+#: O(parameters) however many updates a round takes. Bounded here because the broker's
+#: in-flight cap does not bound what it sends a client that acknowledges (``fedmq.inbox``).
+INBOX_UPDATES = FOLD_BATCH
+INBOX_MIN_BYTES = 8 * 1024 * 1024
+
 #: After the last round, how long to wait for the devices' evaluations of the final model.
 FINAL_EVAL_WAIT_S = 5.0
 
@@ -96,6 +102,11 @@ def new_run_id() -> int:
     strictly increasing within one process even when two runs start in the same millisecond."""
     _last_run_id[0] = max(time.time_ns() // 1_000_000, _last_run_id[0] + 1)
     return _last_run_id[0]
+
+
+def inbox_bytes(parameters: int) -> int:
+    """The transport inbox's cap in payload bytes for a model of ``parameters`` values."""
+    return max(INBOX_MIN_BYTES, INBOX_UPDATES * 4 * parameters)
 
 
 def initial_weights(config: AggregatorConfig) -> Weights:
@@ -129,6 +140,11 @@ class AggregatorService:
         # Set on every (re)connect; the worker then republishes the retained model and round,
         # which a broker restarted without persistence has forgotten.
         self._reconnected = threading.Event()
+        base = dict(weights) if weights is not None else initial_weights(config)
+        # np.asarray(order="C"), not np.ascontiguousarray: that makes a scalar (0-d) tensor 1-d.
+        self.model: Weights = {k: np.asarray(v, dtype=np.float32, order="C")
+                               for k, v in base.items()}
+        self.spec = ModelSpec.from_weights(self.model)
         durable = config.durability.state_dir is not None
         # With a state directory: acknowledge updates only once they are in the log, and keep
         # a persistent session so the broker queues updates while the aggregator is down.
@@ -136,7 +152,7 @@ class AggregatorService:
         instance = AggregatorInstance(config.federation)
         self.transport: Transport = transport or PahoTransport(
             config.broker, client_id=f"fedmq-aggregator-{config.federation}",
-            manual_ack=durable,
+            manual_ack=durable, inbox_bytes=inbox_bytes(self.spec.total),
             session_expiry_s=config.durability.session_expiry_s if durable else 0,
             on_connect=self._reconnected.set, will=instance.will, birth=instance.birth,
             farewell=True, duplicate_hint=instance.duplicate_hint)
@@ -148,11 +164,6 @@ class AggregatorService:
         self.publisher = Publisher(config, self.transport, self.topics, self.history)
         self._replay_now: float | None = None
         self._current: Message | None = None
-        base = dict(weights) if weights is not None else initial_weights(config)
-        # np.asarray(order="C"), not np.ascontiguousarray: that makes a scalar (0-d) tensor 1-d.
-        self.model: Weights = {k: np.asarray(v, dtype=np.float32, order="C")
-                               for k, v in base.items()}
-        self.spec = ModelSpec.from_weights(self.model)
         self.strategy: Strategy = build_strategy(config.strategy, self.spec)
         r = config.rounds
         self.machine: RoundMachine = machine_for(r)  # sync rounds, or async buffers (FedBuff)

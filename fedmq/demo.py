@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmq import demo_privacy
 from fedmq.broker import BrokerHandle, start_broker
 from fedmq.compression import decode_all
 from fedmq.config import (
@@ -28,7 +29,6 @@ from fedmq.config import (
     CompressionConfig,
     LimitsConfig,
     ModelConfig,
-    RobustConfig,
     RoundsConfig,
     SamplingConfig,
     StrategyConfig,
@@ -68,13 +68,17 @@ class DemoResult:
     codec: str = "fp32"
     #: ``[strategy] name`` and its settings, as the aggregator's log line says them.
     strategy: str = "fedavg"
+    #: ``--noise-multiplier`` (0: no DP) and the epsilon after the last round (None: no DP).
+    noise_multiplier: float = 0.0
+    final_epsilon: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"broker": self.broker, "partition": self.partition, "devices": self.devices,
                 "codec": self.codec, "strategy": self.strategy,
                 "rounds": self.rounds, "final_accuracy": self.final_accuracy,
                 "wall_s": self.wall_s, "target": self.target,
-                "reached_round": self.reached_round, "mode": self.mode}
+                "reached_round": self.reached_round, "mode": self.mode,
+                "noise_multiplier": self.noise_multiplier, "final_epsilon": self.final_epsilon}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,7 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-lr", type=float, default=None,
                    help="the strategy's server learning rate (default: the strategy's own)")
     p.add_argument("--clip-norm", type=float, default=None,
-                   help="a fixed per-update L2 norm bound instead of the adaptive one")
+                   help="a fixed per-update L2 norm bound instead of the adaptive one (with "
+                        f"--noise-multiplier: the privacy clip, default "
+                        f"{demo_privacy.DEMO_DP_CLIP:g})")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="sync rounds, or async buffered aggregation (FedBuff): a new model "
                         "every half-the-devices updates, devices train whenever ready "
@@ -135,6 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the per-round results as JSON here")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="give up after this many seconds (default 300)")
+    demo_privacy.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,8 +206,8 @@ def _run_training(args: argparse.Namespace) -> int:
         agg.start()
         stack.callback(agg.stop)
 
-        if not _follow_rounds(watcher, models, args, scorer, result,
-                              arrived=arrived, since=time.monotonic()):
+        if not _follow_rounds(watcher, models, args, scorer, result, arrived=arrived,
+                              since=time.monotonic(), finished=agg.done.is_set):
             print(f"fedmq demo: timed out after {args.timeout:.0f} s with "
                   f"{len(result.rounds)}/{args.rounds} rounds done", file=sys.stderr)
             return 1
@@ -216,6 +223,7 @@ def _run_training(args: argparse.Namespace) -> int:
               f"out on {last['federated_devices']} devices (central test split: "
               f"{result.final_accuracy:.4f} on {len(y_test)} examples)")
     _say_target(result)
+    demo_privacy.report(args, result)
     print(f"final held-out accuracy {result.final_accuracy:.4f} after {len(result.rounds)} rounds "
           f"({args.partition}, {args.devices} devices, {result.strategy}, {args.codec}, "
           f"{result.broker} broker, {result.wall_s:.1f} s, "
@@ -302,12 +310,13 @@ def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list
                 shard_sizes: list[int]) -> AggregatorConfig:
     """The demo federation's aggregator config (also the fault drills' "demo setting")."""
     from device_agent.trainers import TrainConfig
+    privacy, robust = demo_privacy.privacy_sections(args)
     return AggregatorConfig(
         federation=FEDERATION, broker=broker_cfg,
         model=ModelConfig(layers=layers, seed=args.seed),
         rounds=_rounds(args),
         sampling=SamplingConfig(rate=getattr(args, "fraction", 1.0), seed=args.seed),
-        robust=RobustConfig(clip_norm=getattr(args, "clip_norm", None)),
+        robust=robust, privacy=privacy,
         strategy=StrategyConfig(name=getattr(args, "strategy", "fedavg"),
                                 server_lr=getattr(args, "server_lr", None)),
         train=_train_settings(args, TrainConfig()),
@@ -337,7 +346,7 @@ def _check_knobs(args: argparse.Namespace) -> str:
         return f"--slow-fraction {args.slow_fraction} must be in [0, 1]"
     if not (math.isfinite(args.slow_factor) and args.slow_factor >= 1.0):
         return f"--slow-factor {args.slow_factor} must be at least 1"
-    return ""
+    return demo_privacy.check_knobs(args)
 
 
 def _rounds(args: argparse.Namespace) -> RoundsConfig:
@@ -391,18 +400,27 @@ def _train_settings(args: argparse.Namespace, defaults: Any) -> TrainSettings:
 
 def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],  # noqa: PLR0917
                    args: argparse.Namespace, scorer: Any, result: DemoResult,
-                   arrived: dict[int, float] | None = None, since: float = 0.0) -> bool:
+                   arrived: dict[int, float] | None = None, since: float = 0.0,
+                   finished: Callable[[], bool] | None = None) -> bool:
     """Score each new model as it arrives on the model topic; False on timeout. A round's
     ``elapsed_s`` is when its model reached the watcher (``arrived``), from ``since``; with a
-    ``result.target`` the rounds stop at the first model whose central accuracy reaches it."""
+    ``result.target`` the rounds stop at the first model whose central accuracy reaches it.
+    Once ``finished()`` (the aggregator ended the run early: its privacy budget) the rounds
+    stop when no model is left to report."""
     deadline = time.monotonic() + args.timeout
     round_started = time.monotonic()
     ready_at: dict[int, float] = {}
     arrived = arrived if arrived is not None else {}
+    ended_at: float | None = None
     while len(result.rounds) < args.rounds and result.reached_round is None:
         if time.monotonic() > deadline:
             return False
         watcher.poll(0.2)
+        if finished is not None and finished():
+            ended_at = ended_at or time.monotonic()
+            if (len(result.rounds) + 1 not in models
+                    and time.monotonic() - ended_at > 1.0):  # what was in flight is in
+                break
         # A round is reported once its model and its summary are in (either order), and the
         # devices' evaluations of the model (every device, or after EVAL_WAIT_S).
         version = len(result.rounds) + 1
@@ -425,6 +443,7 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],  # 
                      "bytes_in": s.bytes_in,
                      "norm_bound": s.metrics.get("norm_bound"),
                      "clipped": int(s.metrics.get("clipped_updates", 0)),
+                     "epsilon": s.metrics.get("dp_epsilon"),
                      "seconds": round(time.monotonic() - round_started, 3),
                      "elapsed_s": round(arrived.get(version, time.monotonic()) - since, 3)}
             round_started = time.monotonic()
@@ -433,6 +452,8 @@ def _follow_rounds(watcher: ModelSubscriber, models: dict[int, GlobalModel],  # 
                 result.reached_round = version
             federated = (f"federated {fed_acc:.4f}" if fed_acc is not None
                          else "federated  —    ")
+            if entry["epsilon"] is not None:
+                federated += f"  epsilon {entry['epsilon']:.3f}"
             print(f"round {version:3d}/{args.rounds}  participants {s.participants:3d}  "
                   f"accuracy {ev.accuracy:.4f}  {federated}  loss {ev.loss:.4f}  "
                   f"received {_mb(s.bytes_in)}  ({entry['seconds']:.2f} s)", flush=True)

@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fedmq.backoff import Backoff
 from fedmq.config import BrokerConfig
 from fedmq.errors import BrokerError
+from fedmq.inbox import ByteBoundedQueue
 from fedmq.paho_client import _Client
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,12 @@ WAITING_REPEAT_S = 30.0
 DUPLICATE_REPEAT_S = 60.0
 #: How long ``stop()`` waits for the broker to acknowledge a farewell.
 FAREWELL_WAIT_S = 2.0
+#: How often paho's thread, waiting for room in a full inbox, checks whether we are stopping.
+INBOX_WAIT_S = 0.1
+
+
+def _payload_size(msg: Message) -> int:
+    return len(msg.payload)
 
 
 class PahoTransport:
@@ -153,6 +160,7 @@ class PahoTransport:
         will: Will | Callable[[], Will] | None = None,
         on_connect: Callable[[], None] | None = None,
         inbox_size: int = 10_000,
+        inbox_bytes: int | None = None,
         seed: int | None = None,
         manual_ack: bool = False,
         session_expiry_s: int = 0,
@@ -169,8 +177,11 @@ class PahoTransport:
         self.manual_ack = manual_ack
         self.session_expiry_s = session_expiry_s
         # Bounded: when the consumer falls behind, the network thread blocks and TCP pushes back
-        # on the broker instead of this process growing without limit.
-        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=inbox_size)
+        # on the broker instead of this process growing without limit. inbox_bytes bounds the
+        # payload bytes too: the broker's in-flight cap does not (see fedmq.inbox).
+        self.inbox: queue.Queue[Message] = (
+            queue.Queue(maxsize=inbox_size) if inbox_bytes is None
+            else ByteBoundedQueue(inbox_bytes, _payload_size, maxsize=inbox_size))
         self._on_connect_hook = on_connect
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -296,8 +307,16 @@ class PahoTransport:
 
     def _handle_message(self, client: mqtt.Client, userdata: Any,
                         msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain),
-                               msg.mid))
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid)
+        while True:
+            try:
+                self.inbox.put(message, timeout=INBOX_WAIT_S)
+                return
+            except queue.Full:
+                # A full inbox holds paho's thread (and so the socket); stop() must not wait
+                # on it. A message dropped here was never acknowledged when acks are manual.
+                if self._stopping.is_set():
+                    return
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         error = self._client.connect_error
