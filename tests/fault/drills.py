@@ -8,6 +8,11 @@ kill9_aggregator
     ``double_counted`` = 0 and ``max_abs_diff_vs_reference`` <= 1e-9 (the reference is the
     fault-free run computed in numpy: 0.0 means bit-identical).
 
+    With ``--noise-multiplier Z`` (``dp_drill.py``): differential privacy on, clip 1.0; the
+    reference re-derives each round's noise from the secret in the state directory, and every
+    round's summary must carry dp-accounting's epsilon for that many rounds
+    (``epsilon_mismatches`` = 0): a restarted aggregator continues the same epsilon.
+
     With ``--mode async`` (``async_drill.py``): buffered asynchronous rounds (FedBuff), each
     buffer ``--devices`` fresh updates and one 0-2 versions stale; the fault-free run first,
     then the killed one, which passes only with the fault-free run's bits too
@@ -79,6 +84,7 @@ from fedmq.broker import MosquittoBroker, default_config_dir
 from fedmq.config import STRATEGY_DEFAULTS
 
 from async_drill import kill9_async
+from dp_drill import DpDrill
 from faultkit import (
     AckWindowProbe,
     Drill,
@@ -122,13 +128,16 @@ def passed(result: dict[str, Any]) -> bool:
     if result["drill"] in ("restart_broker", "drop_devices"):
         return (ok and not result["round_rule_violations"] and not result["stalled"]
                 and result["rounds"] == result["rounds_expected"])
+    if result.get("noise_multiplier"):
+        ok = ok and result["epsilon_mismatches"] == 0
     if result.get("mode") == "async":
         ok = ok and result["bit_identical_to_fault_free"] is True
     return ok and result["rounds"] == result["rounds_expected"]
 
 
 def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
-        keep: bool = False, *, strategy: str = "fedavg") -> dict[str, Any]:
+        keep: bool = False, *, strategy: str = "fedavg",
+        noise_multiplier: float = 0.0) -> dict[str, Any]:
     rng = random.Random(seed)
     if name == "broker_ack_window":
         return AckWindowProbe(tmp / "broker").run(opts["trials"], ACK_WINDOW_DELAYS_MS)
@@ -142,8 +151,11 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         return run_burst(tmp, devices=opts["devices"], rounds=opts["rounds"], seed=seed)
     if name == "kill9_aggregator":
         with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
-            drill = Drill(broker_config(broker), tmp, devices=opts["devices"],
-                          rounds=opts["rounds"], strategy=strategy)
+            drill = (DpDrill(broker_config(broker), tmp, devices=opts["devices"],
+                             rounds=opts["rounds"], strategy=strategy,
+                             noise_multiplier=noise_multiplier) if noise_multiplier
+                     else Drill(broker_config(broker), tmp, devices=opts["devices"],
+                                rounds=opts["rounds"], strategy=strategy))
             result: dict[str, Any] = dict(drill.run(kills=opts["kills"], rng=rng, timeout=900))
             result["rounds_expected"] = opts["rounds"]
             result["strategy"] = strategy
@@ -182,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", choices=list(STRATEGY_DEFAULTS), default=None,
                    help="kill9_aggregator: the aggregator's [strategy] name (default fedavg)")
+    p.add_argument("--noise-multiplier", type=float, default=0.0,
+                   help="kill9_aggregator: differential privacy with this noise multiplier "
+                        "(default 0: off)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="kill9_aggregator: sync rounds, or async buffers with stale updates")
     p.add_argument("--keep", type=Path, default=None,
@@ -198,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strategy is not None and args.name != "kill9_aggregator":
         p.error(f"--strategy does not apply to {args.name}")
     strategy = args.strategy or "fedavg"
+    if args.noise_multiplier and (args.name != "kill9_aggregator" or args.mode == "async"
+                                  or not 0 < args.noise_multiplier <= 1e6):
+        p.error("--noise-multiplier applies to kill9_aggregator in sync mode, in (0, 1e6]")
     if args.mode == "async" and args.name != "kill9_aggregator":
         p.error(f"--mode does not apply to {args.name}")
     if args.mode == "async":  # async_drill.py: the fault-free run, then the killed one
@@ -207,10 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = kill9_async(opts, random.Random(args.seed), args.keep or Path(tmp))
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args.name, opts, args.seed, args.keep, keep=True, strategy=strategy)
+        result = run(args.name, opts, args.seed, args.keep, keep=True, strategy=strategy,
+                     noise_multiplier=args.noise_multiplier)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run(args.name, opts, args.seed, Path(tmp), strategy=strategy)
+            result = run(args.name, opts, args.seed, Path(tmp), strategy=strategy,
+                         noise_multiplier=args.noise_multiplier)
     result = {"drill": args.name, **result}
     result["passed"] = passed(result)
     print(json.dumps(result, indent=2))
