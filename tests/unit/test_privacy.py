@@ -4,9 +4,13 @@ restart, the budget stop, and the config's refusals."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,9 +18,11 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
-from aggregator.privacy import PLD_GRID, Accountant, GaussianSum, load_secret
+from aggregator.privacy import PLD_GRID, Accountant, GaussianSum, load_secret, norm_config
 from aggregator.service import AggregatorService
 from aggregator.spec import ModelSpec
 from aggregator.strategies import STRATEGIES, FedAvg
@@ -30,7 +36,9 @@ from fedmq.config import (
     RoundsConfig,
     SamplingConfig,
     StrategyConfig,
+    load_aggregator,
 )
+from fedmq.errors import ConfigError
 from fedmq.memory_transport import MemoryHub, MemoryTransport
 from fedmq.transport import Message
 from fedmq.wire import ModelUpdate
@@ -275,3 +283,123 @@ def test_a_restart_continues_the_same_epsilon_and_the_same_bits(tmp_path: Path,
     for agg in (straight, restarted):
         assert agg.wal is not None
         agg.wal.close()
+
+
+# ---------------------------------------------------------------- config: refused in one line
+
+REFUSED = [
+    ("[privacy]\nnoise_multiplier = 1.0\n", "needs [privacy] clip_norm"),
+    ("[privacy]\nclip_norm = 1.0\n", "[privacy] clip_norm = 1.0 only applies with"),
+    ("[privacy]\ntarget_epsilon = 3.0\n", "[privacy] target_epsilon = 3.0 only applies with"),
+    ("[robust]\nclip_norm = 2.0\n[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n",
+     "[robust] clip_norm = 2.0 contradicts [privacy] clip_norm = 1.0"),
+    ('[robust]\nmode = "off"\n[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n',
+     '[robust] mode = "off" leaves the updates unclipped'),
+    ("[robust]\nmax_norm = 0.5\n[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n",
+     "[privacy] clip_norm = 1.0 must be <= [robust] max_norm = 0.5"),
+    ('[rounds]\nmode = "async"\nmin_updates = 1\n[privacy]\nnoise_multiplier = 1.0\n'
+     "clip_norm = 1.0\n", 'works with [rounds] mode = "sync" only'),
+    ("[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\nsecure_aggregation = true\n",
+     "not supported yet"),
+    ("[sampling]\nrate = 0.0\n[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n",
+     "needs [sampling] rate > 0"),
+    ("[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 0.0\n",
+     "[privacy] delta = 0.0 must be"),
+    ("[privacy]\nnoise_multiplier = inf\nclip_norm = 1.0\n", "[privacy] noise_multiplier = inf"),
+    ("[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\nepsilon = 3\n", "epsilon"),
+]
+
+
+@pytest.mark.parametrize(("text", "says"), REFUSED)
+def test_contradictory_privacy_configs_are_one_line(tmp_path: Path, text: str,
+                                                    says: str) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_aggregator(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert says in message
+    assert "\n" not in message
+
+
+def test_the_command_exits_2_on_a_contradictory_privacy_config(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(REFUSED[3][0])
+    run = subprocess.run([sys.executable, "-m", "fedmq.cli", "aggregator", "--config",
+                          str(path)], capture_output=True, text=True, timeout=60, check=False,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    assert run.returncode == 2, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert "contradicts [privacy] clip_norm" in run.stderr
+
+
+def test_equal_clips_and_the_privacy_clip_as_the_bound(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text("[robust]\nclip_norm = 1.5\n[privacy]\nnoise_multiplier = 0.8\n"
+                    "clip_norm = 1.5\ntarget_epsilon = 8.0\n")
+    cfg = load_aggregator(path)
+    assert norm_config(cfg).clip_norm == 1.5
+    assert norm_config(load_aggregator(write(tmp_path, "[privacy]\nnoise_multiplier = 1.0\n"
+                                                       "clip_norm = 0.3\n"))).clip_norm == 0.3
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "other.toml"
+    path.write_text(text)
+    return path
+
+
+VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.booleans(),
+    st.text(max_size=5), st.lists(st.integers(0, 3), max_size=2), st.none())
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return {math.inf: "inf", -math.inf: "-inf"}.get(v, "nan" if math.isnan(v) else repr(v))
+    if isinstance(v, str):
+        return json.dumps(v)
+    return str(v)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(privacy=st.dictionaries(
+    st.sampled_from(["noise_multiplier", "clip_norm", "target_epsilon", "delta",
+                     "secure_aggregation", "noise", "clip"]), VALUES, max_size=5),
+       robust_clip=st.one_of(st.none(), st.floats(0.01, 10.0)),
+       mode=st.sampled_from(["clip", "reject", "off"]))
+def test_hostile_privacy_sections_load_or_fail_in_one_line(
+        tmp_path: Path, privacy: dict[str, object], robust_clip: float | None,
+        mode: str) -> None:
+    lines = [f"{k} = {toml_value(v)}" for k, v in privacy.items() if v is not None]
+    robust = f'[robust]\nmode = "{mode}"\n' + (
+        f"clip_norm = {robust_clip!r}\n" if robust_clip is not None else "")
+    path = write(tmp_path, robust + "[privacy]\n" + "\n".join(lines) + "\n")
+    problem = ""
+    try:
+        cfg = load_aggregator(path)
+    except ConfigError as exc:
+        problem = str(exc)
+    if problem:  # "PATH: [section] key ..." or "PATH is not valid TOML: ..."
+        assert problem.startswith(str(path))
+        assert "\n" not in problem
+        return
+    p = cfg.privacy
+    if p.noise_multiplier > 0:  # what loaded is usable as it says
+        assert p.clip_norm is not None
+        assert norm_config(cfg).clip_norm == p.clip_norm
+        assert mode != "off"
+        assert 0 < p.delta < 1
+        assert p.secure_aggregation is False
+        GaussianSum(p.noise_multiplier, p.clip_norm, cfg.rounds.min_updates, b"k" * 32)
+
+
+@pytest.mark.parametrize("saved", [[[0.0, 1.0, 3]], [[1.5, 1.0, 3]], [[1.0, -1.0, 3]],
+                                   [[1.0, float("nan"), 3]], [[1.0, 1.0, -2]]])
+def test_a_damaged_privacy_record_in_a_snapshot_is_refused(saved: list[list[float]]) -> None:
+    with pytest.raises(ConfigError, match="privacy record"):
+        Accountant(1.0, 1.0, 1e-5).restore(saved)
