@@ -126,7 +126,9 @@ class Publisher:
                    "lr": cfg.train.lr, "seed": cfg.train.seed,
                    # only when on: older agents would take it for an unknown extra key
                    **({"proximal_mu": cfg.train.proximal_mu} if cfg.train.proximal_mu else {}),
-                   **cfg.train.extra},
+                   **cfg.train.extra,
+                   # devices take part through secure aggregation (aggregator/secagg_service)
+                   **({"secure_aggregation": 1} if cfg.privacy.secure_aggregation else {})},
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
             max_chunk_bytes=self.chunk_limit(), open=open_, run=run,

@@ -60,7 +60,7 @@ F64 = npt.NDArray[np.float64]
 REASONS: tuple[str, ...] = (
     "malformed", "oversize", "wrong_federation", "wrong_device", "wrong_round", "wrong_phase",
     "not_in_roster", "duplicate", "conflict", "wrong_neighbours", "wrong_size", "overlap",
-    "not_survivor", "wrong_shares",
+    "not_survivor", "wrong_shares", "late",
 )
 #: Why a round fails (the service opens the next one on the same model).
 FAILURES: tuple[str, ...] = ("below_quorum", "incomplete_masked", "unmask_failed")
@@ -203,6 +203,8 @@ class SecAggRound:
             return [Dropped(device, "wrong_round")]
         if getattr(msg, "device", None) != device:
             return [Dropped(device, "wrong_device", "payload names another device")]
+        if self.phase is Phase.DONE:  # answers still coming after the sum was unmasked
+            return [Dropped(device, "late")]
         match step, msg:
             case "keys", SecAggKeys():
                 return self._keys(msg, now)

@@ -50,6 +50,8 @@ from aggregator.rounds import (
     Tick,
     UpdateOffered,
 )
+from aggregator.secagg_service import SecAggCoordinator
+from aggregator.secagg_service import attach as attach_secagg
 from aggregator.spec import ModelSpec
 from aggregator.statistics import StatisticsTask, attach
 from aggregator.strategies import Strategy, build_strategy
@@ -197,6 +199,8 @@ class AggregatorService:
                                   reject_mode=config.robust.mode == "reject")
         #: A statistics federation ([task] kind) swaps in its own model, strategy and checks.
         self.task: StatisticsTask | None = attach(self)
+        #: [privacy] secure_aggregation: devices' updates reach the strategy only summed.
+        self.secagg: SecAggCoordinator | None = attach_secagg(self)
         #: Differential privacy ([privacy] noise_multiplier > 0; docs/privacy.md).
         self.privacy: DifferentialPrivacy | None = DifferentialPrivacy.attach(self)
         if isinstance(self.machine, AsyncRoundMachine):
@@ -317,8 +321,9 @@ class AggregatorService:
         if self._reconnected.is_set() and self._worker is not None:
             self._reconnected.clear()
             self.publisher.republish()
+        changed = self.secagg is not None and self.secagg.tick(self._now())
         actions = self.machine.handle(Tick(self._now()))
-        if actions and self.wal is not None:
+        if (actions or changed) and self.wal is not None:
             # A tick that changes the round is logged too, so replay reaches the same state.
             self.wal.append(TICK, self._now())
             self.wal.sync()
@@ -343,7 +348,8 @@ class AggregatorService:
 
     def holding(self) -> bool:
         """Whether anything is held back for the norm bound's bootstrap (no snapshot then)."""
-        return self.folder.holding()
+        # A secure-aggregation round's state is in the log only (no snapshot holds it).
+        return self.folder.holding() or (self.secagg is not None and self.secagg.active())
 
     def _log(self) -> None:
         """Append the message being handled to the log (it was accepted or folded)."""
@@ -356,6 +362,8 @@ class AggregatorService:
             self.presence.receive(self.topics.device_of(msg.topic), msg.payload, self.clock())
             return
         self._current = msg
+        if self.secagg is not None and self.secagg.handle(msg):
+            return
         if msg.topic.startswith(f"{self.topics.base}/eval/"):
             # A device's evaluation of a model version: metrics, not part of any round (and
             # not in the write-ahead log: the stored means are restored instead).
@@ -371,6 +379,9 @@ class AggregatorService:
         device = self.topics.device_of(msg.topic)
         if device is None:  # e.g. an empty or over-long last topic level
             self._reject(msg.topic.rsplit("/", 1)[-1][:64], "", "wrong_device")
+            return
+        if self.secagg is not None:  # only masked inputs count in this federation
+            self._reject(device, "", "secagg_plain_update")
             return
         admitted, reason, detail = admit(
             msg.payload, device, federation=self.config.federation, spec=self.spec,
@@ -469,6 +480,8 @@ class AggregatorService:
         self._pending_devices = set()
         self._pending_ids = set()
         self.machine.handle(OpenRound(round=self.round, base_version=self.version, now=now))
+        if self.secagg is not None:
+            self.secagg.open(now)
         if isinstance(self.machine, AsyncRoundMachine):
             for device, update_id, base in partial:  # their later chunks are duplicates
                 self.machine.retire(device, update_id, base)

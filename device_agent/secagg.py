@@ -59,7 +59,10 @@ class DeviceSecAgg:
         self._sent_masked = False
 
     def start(self, run: int, round_: int) -> list[Out]:
-        """Take part in ``round_`` of ``run``: forget the previous round, advertise new keys."""
+        """Take part in ``round_`` of ``run``: forget the previous round, advertise new keys
+        (nothing if this round has started already: its keys went out)."""
+        if self.ctx is not None and (self.ctx.run, self.ctx.round) == (run, round_):
+            return []
         self.ctx = RoundContext(self.federation, run, round_)
         self.client = SecAggClient(self.device_id, self.ctx, self._random)
         self.fixed, self.size = None, 0

@@ -32,6 +32,7 @@ from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.factory import build_trainer
 from device_agent.model_gate import SignedGate, gate_of
 from device_agent.outbox import Outbox, OutboxFullError
+from device_agent.secagg_link import SecAggLink, wanted
 from device_agent.statistics import Analyst, NoTraining
 from device_agent.trained_record import load_trained, save_trained
 from device_agent.trainers import (
@@ -100,6 +101,7 @@ class AgentService:
         self.assembler = ModelAssembler()
         #: Verifies models and announcements when ``[security] trusted_keys`` is set.
         self.gate: SignedGate | None = None
+        self.secagg = SecAggLink(federation, device_id, transport)
         self.ignored: Counter[str] = Counter()
         #: Report an evaluation of every new model (federated evaluation); train for rounds
         #: (False: an evaluation-only device, ``[data] eval_fraction = 1``).
@@ -206,6 +208,8 @@ class AgentService:
         self.transport.subscribe(self.topics.model, qos=1)
         self.transport.subscribe(self.topics.model_parts, qos=1)
         self.transport.subscribe(self.topics.round, qos=1)
+        for topic in self.secagg.subscriptions():
+            self.transport.subscribe(topic, qos=1)
         self.transport.start()
         self._connected_again.set()  # publish what an earlier process left in the outbox
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}",
@@ -358,6 +362,8 @@ class AgentService:
 
     def handle_message(self, msg: Message) -> None:
         """Process one message from the round or model topic."""
+        if self.secagg.handle(msg):
+            return
         if not msg.payload:
             return  # a cleared retained message
         try:
@@ -428,6 +434,8 @@ class AgentService:
             self._contribute(job)
             return
         config = TrainConfig.from_mapping(ann.train)
+        if wanted(ann):
+            self.secagg.start(ann)  # the keys go out while this device trains
         result = self.trainer.fit(job.weights, config, round_seed=ann.round)
         delta = {name: np.subtract(result.weights[name], base, dtype=np.float32)
                  for name, base in job.weights.items()}
@@ -439,6 +447,11 @@ class AgentService:
             # What training measured (train_loss, train_accuracy for the built-in trainers);
             # the model's quality on held-out data goes in Evaluation reports instead.
             metrics={str(k): float(v) for k, v in result.metrics.items()})
+        if wanted(ann):  # masked once the neighbours' shares are in (secagg_link)
+            self.secagg.contribute_update(update, delta, ann, self.feedback)
+            self._remember_trained(ann, job)
+            self.updates_sent += 1
+            return self.publish_status("online")
         messages = encode_update(update, delta, ann, self.feedback,
                                  self.transport.max_packet_size)
         topic = self.topics.update(self.device_id)
