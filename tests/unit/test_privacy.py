@@ -403,3 +403,16 @@ def test_hostile_privacy_sections_load_or_fail_in_one_line(
 def test_a_damaged_privacy_record_in_a_snapshot_is_refused(saved: list[list[float]]) -> None:
     with pytest.raises(ConfigError, match="privacy record"):
         Accountant(1.0, 1.0, 1e-5).restore(saved)
+
+
+def test_prometheus_shows_the_epsilon_spent() -> None:
+    from aggregator.exporter import Exporter
+
+    agg = start(config())
+    for r in range(1, 3):
+        play_round(agg, r)
+    text = Exporter(agg, "127.0.0.1:0", worker_alive=lambda: True).metrics().decode()
+    assert agg.privacy is not None
+    assert f"fedmq_dp_epsilon {agg.privacy.epsilon!r}" in text
+    assert "fedmq_dp_delta 1e-05" in text
+    assert "fedmq_dp_rounds_total 2.0" in text
