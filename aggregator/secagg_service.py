@@ -6,7 +6,8 @@ runs one ``aggregator.secagg.SecAggRound`` beside each round:
 * at a round's opening a new secure-aggregation round starts on the same (run, round);
 * messages on ``fedmq/v1/{fed}/secagg/.../{device}`` go to it; an accepted one is appended to the
   write-ahead log like an update (replayed after a crash through the same path), a refused one
-  is counted as ``secagg_<reason>``;
+  is counted as ``secagg_<reason>`` (a reveal that comes after the sum was unmasked is routine:
+  counted in ``late``, not as a rejection);
 * the service's ticks reach it; a tick that changes a phase is logged;
 * its result, the unmasked ``sum(w' x)`` and ``sum(w')`` of the survivors, is merged into the
   strategy as one partial sum with ``len(survivors)`` contributors, and each survivor is offered
@@ -65,8 +66,10 @@ def attach(svc: AggregatorService) -> SecAggCoordinator | None:
 
 def rules_for(svc: AggregatorService) -> SecAggRules:
     r = svc.config.rounds
+    # The weight cap is the operator's ([limits] max_examples): no device weighs more anyway.
     return SecAggRules(min_devices=max(2, r.min_updates), max_devices=r.max_updates,
-                       phase_s=r.deadline_s / 4, grace_s=r.grace_s)
+                       phase_s=r.deadline_s / 4, grace_s=r.grace_s,
+                       weight_cap=float(svc.config.limits.max_examples))
 
 
 class SecAggCoordinator:
@@ -77,9 +80,12 @@ class SecAggCoordinator:
         self.topics = SecAggTopics(svc.config.federation)
         self.rules = rules_for(svc)
         self.round: SecAggRound | None = None
-        #: the round before: late answers to it are counted as ``secagg_late``, not as
-        #: messages for a wrong round
+        #: the round before: answers to it are counted in ``late``, not as messages for a
+        #: wrong round
         self.previous: SecAggRound | None = None
+        #: Answers that came after the sum was unmasked (the unmasking closes as soon as every
+        #: secret can be rebuilt, so later reveals are routine): counted, not rejections.
+        self.late = 0
         #: made while the log was replayed: sent once the service runs live
         self._unsent: list[Publish] = []
         for topic in self.topics.from_devices:
@@ -142,6 +148,8 @@ class SecAggCoordinator:
                         self._publish(a)
                     else:
                         self._unsent.append(a)
+                case Dropped(reason="late"):
+                    self.late += 1
                 case Dropped(device=device, reason=reason, detail=detail):
                     svc._reject(device, "", f"secagg_{reason}", detail)
                 case Failed(reason=reason, detail=detail):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("kernels", "peer", "e2e", "wire", "learning")
+NAMES = ("kernels", "peer", "e2e", "wire", "learning", "secagg")
 
 
 def main(argv: list[str]) -> int:

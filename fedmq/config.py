@@ -556,6 +556,8 @@ def _check_strategy(s: StrategyConfig) -> None:
 def _check_privacy(cfg: AggregatorConfig) -> None:
     """Differential privacy's keys agree with the rest (docs/privacy.md): one clip, bounded."""
     p = cfg.privacy
+    if p.secure_aggregation and p.noise_multiplier == 0:
+        _check_secure_aggregation(cfg)
     if p.noise_multiplier == 0:
         for key in ("clip_norm", "target_epsilon"):
             if (value := getattr(p, key)) is not None:
@@ -587,6 +589,20 @@ def _check_privacy(cfg: AggregatorConfig) -> None:
                           "(docs/privacy.md)")
     if cfg.sampling.rate == 0:
         raise ConfigError(f"{head} needs [sampling] rate > 0 (0: no device ever trains)")
+
+
+def _check_secure_aggregation(cfg: AggregatorConfig) -> None:
+    """Secure aggregation's needs (docs/security.md): synchronous training rounds of 2+."""
+    head = "[privacy] secure_aggregation = true"
+    if cfg.rounds.mode != "sync":
+        raise ConfigError(f'{head} works with [rounds] mode = "sync" only (it is '
+                          f'"{cfg.rounds.mode}")')
+    if cfg.task.kind != "train":
+        raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
+                          f'"{cfg.task.kind}")')
+    if cfg.rounds.min_updates < 2:
+        raise ConfigError(f"{head} needs [rounds] min_updates >= 2 (it is "
+                          f"{cfg.rounds.min_updates}): the sum of one device is its update")
 
 
 def _check_train_extra(train: TrainSettings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -142,6 +143,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="give up after this many seconds (default 300)")
     demo_privacy.add_arguments(p)
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="devices mask their updates (SecAgg+): the aggregator sees only their "
+                        "sum (docs/security.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -311,6 +315,8 @@ def demo_config(args: argparse.Namespace, broker_cfg: BrokerConfig, layers: list
     """The demo federation's aggregator config (also the fault drills' "demo setting")."""
     from device_agent.trainers import TrainConfig
     privacy, robust = demo_privacy.privacy_sections(args)
+    if getattr(args, "secure_aggregation", False):
+        privacy = dataclasses.replace(privacy, secure_aggregation=True)
     return AggregatorConfig(
         federation=FEDERATION, broker=broker_cfg,
         model=ModelConfig(layers=layers, seed=args.seed),
@@ -346,6 +352,9 @@ def _check_knobs(args: argparse.Namespace) -> str:
         return f"--slow-fraction {args.slow_fraction} must be in [0, 1]"
     if not (math.isfinite(args.slow_factor) and args.slow_factor >= 1.0):
         return f"--slow-factor {args.slow_factor} must be at least 1"
+    if getattr(args, "secure_aggregation", False) and (
+            getattr(args, "mode", "sync") != "sync" or args.noise_multiplier):
+        return "--secure-aggregation works with --mode sync and without --noise-multiplier"
     return demo_privacy.check_knobs(args)
 
 
