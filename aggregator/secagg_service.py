@@ -8,7 +8,9 @@ runs one ``aggregator.secagg.SecAggRound`` beside each round:
   write-ahead log like an update (replayed after a crash through the same path), a refused one
   is counted as ``secagg_<reason>`` (a reveal that comes after the sum was unmasked is routine:
   counted in ``late``, not as a rejection);
-* the service's ticks reach it; a tick that changes a phase is logged;
+* the service's ticks reach it; a tick that changes a phase is logged; what the round publishes
+  (roster, deliveries, unmask request) goes out at the next tick, which comes after the log's
+  sync, so no device answers a step that a crash could take back;
 * its result, the unmasked ``sum(w' x)`` and ``sum(w')`` of the survivors, is merged into the
   strategy as one partial sum with ``len(survivors)`` contributors, and each survivor is offered
   to the round machine as an update, which then closes the round by its usual rules (quorum and
@@ -86,7 +88,7 @@ class SecAggCoordinator:
         #: Answers that came after the sum was unmasked (the unmasking closes as soon as every
         #: secret can be rebuilt, so later reveals are routine): counted, not rejections.
         self.late = 0
-        #: made while the log was replayed: sent once the service runs live
+        #: what to publish at the next live tick (after the log's sync; after a replay)
         self._unsent: list[Publish] = []
         for topic in self.topics.from_devices:
             svc.transport.subscribe(topic, qos=1)
@@ -144,10 +146,9 @@ class SecAggCoordinator:
         for a in actions:
             match a:
                 case Publish():
-                    if svc._replay_now is None:
-                        self._publish(a)
-                    else:
-                        self._unsent.append(a)
+                    # Sent at the next tick, which the service gives after the log's sync:
+                    # devices never answer a step the log cannot bring back after a crash.
+                    self._unsent.append(a)
                 case Dropped(reason="late"):
                     self.late += 1
                 case Dropped(device=device, reason=reason, detail=detail):

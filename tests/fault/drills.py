@@ -13,6 +13,11 @@ kill9_aggregator
     round's summary must carry dp-accounting's epsilon for that many rounds
     (``epsilon_mismatches`` = 0): a restarted aggregator continues the same epsilon.
 
+    With ``--secure-aggregation`` (``secagg_drill.py``): ``[privacy] secure_aggregation = true``;
+    the driver plays every device's side of the protocol (keys, sealed shares, masked fixed-point
+    updates, reveals), the reference is the fixed-point sum written out from docs/security.md,
+    and a restarted aggregator must finish each secure round from its log.
+
     With ``--mode async`` (``async_drill.py``): buffered asynchronous rounds (FedBuff), each
     buffer ``--devices`` fresh updates and one 0-2 versions stale; the fault-free run first,
     then the killed one, which passes only with the fault-free run's bits too
@@ -93,6 +98,7 @@ from faultkit import (
     RestartBrokerDrill,
     broker_config,
 )
+from secagg_drill import SecAggDrill
 
 DEFAULTS: dict[str, dict[str, int]] = {
     "kill9_aggregator": {"kills": 20, "rounds": 10, "devices": 5},
@@ -137,7 +143,7 @@ def passed(result: dict[str, Any]) -> bool:
 
 def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         keep: bool = False, *, strategy: str = "fedavg",
-        noise_multiplier: float = 0.0) -> dict[str, Any]:
+        noise_multiplier: float = 0.0, secure: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
     if name == "broker_ack_window":
         return AckWindowProbe(tmp / "broker").run(opts["trials"], ACK_WINDOW_DELAYS_MS)
@@ -154,11 +160,14 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
             drill = (DpDrill(broker_config(broker), tmp, devices=opts["devices"],
                              rounds=opts["rounds"], strategy=strategy,
                              noise_multiplier=noise_multiplier) if noise_multiplier
+                     else SecAggDrill(broker_config(broker), tmp, devices=opts["devices"],
+                                      rounds=opts["rounds"], strategy=strategy) if secure
                      else Drill(broker_config(broker), tmp, devices=opts["devices"],
                                 rounds=opts["rounds"], strategy=strategy))
             result: dict[str, Any] = dict(drill.run(kills=opts["kills"], rng=rng, timeout=900))
             result["rounds_expected"] = opts["rounds"]
             result["strategy"] = strategy
+            result["secure_aggregation"] = secure
             return result
     if name == "soak":
         with MosquittoBroker(default_config_dir() / "dev.conf") as broker:
@@ -197,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--noise-multiplier", type=float, default=0.0,
                    help="kill9_aggregator: differential privacy with this noise multiplier "
                         "(default 0: off)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="kill9_aggregator: [privacy] secure_aggregation on, devices masking")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="kill9_aggregator: sync rounds, or async buffers with stale updates")
     p.add_argument("--keep", type=Path, default=None,
@@ -216,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.noise_multiplier and (args.name != "kill9_aggregator" or args.mode == "async"
                                   or not 0 < args.noise_multiplier <= 1e6):
         p.error("--noise-multiplier applies to kill9_aggregator in sync mode, in (0, 1e6]")
+    if args.secure_aggregation and (args.name != "kill9_aggregator" or args.mode == "async"
+                                    or args.noise_multiplier):
+        p.error("--secure-aggregation applies to kill9_aggregator in sync mode, without noise")
     if args.mode == "async" and args.name != "kill9_aggregator":
         p.error(f"--mode does not apply to {args.name}")
     if args.mode == "async":  # async_drill.py: the fault-free run, then the killed one
@@ -226,11 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run(args.name, opts, args.seed, args.keep, keep=True, strategy=strategy,
-                     noise_multiplier=args.noise_multiplier)
+                     noise_multiplier=args.noise_multiplier, secure=args.secure_aggregation)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = run(args.name, opts, args.seed, Path(tmp), strategy=strategy,
-                         noise_multiplier=args.noise_multiplier)
+                         noise_multiplier=args.noise_multiplier,
+                         secure=args.secure_aggregation)
     result = {"drill": args.name, **result}
     result["passed"] = passed(result)
     print(json.dumps(result, indent=2))

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from secagg_fleet import ROUNDS, Fleet, drive
-from secagg_fleet import aggregator as _aggregator
 
 from fedmq.memory_transport import MemoryHub
 from fedmq.secagg.fixedpoint import FixedPoint
+
+from secagg_fleet import ROUNDS, Fleet, drive
+from secagg_fleet import aggregator as _aggregator
 
 
 def test_crash_after_any_message_gives_the_same_models(tmp_path: Path) -> None:
