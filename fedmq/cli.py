@@ -160,6 +160,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return watch.run(args)
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    """``fedmq provision``: identities, ACL and broker config for a federation (fedmq.provision)."""
+    from fedmq import provision
+
+    return provision.run(args)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """``fedmq keys generate``: the key pair of signed models (fedmq.keys)."""
     from fedmq import keys
@@ -236,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch.add_arguments(w)
     w.set_defaults(func=cmd_watch, log_default="warning")
+
+    v = sub.add_parser("provision", help="per-device credentials (passwords or client "
+                                         "certificates), the ACL and the broker config")
+    from fedmq import provision
+
+    provision.add_arguments(v)
+    v.set_defaults(func=cmd_provision, log_default="warning")
 
     k = sub.add_parser("keys", help="the aggregator's signing key pair (signed models)")
     from fedmq import keys

@@ -3,7 +3,7 @@
 ``scripts/faults burst``. For each shipped Mosquitto config (``dev.conf``, ``docker.conf``,
 ``production.conf`` in ``fedmq/broker_config/``) a broker is started with it on a free loopback port
 (``production.conf`` as ``tests/integration/test_brokers.py`` runs it: TLS with a throw-away CA,
-a password file and ``acl.template`` as the ACL). In this process, on it:
+a password file and the ACL ``fedmq.acl`` renders). In this process, on it:
 
 - the aggregator: ``AggregatorService`` over fedmq's paho transport, in durable mode (a state
   directory), as in production: MQTT 5, a persistent session, manual acknowledgements after the
@@ -75,6 +75,7 @@ from aggregator.service import AggregatorService
 from device_agent.service import AgentService
 from device_agent.trainers import MLPTrainer
 from fedmq import codec
+from fedmq.acl import render_acl
 from fedmq.broker import MosquittoBroker, default_config_dir
 from fedmq.compression import encode_all
 from fedmq.config import (
@@ -95,7 +96,7 @@ log = logging.getLogger(__name__)
 CONFIGS = ("dev", "docker", "production")
 FEDERATION = "burst"
 HOSTILE = "mallory"
-AGGREGATOR = "aggregator"  # the username acl.template gives the aggregator
+AGGREGATOR = "aggregator"  # the ACL's aggregator username
 BURST_ROUND = 2
 #: A round closes when every device is in, else this long after its first update.
 GRACE_S = 10.0
@@ -134,7 +135,7 @@ def _run(*command: str, cwd: Path) -> None:
 def production_etc(etc: Path, users: Sequence[str], source: Path | None = None) -> Path:
     """``production.conf`` (or ``source``) with its /etc paths moved to ``etc``, certificates
     and passwords made the way fedmq/broker_config/README.md says (short-lived 2048-bit keys,
-    password ``<user>-secret``) and ``acl.template`` as the ACL; returns the config to run."""
+    password ``<user>-secret``) and the ACL ``fedmq.acl`` renders; returns the config to run."""
     openssl, mosquitto_passwd = _tool("openssl"), _tool("mosquitto_passwd")
     certs = etc / "certs"
     certs.mkdir(parents=True)
@@ -148,7 +149,9 @@ def production_etc(etc: Path, users: Sequence[str], source: Path | None = None) 
     (etc / "passwd").touch()
     for user in users:
         _run(mosquitto_passwd, "-b", "passwd", user, password(user), cwd=etc)
-    shutil.copy(default_config_dir() / "acl.template", etc / "acl")
+    # The ACL fedmq provision writes (acl.template's shape): every other user is a device.
+    (etc / "acl").write_text(render_acl(FEDERATION, aggregator=AGGREGATOR, devices=[
+        user for user in users if user != AGGREGATOR]), encoding="utf-8")
     text = (source or default_config_dir() / "production.conf").read_text(encoding="utf-8")
     (etc / "production.conf").write_text(text.replace("/etc/mosquitto/fedmq/", f"{etc}/"),
                                          encoding="utf-8")

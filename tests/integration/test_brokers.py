@@ -23,6 +23,7 @@ from conftest import MosquittoFactory, require_mosquitto
 
 from aggregator.service import AggregatorService
 from fedmq import paho_client
+from fedmq.acl import render_acl
 from fedmq.broker import (
     EmbeddedBroker,
     MosquittoBroker,
@@ -541,7 +542,7 @@ class Production:
 @pytest.fixture(scope="module")
 def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
     """production.conf with its /etc paths moved to a temp dir, certificates and passwords made
-    the way fedmq/broker_config/README.md says, and acl.template as the ACL."""
+    the way fedmq/broker_config/README.md says, and the ACL fedmq.acl renders."""
     binary = require_mosquitto()
     openssl, mosquitto_passwd = _tool("openssl"), _tool("mosquitto_passwd")
     etc = tmp_path_factory.mktemp("etc-mosquitto-fedmq")
@@ -560,7 +561,10 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
     (etc / "passwd").touch()
     for user in ("aggregator", "dev1", "dev2"):
         _run(mosquitto_passwd, "-b", "passwd", user, f"{user}-secret", cwd=etc)
-    shutil.copy(default_config_dir() / "acl.template", etc / "acl")
+    # The ACL fedmq provision writes (acl.template's shape), for the federations used below.
+    (etc / "acl").write_text("\n".join(
+        render_acl(fed, aggregator="aggregator", devices=["dev1", "dev2"])
+        for fed in ("demo", "big", "one-aggregator")), encoding="utf-8")
     text = (default_config_dir() / "production.conf").read_text(encoding="utf-8")
     assert "/etc/mosquitto/fedmq/" in text
     (etc / "production.conf").write_text(text.replace("/etc/mosquitto/fedmq/", f"{etc}/"))
