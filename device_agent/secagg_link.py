@@ -4,8 +4,8 @@ The service asks ``wanted(announcement)`` (the aggregator puts ``secure_aggregat
 announcement's ``train`` map), calls ``start`` before training (the keys go out while the device
 trains) and ``contribute`` with the trained delta instead of publishing a ``ModelUpdate``; every
 message on the device's secure-aggregation topics goes to ``handle``. What the device sends is
-published at QoS 1; what it refuses to answer is counted in ``skipped`` (reported with the
-service's ``ignored`` counts).
+published at QoS 1; what it refuses to answer is counted in ``skipped`` as ``secagg_<reason>``
+(the service makes that its ``ignored`` counter, which its retained status reports).
 
 The delta is first sent through the announced codec (with its error feedback, as a plain update
 would be): an ``int8`` federation masks the dequantized int8 values, so the sum is that of what

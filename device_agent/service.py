@@ -103,6 +103,7 @@ class AgentService:
         self.gate: SignedGate | None = None
         self.secagg = SecAggLink(federation, device_id, transport)
         self.ignored: Counter[str] = Counter()
+        self.secagg.skipped = self.ignored  # its skipped steps are counted there too
         #: Report an evaluation of every new model (federated evaluation); train for rounds
         #: (False: an evaluation-only device, ``[data] eval_fraction = 1``).
         self.evaluate = evaluate
