@@ -1,120 +1,22 @@
-"""What a device that pins the federation's keys lets through (docs/security.md, "Signed models").
-
-``SignedGate`` sits between the decoder and the ``AgentMachine``: an announcement passes only if
-a trusted key signed exactly it; a model only if a trusted key signed its manifest and its
-tensors (or, for a chunked model, every part's payload) are the signed ones. Everything else is
-refused with a reason from ``fedmq.signing.REASONS``, or ``old_model`` for a model (or part) not
-newer than the one held (a replay); the machine then judges age and runs as before.
-
-Chunked models: parts come before their manifest and are not signed themselves, so they are
-kept per ``(run, version)`` for the ``SLOTS`` versions most recently heard of: a part claiming
-some far-off version cannot lock the newest real one out. A part of a version whose signed
-manifest is in is checked at once against the payload hash the manifest signs. Pure: no
-sockets, threads or clock.
-"""
+"""The device's signature policy (docs/security.md, "Signed models"): ``gate_of`` builds the
+``fedmq.signed_gate.SignedGate`` that ``[security] trusted_keys`` asks for. The policy lives in
+agent.toml only: nothing received over the network turns it off."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-from collections import OrderedDict
+from pathlib import Path
 
-from fedmq.chunking import join_ranges
+from device_agent.accepted_record import load_accepted, save_accepted
+from device_agent.agent import AgentMachine
 from fedmq.config import AgentConfig
-from fedmq.signing import RefusedError, Verifier, parse_public
-from fedmq.wire import GlobalModel, ModelManifest, RoundAnnouncement, newer
+from fedmq.signed_gate import SLOTS, SignedGate
+from fedmq.signing import Verifier, parse_public
+from fedmq.wire import newer
+
+__all__ = ["SLOTS", "SignedGate", "accepted_path", "gate_of", "raise_floor"]
 
 log = logging.getLogger(__name__)
-
-#: Versions whose parts are kept while their manifest is awaited.
-SLOTS = 2
-
-Key = tuple[int, int]
-
-
-class SignedGate:
-    """Verifies announcements and models for one device."""
-
-    def __init__(self, verifier: Verifier) -> None:
-        self.verifier = verifier
-        self._slots: OrderedDict[Key, dict[int, tuple[GlobalModel, bytes]]] = OrderedDict()
-        #: The newest verified manifest whose parts are not all in yet.
-        self._pending: tuple[ModelManifest, GlobalModel] | None = None
-
-    def round(self, ann: RoundAnnouncement) -> str | None:
-        """None if ``ann`` may be used, else the refusal reason."""
-        try:
-            self.verifier.round(ann)
-        except RefusedError as exc:
-            return exc.reason
-        return None
-
-    def model(self, msg: GlobalModel, payload: bytes | memoryview,
-              held: Key) -> tuple[GlobalModel | None, str | None]:
-        """Feed one message of the model topics (``held``: the (run, version) the device has).
-
-        Returns (the verified whole model, None) when one is complete, (None, reason) for a
-        refusal, and (None, None) while a chunked model waits for its other messages.
-        """
-        key = (msg.run, msg.version)
-        if not newer(*key, *held):
-            return None, "old_model"
-        try:
-            if msg.chunks == 1:
-                m = self.verifier.manifest(msg)
-                self.verifier.whole(m, msg)
-                return msg, None
-            if msg.chunk is None:
-                m = self.verifier.manifest(msg)
-                if self._pending is None or not newer(*self._key(self._pending[1]), *key):
-                    self._pending = (m, msg)
-                    for k in [k for k in self._slots if not newer(*k, *key)]:
-                        if k != key:
-                            del self._slots[k]  # older than a verified manifest: useless
-            else:
-                pending = self._pending
-                if pending is not None and self._key(pending[1]) == key:
-                    Verifier.part(pending[0], msg.chunk, payload)
-                self._slot(key)[msg.chunk] = (msg, hashlib.sha256(payload).digest())
-            return self._complete()
-        except RefusedError as exc:
-            return None, exc.reason
-
-    @staticmethod
-    def _key(msg: GlobalModel) -> Key:
-        return (msg.run, msg.version)
-
-    def _slot(self, key: Key) -> dict[int, tuple[GlobalModel, bytes]]:
-        slot = self._slots.setdefault(key, {})
-        self._slots.move_to_end(key)
-        pending_key = self._key(self._pending[1]) if self._pending is not None else None
-        while len(self._slots) > SLOTS:  # drop the least recently heard-of version, never
-            oldest = next(k for k in self._slots if k != pending_key)  # the awaited one
-            del self._slots[oldest]
-        return slot
-
-    def _complete(self) -> tuple[GlobalModel | None, str | None]:
-        if self._pending is None:
-            return None, None
-        m, head = self._pending
-        key = self._key(head)
-        slot = self._slot(key)
-        if len(slot) < m.chunks:
-            return None, None
-        for chunk, (_, digest) in list(slot.items()):
-            if chunk >= m.chunks or digest != m.parts[chunk]:
-                del slot[chunk]  # a part heard before its manifest, not the signed one
-                return None, "wrong_part"
-        try:
-            tensors = join_ranges(t for i in range(m.chunks) for t in slot[i][0].tensors)
-        except ValueError:
-            return None, "altered"
-        whole = dataclasses.replace(head, tensors=tensors, chunk=None, chunks=1)
-        self._pending = None
-        del self._slots[key]
-        self.verifier.whole(m, whole)  # the signed parts make this hold; checked all the same
-        return whole, None
 
 
 def gate_of(config: AgentConfig, device_id: str) -> SignedGate | None:
@@ -125,4 +27,35 @@ def gate_of(config: AgentConfig, device_id: str) -> SignedGate | None:
         log.warning("device %s: models and round announcements are not verified (set "
                     "[security] trusted_keys, docs/security.md)", device_id)
         return None
-    return SignedGate(Verifier([parse_public(k) for k in keys]))  # checked by load_agent
+    gate = SignedGate(Verifier([parse_public(k) for k in keys]))  # checked by load_agent
+    record = load_accepted(accepted_path(config))
+    if record is not None:  # what this device accepted before it restarted
+        gate.floor_model, gate.floor_round = record
+    return gate
+
+
+def accepted_path(config: AgentConfig) -> Path | None:
+    """Where a device that verifies keeps what it accepted (``device_agent.accepted_record``)."""
+    state = config.device.state_dir
+    return Path(state) / f"accepted-{config.federation}.json" if state else None
+
+
+def raise_floor(gate: SignedGate, machine: AgentMachine, path: Path | None) -> None:
+    """Raise ``gate``'s floor to the model and round ``machine`` now holds (both passed the
+    gate), and keep it in ``path`` so a restarted device refuses what is older."""
+    model = (machine.run, machine.model_version)
+    ann = machine.announcement
+    round_ = (ann.run, ann.round) if ann is not None else gate.floor_round
+    if not (newer(*model, *gate.floor_model) or newer(*round_, *gate.floor_round)):
+        return
+    if newer(*model, *gate.floor_model):
+        gate.floor_model = model
+    if newer(*round_, *gate.floor_round):
+        gate.floor_round = round_
+    if path is None:
+        return
+    try:
+        save_accepted(path, gate.floor_model, gate.floor_round)
+    except OSError as exc:  # the check itself goes on; only the restart protection is weaker
+        log.warning("device %s: cannot record the accepted model in %s: %s",
+                    machine.device_id, path, exc)

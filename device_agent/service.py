@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.factory import build_trainer
-from device_agent.model_gate import SignedGate, gate_of
+from device_agent.model_gate import SignedGate, accepted_path, gate_of, raise_floor
 from device_agent.outbox import Outbox, OutboxFullError
 from device_agent.secagg_link import SecAggLink, wanted
 from device_agent.statistics import Analyst, NoTraining
@@ -67,6 +67,9 @@ RESEND_GRACE_S = 5.0
 #: for, then again at most every ``ROUND_WAIT_REPEAT_S`` while it lasts.
 ROUND_WAIT_WARN_S = 3.0
 ROUND_WAIT_REPEAT_S = 30.0
+#: A refused model or announcement is published in the status's ``ignored`` counts at most this
+#: often (a flood of forgeries must not become a flood of status messages).
+STATUS_REFRESH_S = 1.0
 
 
 class AgentService:
@@ -99,10 +102,16 @@ class AgentService:
         self.trained_path = trained_path
         self.machine.trained_before = load_trained(trained_path)
         self.assembler = ModelAssembler()
-        #: Verifies models and announcements when ``[security] trusted_keys`` is set.
+        #: Verifies models and announcements when ``[security] trusted_keys`` is set; what
+        #: it let through is kept in ``accepted_path`` (refusing replays after a restart).
         self.gate: SignedGate | None = None
+        self.accepted_path: Path | None = None
         self.secagg = SecAggLink(federation, device_id, transport)
+        #: Every ignored or refused message, by reason; also in the retained status.
         self.ignored: Counter[str] = Counter()
+        self._state = "online"  # the last state published
+        self._status_due = False  # a refusal not in the retained status yet
+        self._status_at = -math.inf
         self.secagg.skipped = self.ignored  # its skipped steps are counted there too
         #: Report an evaluation of every new model (federated evaluation); train for rounds
         #: (False: an evaluation-only device, ``[data] eval_fraction = 1``).
@@ -188,7 +197,7 @@ class AgentService:
             service = cls.over_mqtt(config.federation, device_id, NoTraining(), config.broker,
                                     outbox=outbox, trained_path=trained, evaluate=False)
             service.analyst = Analyst.from_config(config)
-            service.gate = gate_of(config, device_id)
+            service.gate, service.accepted_path = gate_of(config, device_id), accepted_path(config)
             return service
         if trainer is None:
             trainer = build_trainer(config)  # checked there, failing as a ConfigError
@@ -199,7 +208,7 @@ class AgentService:
                                 config.broker, feedback=compression.ErrorFeedback(path),
                                 outbox=outbox, trained_path=trained, evaluate=fraction > 0,
                                 train=fraction < 1, min_interval_s=d.min_interval_s)
-        service.gate = gate_of(config, device_id)
+        service.gate, service.accepted_path = gate_of(config, device_id), accepted_path(config)
         return service
 
     # ---------------------------------------------------------------- lifecycle
@@ -229,7 +238,10 @@ class AgentService:
 
     def publish_status(self, state: str) -> None:
         """Publish this device's retained status (non-blocking: safe from callbacks)."""
-        status = _status(self.federation, self.device_id, state, self.clock())
+        # dict() copies the Counter in one step under the GIL: this also runs on paho's thread.
+        status = _status(self.federation, self.device_id, state, self.clock(),
+                         dict(self.ignored))
+        self._state, self._status_due, self._status_at = state, False, time.monotonic()
         self.transport.publish(self.topics.status(self.device_id), codec.encode(status), qos=1,
                                retain=True)
 
@@ -343,6 +355,8 @@ class AgentService:
             except Exception:  # e.g. a disk error: the device keeps following rounds
                 log.exception("device %s: outbox error", self.device_id)
             self.check_waiting()
+            if self._status_due and time.monotonic() - self._status_at >= STATUS_REFRESH_S:
+                self.publish_status(self._state)  # the refusals counted since the last one
             try:
                 msg: Message | None = self.transport.inbox.get(timeout=0.1)
             except queue.Empty:
@@ -371,6 +385,7 @@ class AgentService:
             decoded = codec.decode(msg.payload)
         except DecodeError as exc:
             self.ignored["malformed"] += 1
+            self._status_due = True
             log.warning("device %s: ignoring a bad message on %s: %s", self.device_id,
                         msg.topic, exc)
             return
@@ -399,12 +414,15 @@ class AgentService:
         else:
             self.ignored["unexpected"] += 1
             return
+        if self.gate is not None:
+            raise_floor(self.gate, self.machine, self.accepted_path)
         self._run(actions)
 
     def _refuse(self, reason: str, topic: str) -> None:
         """Count a model or announcement the signature check refused (the device keeps what
         it had)."""
         self.ignored[reason] += 1
+        self._status_due = True
         if reason != "old_model":  # a republished version is routine
             log.warning("device %s: refused a message on %s: %s", self.device_id, topic,
                         reason)
@@ -528,8 +546,10 @@ class AgentService:
             log.warning("device %s: cannot record the trained round in %s: %s",
                         self.device_id, self.trained_path, exc)
 
-def _status(federation: str, device_id: str, state: str, ts: float) -> DeviceStatus:
+def _status(federation: str, device_id: str, state: str, ts: float,
+            ignored: dict[str, int] | None = None) -> DeviceStatus:
     return DeviceStatus(federation=federation, device_id=device_id, state=state,
-                        agent_version=__version__, capabilities=CODECS, ts=ts)
+                        agent_version=__version__, capabilities=CODECS, ts=ts,
+                        ignored=ignored or {})
 
 

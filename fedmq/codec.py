@@ -133,7 +133,7 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 "kind": "status", "device": msg.device_id, "state": msg.state,
                 "agent_version": msg.agent_version, "capabilities": list(msg.capabilities),
                 "ts": float(msg.ts),
-            }
+            } | ({"ignored": dict(msg.ignored)} if msg.ignored else {})
         case RoundSummary():
             return head | {
                 "kind": "summary", "round": msg.round, "version": msg.version,
@@ -553,7 +553,7 @@ def _status(f: _Fields, fed: str) -> DeviceStatus:
     return DeviceStatus(
         federation=fed, device_id=f.str_("device"), state=state,
         agent_version=f.optional("agent_version", f.str_, ""), capabilities=tuple(caps),
-        ts=f.optional("ts", f.float_, 0.0),
+        ts=f.optional("ts", f.float_, 0.0), ignored=_counts(f, "ignored"),
     )
 
 

@@ -326,8 +326,11 @@ def _round_body(view: FleetView, now: float, width: int, height: int) -> Rendera
 def _device_line(d: Device, now: float) -> tuple[Text, Text, Text]:
     style = _STATE_STYLE.get(d.state, "magenta")
     seen = None if d.last_seen is None else now - d.last_seen
+    state = Text(d.state, style=style)
+    if d.refused:  # forged or altered models and announcements (docs/security.md)
+        state.append(f" {d.refused} refused", style="bold red")
     return (Text(f"{_STATE_DOT.get(d.state, '?')} {d.device_id}", style=style),
-            Text(d.state, style=style), Text(ago(seen), style="dim"))
+            state, Text(ago(seen), style="dim"))
 
 
 def _devices_body(view: FleetView, now: float, width: int, height: int) -> RenderableType:

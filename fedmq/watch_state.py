@@ -21,6 +21,7 @@ from typing import Literal
 
 from fedmq import codec
 from fedmq.errors import DecodeError
+from fedmq.signing import REASONS
 from fedmq.topics import Topics
 from fedmq.wire import (
     DeviceStatus,
@@ -53,6 +54,9 @@ class Device:
     #: Unix time of its last status: our clock for a live message, the device's ``ts`` for a
     #: retained one (sent before we subscribed); None when the device gave no ``ts``.
     last_seen: float | None
+    #: Models and announcements it refused as forged or altered (docs/security.md): the sum of
+    #: its status's ``ignored`` counts under ``fedmq.signing.REASONS``.
+    refused: int = 0
 
 
 @dataclass
@@ -263,7 +267,8 @@ class FleetView:
         # A live message is stamped with our clock (devices' clocks drift); a retained one was
         # sent before we subscribed, so only its own ts says when.
         seen = (s.ts or None) if retained else now
-        self.devices[s.device_id] = Device(s.device_id, s.state, seen)
+        refused = sum(s.ignored.get(reason, 0) for reason in REASONS)
+        self.devices[s.device_id] = Device(s.device_id, s.state, seen, refused)
         return True
 
     # ---------------------------------------------------------------- reading

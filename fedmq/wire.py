@@ -239,6 +239,9 @@ class DeviceStatus:
     agent_version: str = ""
     capabilities: tuple[str, ...] = ()
     ts: float = 0.0
+    #: Messages the device ignored or refused since it started, by reason (``old_model``,
+    #: ``unsigned``, ``bad_signature``, ...; docs/protocol.md); empty from older agents.
+    ignored: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

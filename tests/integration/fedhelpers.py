@@ -60,6 +60,16 @@ def marked_blocks(page: Path, marker: str) -> dict[str, str]:
     return blocks
 
 
+def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``pred`` every 20 ms until it holds; AssertionError naming ``what`` otherwise."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def unique_federation(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

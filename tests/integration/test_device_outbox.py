@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from fedhelpers import (
     broker_config,
     running_aggregator,
     unique_federation,
+    wait_until,
 )
 
 DEVICE = "dev-outbox"
@@ -57,15 +57,6 @@ class GatedTrainer(MLPTrainer):
         self.entered.set()
         assert self.gate.wait(20), "the test never opened the gate"
         return super().fit(weights, config, round_seed)
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def pending_update_ids(outbox: Outbox) -> set[str]:

@@ -144,6 +144,10 @@ ROUND_TRIPS = [
                      capabilities=tuple(f"c{i}" for i in range(256)), ts=1e9),
         id="status-max-capabilities"),
     pytest.param(
+        DeviceStatus(federation="demo", device_id="d", state="online",
+                     ignored={"unsigned": 3, "old_model": 1, "bad_signature": MAX_INT}),
+        id="status-with-refusals"),
+    pytest.param(
         RoundSummary(federation="demo", round=0, version=0, participants=0, closed_by=""),
         id="summary-defaults"),
     pytest.param(
@@ -272,7 +276,8 @@ SPARSE: dict[str, tuple[str, ...]] = {"model": ("chunk", "chunks", "run", "sig")
                                       "update": ("chunk", "chunks", "run"),
                                       "round": ("codec_params", "max_chunk_bytes", "run",
                                                 "sample_draw", "mode", "max_staleness", "task",
-                                                "columns", "sig")}
+                                                "columns", "sig"),
+                                      "status": ("ignored",)}
 ENVELOPE = ("v", "kind", "fed")
 TENSOR_KEYS = ("name", "dtype", "shape", "codec", "data")
 WIRE_TO_ATTR = {"fed": "federation", "device": "device_id"}
@@ -375,6 +380,10 @@ MALFORMED: list[Any] = [
           ("status", "capabilities", "int-item", [1]),
           ("status", "capabilities", "map", {"fp32": True}),
           ("status", "ts", "str", "now"),
+          ("status", "ignored", "list", [["unsigned", 1]]),
+          ("status", "ignored", "negative", {"unsigned": -1}),
+          ("status", "ignored", "float", {"unsigned": 1.0}),
+          ("status", "ignored", "bin-key", {b"unsigned": 1}),
           ("summary", "closed_by", "nil", None),
           ("summary", "participants", "float", 2.0),
           ("summary", "accepted", "one-string", [["sensor-07"]]),
@@ -497,6 +506,8 @@ MALFORMED: list[Any] = [
                  id="too-many-train-entries"),
     pytest.param(_with("status", capabilities=["fp32"] * 257), "malformed",
                  id="too-many-capabilities"),
+    pytest.param(_with("status", ignored={f"r{i}": 1 for i in range(257)}), "malformed",
+                 id="too-many-ignored-reasons"),
     pytest.param(_with("summary", rejected={f"r{i}": 1 for i in range(257)}), "malformed",
                  id="too-many-rejection-reasons"),
     pytest.param(_with("status", future=list(range((1 << 16) + 1))), "malformed",

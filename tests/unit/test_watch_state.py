@@ -138,6 +138,20 @@ def test_devices_live_status_uses_our_clock_retained_uses_its_ts(view: FleetView
     assert view.device_counts()["offline"] == 2
 
 
+def test_a_device_status_counts_its_refused_forgeries(view: FleetView) -> None:
+    counts = {"unsigned": 2, "bad_signature": 1, "wrong_part": 3, "old_model": 9,
+              "not_selected": 4}
+    view.handle(T.status("a"), codec.encode(DeviceStatus(FED, "a", "online", ignored=counts)),
+                NOW)
+    assert view.devices["a"].refused == 6  # old_model and not_selected are routine
+    pytest.importorskip("rich")
+    from fedmq.watch_render import _device_line
+
+    assert _device_line(view.devices["a"], NOW)[1].plain == "online 6 refused"
+    view.handle(T.status("b"), codec.encode(status("b", "online")), NOW)
+    assert _device_line(view.devices["b"], NOW)[1].plain == "online"
+
+
 def test_a_status_on_another_device_topic_is_ignored(view: FleetView) -> None:
     assert not view.apply(T.status("mallory"), status("alice", "online"), NOW)
     assert not view.devices
