@@ -59,8 +59,9 @@ class Request:
     devices: int
     out: Path
     mode: Mode = "password"
-    broker_host: str = "localhost"
-    broker_port: int = 8883
+    #: None: what the directory was provisioned with, else localhost:8883.
+    broker_host: str | None = None
+    broker_port: int | None = None
     san: Sequence[str] = ()
     device_prefix: str | None = None
     aggregator: str | None = None
@@ -166,15 +167,18 @@ def _merge(req: Request, old: Manifest | None) -> Manifest:
             if was != now:
                 raise ProvisionError(f"{req.out} was provisioned with {what} {was!r}, not "
                                      f"{now!r}: use another --out")
-        man = dataclasses.replace(old, broker_host=req.broker_host, broker_port=req.broker_port)
+        man = dataclasses.replace(old, broker_host=req.broker_host or old.broker_host,
+                                  broker_port=req.broker_port or old.broker_port)
         if req.aggregator not in (None, old.aggregator) or req.device_prefix not in (
-                None, old.device_prefix):
-            raise ProvisionError(f"{req.out}: the aggregator's username and the device prefix "
-                                 "cannot change once provisioned")
+                None, old.device_prefix) or req.broker_host not in (None, old.broker_host) or \
+                req.broker_port not in (None, old.broker_port):
+            raise ProvisionError(f"{req.out}: the aggregator's username, the device prefix and "
+                                 "the broker's host and port cannot change once provisioned "
+                                 "(the configs written hold them): use another --out")
     else:
         prefix = req.device_prefix if req.device_prefix is not None else f"{fed}-"
-        man = Manifest(federation=fed, mode=req.mode, broker_host=req.broker_host,
-                       broker_port=req.broker_port,
+        man = Manifest(federation=fed, mode=req.mode, broker_host=req.broker_host or "localhost",
+                       broker_port=req.broker_port or 8883,
                        aggregator=req.aggregator or f"{fed}-aggregator", device_prefix=prefix)
     man.devices = max(man.devices, req.devices)
     operators = [f"{fed}-operator"] if req.operators is None and old is None else (
@@ -342,7 +346,7 @@ def render_broker_config(mode: Mode, port: int, broker_dir: str) -> str:
 
 def provision(req: Request) -> Manifest:
     """Create or update the files under ``req.out``; return the manifest written."""
-    if req.devices < 0 or req.days < 1 or not 0 < req.broker_port < 65536:
+    if req.devices < 0 or req.days < 1 or not 0 < (req.broker_port or 8883) < 65536:
         raise ProvisionError("--devices must be >= 0, --days >= 1, --broker-port 1..65535")
     old = _load_manifest(req.out)
     try:
@@ -376,10 +380,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("password", "cert"), default="password",
                    help="password: a Mosquitto password per identity; cert: a client "
                         "certificate per identity, its CN the username (default %(default)s)")
-    p.add_argument("--broker-host", default="localhost",
+    p.add_argument("--broker-host", default=None,
                    help="the name clients connect to; in the broker's certificate "
-                        "(default %(default)s)")
-    p.add_argument("--broker-port", type=int, default=8883, help="default %(default)s")
+                        "(default: as provisioned before, else localhost)")
+    p.add_argument("--broker-port", type=int, default=None,
+                   help="default: as provisioned before, else 8883")
     p.add_argument("--san", action="append", default=[], metavar="NAME",
                    help="another DNS name or IP address for the broker's certificate")
     p.add_argument("--device-prefix", default=None,

@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--ca-file", default=None, help="CA certificate for --tls (default: the "
                                                    "system's)")
+    p.add_argument("--cert-file", default=None,
+                   help="client certificate for --tls (fedmq provision --mode cert)")
+    p.add_argument("--key-file", default=None, help="the client certificate's private key")
     p.add_argument("--mqtt3", action="store_true",
                    help="speak MQTT 3.1.1 (brokers without MQTT 5)")
     p.add_argument("--once", action="store_true",
@@ -88,7 +91,8 @@ def _broker(args: argparse.Namespace) -> BrokerConfig:
     # Quick reconnects: a person is looking at the screen.
     return BrokerConfig(host=host, port=port, mqtt5=not args.mqtt3, username=args.username,
                         password=args.password, tls=args.tls or args.ca_file is not None,
-                        ca_file=args.ca_file, reconnect_min_s=0.5, reconnect_max_s=5.0)
+                        ca_file=args.ca_file, cert_file=args.cert_file,
+                        key_file=args.key_file, reconnect_min_s=0.5, reconnect_max_s=5.0)
 
 
 class _LastLog(logging.Handler):

@@ -173,6 +173,7 @@ def test_refusals_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--federation", FED, "--devices", "1", "--mode", "cert"], "mode 'password'"),
         (["--federation", FED, "--devices", "1", "--revoke", "nobody"], "no such identity"),
         (["--federation", "bad/name", "--devices", "1"], "federation"),
+        (["--federation", FED, "--devices", "1", "--broker-port", "9999"], "cannot change"),
     ]
     for args, message in cases:
         assert main(["provision", *args, "--out", str(out)]) == 2
