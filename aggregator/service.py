@@ -9,7 +9,8 @@ The parts it wires: ``admission`` (decode, check, weight, norm), ``robust`` (the
 ``chunk_intake`` (chunked updates in flight), ``closing`` (a round's end), ``ledger`` (a round's
 counts), ``publishing`` (what goes out), ``telemetry`` + ``evaluation`` (federated evaluation and
 round progress for dashboards), ``checkpoint`` + ``wal`` (crash safety), ``reporting``
-(rate-limited operator lines), ``presence`` + ``exporter`` (Prometheus metrics).
+(rate-limited operator lines), ``presence`` + ``exporter`` (Prometheus metrics), ``startup``
+(run id, version-0 model, inbox size).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from aggregator.rounds import (
 from aggregator.secagg_service import SecAggCoordinator
 from aggregator.secagg_service import attach as attach_secagg
 from aggregator.spec import ModelSpec
+from aggregator.startup import FOLD_BATCH, inbox_bytes, initial_weights, new_run_id
 from aggregator.statistics import StatisticsTask, attach
 from aggregator.strategies import Strategy, build_strategy
 from aggregator.telemetry import Telemetry
@@ -61,7 +63,6 @@ from fedmq import codec
 from fedmq.config import AggregatorConfig
 from fedmq.errors import ConfigError
 from fedmq.instance import AggregatorInstance, refuse_second_aggregator
-from fedmq.models import init_mlp
 from fedmq.topics import Topics
 from fedmq.transport import Message, PahoTransport, Transport
 from fedmq.wire import ModelUpdate, RoundSummary
@@ -80,49 +81,8 @@ REJECT_REASONS: tuple[str, ...] = (
 #: Why a round's result can be dropped instead of published (docs/robustness.md).
 ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "below_quorum")
 
-#: Most queued updates folded in one pass over the accumulator.
-FOLD_BATCH = 8
-
-#: The inbox holds at most this many fp32 updates' bytes (or ``INBOX_MIN_BYTES``): memory
-#: O(parameters) however many updates a round takes. Bounded here because the broker's
-#: in-flight cap does not bound what it sends a client that acknowledges (``fedmq.inbox``).
-INBOX_UPDATES = FOLD_BATCH
-INBOX_MIN_BYTES = 8 * 1024 * 1024
-
 #: After the last round, how long to wait for the devices' evaluations of the final model.
 FINAL_EVAL_WAIT_S = 5.0
-
-
-
-#: The last run id this process gave out (a list: module state without ``global``).
-_last_run_id = [0]
-
-
-def new_run_id() -> int:
-    """A new run's id (``fedmq.wire.newer``): the wall clock in milliseconds, so a later start
-    has a larger one (as long as the clock does not go back by more than the time between them);
-    strictly increasing within one process even when two runs start in the same millisecond."""
-    _last_run_id[0] = max(time.time_ns() // 1_000_000, _last_run_id[0] + 1)
-    return _last_run_id[0]
-
-
-def inbox_bytes(parameters: int) -> int:
-    """The transport inbox's cap in payload bytes for a model of ``parameters`` values."""
-    return max(INBOX_MIN_BYTES, INBOX_UPDATES * 4 * parameters)
-
-
-def initial_weights(config: AggregatorConfig) -> Weights:
-    """The version-0 model: loaded from ``model.path`` (.npz) or initialised from ``layers``."""
-    if config.model.path:
-        path = Path(config.model.path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                # np.array, not np.ascontiguousarray: that makes a 0-d (scalar) tensor 1-d.
-                return {name: np.array(data[name], dtype=np.float32, order="C", copy=True)
-                        for name in data.files}
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.path {path}: cannot load arrays ({exc})") from None
-    return init_mlp(config.model.layers, config.model.seed)
 
 
 class AggregatorService:
