@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmq import demo_privacy
+from fedmq import demo_privacy, demo_signing
 from fedmq.broker import BrokerHandle, start_broker
 from fedmq.compression import decode_all
 from fedmq.config import (
@@ -142,6 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the per-round results as JSON here")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="give up after this many seconds (default 300)")
+    demo_signing.add_arguments(p)
     demo_privacy.add_arguments(p)
     p.add_argument("--secure-aggregation", action="store_true",
                    help="devices mask their updates (SecAgg+): the aggregator sees only their "
@@ -193,11 +194,13 @@ def _run_training(args: argparse.Namespace) -> int:
 
         # The watcher subscribes before anything is published, like any app on the model topic.
         models, arrived, on_model = _model_inbox()
+        signing_key, trusted = demo_signing.demo_key(stack, args)
         watcher = ModelSubscriber(broker_cfg, FEDERATION, summaries=True, evaluations=True,
-                                  on_model=on_model).start()
+                                  on_model=on_model, trusted_keys=trusted).start()
         stack.callback(watcher.stop)
 
-        config = demo_config(args, broker_cfg, layers, [len(s) for s in shards])
+        config = demo_signing.signed(
+            demo_config(args, broker_cfg, layers, [len(s) for s in shards]), signing_key)
         agg = AggregatorService(config)
         result.strategy = agg.strategy.describe()
         agents = [AgentService.over_mqtt(FEDERATION, f"device-{i:03d}", trainer, broker_cfg,
@@ -205,6 +208,7 @@ def _run_training(args: argparse.Namespace) -> int:
                   for i, trainer in enumerate(_trainers(args, trainer_cls, x_train, y_train,
                                                         shards))]
         for a in agents:
+            a.gate = demo_signing.device_gate(trusted)  # each checks the aggregator's signatures
             a.start()
             stack.callback(a.stop)
         agg.start()

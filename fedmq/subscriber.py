@@ -2,15 +2,18 @@
 ``ResultSubscriber``: a statistics federation's latest result (docs/analytics.md).
 
 Subscribes to a federation's model topic (and the parts of a chunked model), checks each model's
-sha256 and keeps the newest version. Any MQTT client can do the same by following
-docs/protocol.md; this is the convenient way from Python.
+sha256 and keeps the newest version; given ``trusted_keys``, only models the federation's key
+signed (docs/security.md, "Signed models"; this needs ``cryptography``). Any MQTT client can do
+the same by following docs/protocol.md; this is the convenient way from Python.
 """
 
 from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +33,9 @@ from fedmq.wire import (
     model_digest,
     newer,
 )
+
+if TYPE_CHECKING:
+    from fedmq.signed_gate import SignedGate
 
 F32 = npt.NDArray[np.float32]
 
@@ -54,7 +60,8 @@ class ModelSubscriber:
     def __init__(self, broker: BrokerConfig, federation: str, *,
                  transport: Transport | None = None, summaries: bool = False,
                  evaluations: bool = False,
-                 on_model: Callable[[GlobalModel], None] | None = None) -> None:
+                 on_model: Callable[[GlobalModel], None] | None = None,
+                 trusted_keys: Iterable[str] = ()) -> None:
         self.topics = Topics(federation)
         self.federation = federation
         self.transport: Transport = transport or PahoTransport(
@@ -72,6 +79,16 @@ class ModelSubscriber:
         self.evaluations: dict[int, ModelEvaluation] = {}
         self.rejected = 0
         self.on_model = on_model
+        #: With ``trusted_keys``: models refused by the signature check, by reason
+        #: (``fedmq.signing.REASONS``; also counted in ``rejected``).
+        self.refused: Counter[str] = Counter()
+        self._gate: SignedGate | None = None
+        keys = list(trusted_keys)
+        if keys:  # imported here: an app that does not verify needs no cryptography
+            from fedmq.signed_gate import SignedGate
+            from fedmq.signing import Verifier, parse_public
+
+            self._gate = SignedGate(Verifier([parse_public(k) for k in keys]))
 
     def start(self) -> ModelSubscriber:
         self.transport.start()
@@ -102,7 +119,14 @@ class ModelSubscriber:
             return
         if not isinstance(decoded, GlobalModel) or decoded.federation != self.federation:
             return
-        whole = self._assembler.add(decoded)
+        if self._gate is None:
+            whole = self._assembler.add(decoded)
+        else:
+            held = (self._latest.run, self._latest.version) if self._latest else (0, -1)
+            whole, reason = self._gate.model(decoded, msg.payload, held)
+            if reason is not None and reason != "old_model":  # a republished one is routine
+                self.refused[reason] += 1
+                self.rejected += 1
         if whole is None:
             return
         if model_digest(whole.tensors) != whole.sha256:
