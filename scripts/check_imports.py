@@ -4,7 +4,7 @@ Only the transport modules (``*/transport.py`` and ``fedmq/paho_client.py``) imp
 ``fedmq/codec.py`` (and its ``msgpack_views``, and
 ``fedmq/secagg/codec.py``) imports msgpack, only ``aggregator/exporter.py``
 imports prometheus_client, only ``aggregator/kernel*.py`` imports numba, and amqtt only
-``fedmq/broker.py``. The shared
+``fedmq/embedded_broker.py``. The shared
 ``fedmq`` core never imports either side at module level (the CLI and the demo, the composition
 roots, import them lazily inside functions). Exit 1 and list the offending lines otherwise.
 """
@@ -26,7 +26,7 @@ ALLOWED = {
                                "fedmq/secagg/codec.py"),
     "prometheus_client": lambda p: p == "aggregator/exporter.py",
     "numba": lambda p: p.startswith("aggregator/kernel"),
-    "amqtt": lambda p: p == "fedmq/broker.py",
+    "amqtt": lambda p: p == "fedmq/embedded_broker.py",
     # The optional extras: `watch` (rich) and `plot` (matplotlib).
     "rich": lambda p: p == "fedmq/watch_render.py",
     "matplotlib": lambda p: p == "aggregator/report.py",
@@ -105,7 +105,7 @@ def _who(module: str) -> str:
     return {"paho": "*/transport.py and fedmq/paho_client.py",
             "msgpack": "fedmq/codec.py and fedmq/msgpack_views.py",
             "prometheus_client": "aggregator/exporter.py",
-            "numba": "aggregator/kernel*.py", "amqtt": "fedmq/broker.py",
+            "numba": "aggregator/kernel*.py", "amqtt": "fedmq/embedded_broker.py",
             "rich": "fedmq/watch_render.py",
             "matplotlib": "aggregator/report.py"}[module]
 
