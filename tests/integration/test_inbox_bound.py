@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.service import inbox_bytes
+from aggregator.startup import inbox_bytes
 from fedmq.broker import MosquittoBroker
 from fedmq.config import DurabilityConfig, ModelConfig
 from fedmq.inbox import ByteBoundedQueue

@@ -12,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from aggregator.service import AggregatorService, initial_weights
+from aggregator.service import AggregatorService
+from aggregator.startup import initial_weights
 from device_agent.factory import build_trainer
 from device_agent.service import AgentService
 from device_agent.trainers import (
