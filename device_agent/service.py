@@ -4,13 +4,8 @@ The paho network thread only enqueues; the worker decodes, asks the ``AgentMachi
 trains, and publishes the update (a float32 delta from the base model). Status is retained, and
 the broker flips it to ``offline`` through the last will if the device vanishes.
 
-Every update message (each chunk) is written to the ``Outbox`` before it is published and
-removed once the broker acknowledged it (its ``Delivery`` is done; the worker checks every
-turn). What is still there is published again: at start-up (left by an earlier process) and
-after every (re)connect. On a reconnect, messages never handed to paho go at once; those paho
-holds (it resends unacknowledged QoS 1 messages itself after a reconnect, in this process) are
-published again only if still unacknowledged ``RESEND_GRACE_S`` later, which spares a duplicate
-in the common case. Duplicates are harmless: the aggregator rejects them as ``duplicate``.
+Updates go out through the outbox and stay there until the broker acknowledged them
+(``device_agent.delivery``).
 """
 
 from __future__ import annotations
@@ -29,9 +24,10 @@ import numpy as np
 import numpy.typing as npt
 
 from device_agent.agent import AgentMachine, Ignored, Train
+from device_agent.delivery import OutboxDelivery
 from device_agent.factory import build_trainer
 from device_agent.model_gate import SignedGate, accepted_path, gate_of, raise_floor
-from device_agent.outbox import Outbox, OutboxFullError
+from device_agent.outbox import Outbox
 from device_agent.secagg_link import SecAggLink, wanted
 from device_agent.statistics import Analyst, NoTraining
 from device_agent.trained_record import load_trained, save_trained
@@ -44,9 +40,9 @@ from device_agent.update_encoding import encode_update
 from fedmq import __version__, codec, compression
 from fedmq.chunking import ModelAssembler
 from fedmq.config import AgentConfig, BrokerConfig, DeviceConfig
-from fedmq.errors import BrokerError, DecodeError
+from fedmq.errors import DecodeError
 from fedmq.topics import Topics
-from fedmq.transport import Delivery, Message, PahoTransport, Transport, Will
+from fedmq.transport import Message, PahoTransport, Transport, Will
 from fedmq.wire import (
     CODECS,
     DeviceStatus,
@@ -61,8 +57,6 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 
-#: After a reconnect, how long paho gets to resend what it holds before the outbox resends it.
-RESEND_GRACE_S = 5.0
 #: Connected this long (service clock) without a round announcement: say what the agent waits
 #: for, then again at most every ``ROUND_WAIT_REPEAT_S`` while it lasts.
 ROUND_WAIT_WARN_S = 3.0
@@ -72,7 +66,7 @@ ROUND_WAIT_REPEAT_S = 30.0
 STATUS_REFRESH_S = 1.0
 
 
-class AgentService:
+class AgentService(OutboxDelivery):
     """One device: follows rounds, trains with ``trainer``, publishes updates."""
 
     def __init__(
@@ -128,23 +122,8 @@ class AgentService:
         self.bytes_sent = 0
         self.feedback = feedback or compression.ErrorFeedback(None)
         d = DeviceConfig()
-        self.outbox = (outbox if outbox is not None  # an empty Outbox is falsy
-                       else Outbox(None, d.outbox_max_bytes, d.outbox_max_messages))
-        #: Update messages the broker acknowledged, updates all of whose messages it did,
-        #: messages published from the outbox again (after a restart or a reconnect), and
-        #: updates sent without the outbox (larger than it, or a disk error).
-        self.messages_acked = 0
-        self.updates_acked = 0
-        self.messages_resent = 0
-        self.updates_unbuffered = 0
-        self._deliveries: dict[str, Delivery] = {}  # outbox key -> its latest publish
-        # Connections seen by pump_outbox, and on which one each key was last published: the
-        # resend after a reconnect is for what an earlier connection left unacknowledged, not
-        # for an update published since, whose PUBACK is merely still on its way.
-        self._connection = 0
-        self._published_on: dict[str, int] = {}
-        self._connected_again = threading.Event()  # set by the transport's connect hook
-        self._resend_due: float | None = None
+        self._init_delivery(outbox if outbox is not None  # an empty Outbox is falsy
+                            else Outbox(None, d.outbox_max_bytes, d.outbox_max_messages))
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         # The "no round announcement yet" line (service clock times; see check_waiting).
@@ -271,80 +250,6 @@ class AgentService:
                  else "the broker")
         log.warning("no round announcement on %s yet (connected to %s); is the aggregator "
                     "running and is the federation name right?", self.topics.round, where)
-
-    # ---------------------------------------------------------------- outbox
-
-    def pump_outbox(self) -> None:
-        """Forget acknowledged messages; after a (re)connect, publish what is still unsent.
-
-        Called by the worker every turn (cheap when there is nothing to do).
-        """
-        self._sweep()
-        if not self.transport.wait_connected(0):
-            return  # the connect hook sets _connected_again: we come back then
-        if self._connected_again.is_set():
-            self._connected_again.clear()
-            self._connection += 1
-            self._resend_due = time.monotonic() + RESEND_GRACE_S
-            self._publish_pending(unsent_only=True)
-        if self._resend_due is not None and time.monotonic() >= self._resend_due:
-            self._resend_due = None
-            self._publish_pending(unsent_only=False)
-
-    def _sweep(self) -> None:
-        for key, delivery in list(self._deliveries.items()):
-            if key not in self.outbox:  # dropped to make room for a newer update
-                del self._deliveries[key]
-                self._published_on.pop(key, None)
-            elif delivery.done():
-                del self._deliveries[key]
-                self._published_on.pop(key, None)
-                self.messages_acked += 1
-                if self.outbox.remove(key):
-                    self.updates_acked += 1
-
-    def _publish_pending(self, *, unsent_only: bool) -> None:
-        """Publish the outbox's messages never handed to the transport (and, unless
-        ``unsent_only``, those handed to it on an earlier connection and still not
-        acknowledged), oldest first."""
-        todo = [k for k in self.outbox.pending_keys()
-                if k not in self._deliveries
-                or (not unsent_only and not self._deliveries[k].done()
-                    and self._published_on.get(k, 0) < self._connection)]
-        for key in todo:
-            item = self.outbox.get(key)
-            if item is None:
-                continue
-            self.messages_resent += 1
-            self._publish_entry(key, *item)
-        if todo:
-            log.info("device %s: published %d outbox messages again", self.device_id, len(todo))
-
-    def _publish_entry(self, key: str, topic: str, payload: bytes) -> None:
-        try:
-            self._deliveries[key] = self.transport.publish(topic, payload, qos=1)
-            self._published_on[key] = self._connection
-        except BrokerError as exc:  # too large for this broker: kept, tried again on connect
-            self._deliveries.pop(key, None)
-            log.warning("device %s: cannot publish outbox message %s: %s", self.device_id, key,
-                        exc)
-
-    def _send_update(self, update_id: str, messages: list[tuple[str, bytes]]) -> None:
-        """Store an update's messages in the outbox, then publish them (if connected)."""
-        try:
-            keys = self.outbox.put_update(update_id, messages)
-        except (OutboxFullError, OSError) as exc:  # larger than the outbox, or a disk error
-            self.updates_unbuffered += 1
-            log.warning("device %s: update %s sent without the outbox (not kept until "
-                        "acknowledged): %s", self.device_id, update_id, exc)
-            for topic, payload in messages:
-                self.transport.publish(topic, payload, qos=1)
-            return
-        if self.transport.wait_connected(0):
-            for key, (topic, payload) in zip(keys, messages, strict=True):
-                self._publish_entry(key, topic, payload)
-            self._sweep()
-        # else: published by pump_outbox once the transport (re)connects
 
     # ---------------------------------------------------------------- worker
 

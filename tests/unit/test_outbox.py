@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent import service as service_module
+from device_agent import delivery as delivery_module
 from device_agent.outbox import Outbox, OutboxFullError
 from device_agent.service import AgentService
 from device_agent.trainers import MLPTrainer
@@ -373,7 +373,7 @@ def test_service_resends_unacknowledged_after_a_reconnect_grace(
     service.on_connected()
     service.pump_outbox()
     assert len(transport.updates()) == 1
-    monkeypatch.setattr(service_module, "RESEND_GRACE_S", 0.0)
+    monkeypatch.setattr(delivery_module, "RESEND_GRACE_S", 0.0)
     service.on_connected()
     service.pump_outbox()  # still no PUBACK after the grace: published again
     (first, _), (second, _) = transport.updates()
@@ -389,7 +389,7 @@ def test_an_update_published_after_the_connect_is_not_resent_while_its_ack_is_du
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The demo once turned away a dozen duplicates: when the grace after the first connect
     # ran out, the outbox republished updates whose PUBACK was merely still on its way.
-    monkeypatch.setattr(service_module, "RESEND_GRACE_S", 0.05)
+    monkeypatch.setattr(delivery_module, "RESEND_GRACE_S", 0.05)
     transport = FakeTransport()
     transport.connected = True
     service = make_service(transport, Outbox(tmp_path, BIG, 100))
