@@ -4,19 +4,24 @@
 payload: sizes are capped before unpacking, every field's type is checked, every tensor's byte
 length is checked against its declared shape and codec before anything is allocated, unknown
 fields are ignored and a missing required one is an error. Any failure is a ``DecodeError`` whose
-``reason`` is ``"oversize"`` or ``"malformed"``; nothing else escapes.
+``reason`` is ``"oversize"`` or ``"malformed"``; nothing else escapes. The field reader and the
+limits are ``codec_fields``; the statistics task's fields ``codec_stats``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
 
+from fedmq import codec_stats
+from fedmq.codec_fields import DEFAULT_LIMITS, DecodeLimits
+from fedmq.codec_fields import Fields as _Fields
+from fedmq.codec_fields import is_int as _is_int
+from fedmq.codec_fields import is_number as _is_number
+from fedmq.codec_stats import MAX_BINS, MAX_COLUMNS, TASKS
 from fedmq.errors import DecodeError
 from fedmq.msgpack_views import unpack
 from fedmq.wire import (
@@ -27,7 +32,6 @@ from fedmq.wire import (
     SCHEMA_VERSION,
     TOPK_VALUES,
     Blob,
-    ColumnStatistics,
     DeviceStatus,
     Evaluation,
     GlobalModel,
@@ -40,29 +44,28 @@ from fedmq.wire import (
     RoundSummary,
     Signature,
     StatisticsResult,
-    StatsColumn,
     Tensor,
     blocks,
 )
 
-T = TypeVar("T")
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_BINS",
+    "MAX_CHUNKS",
+    "MAX_COLUMNS",
+    "MAX_DRAWS",
+    "MAX_SIGNED",
+    "TASKS",
+    "DecodeLimits",
+    "decode",
+    "decode_as",
+    "decode_manifest",
+    "encode",
+    "encode_manifest",
+]
+
 M = TypeVar("M", RoundAnnouncement, GlobalModel, ModelUpdate, DeviceStatus, RoundSummary,
             Evaluation, ModelEvaluation, RoundProgress, StatisticsResult)
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeLimits:
-    """Caps applied to untrusted payloads before and while decoding them."""
-
-    max_payload_bytes: int = 256 * 1024 * 1024
-    max_tensors: int = 1024
-    max_ndim: int = 8
-    max_elements: int = 1 << 31
-    max_string: int = 256
-    max_entries: int = 256  # entries of a metrics / train / rejected map, accepted list items
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 # ---------------------------------------------------------------- encoding
@@ -101,7 +104,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
                 {"sample_draw": msg.sample_draw} if msg.sample_draw else {}) | (
                 {"mode": msg.mode} if msg.mode != "sync" else {}) | (
                 {"max_staleness": msg.max_staleness} if msg.max_staleness else {}) | (
-                _task_map(msg) if msg.task != "train" or msg.columns else {}) | _sig_map(msg.sig)
+                codec_stats.task_map(msg) if msg.task != "train" or msg.columns else {}) | (
+                _sig_map(msg.sig))
         case GlobalModel():
             m = head | {
                 "kind": "model", "version": msg.version, "round": msg.round,
@@ -162,7 +166,8 @@ def _to_map(msg: Message) -> dict[str, Any]:
         case StatisticsResult():
             return head | {
                 "kind": "result", "round": msg.round, "version": msg.version,
-                "devices": list(msg.devices), "columns": [_column_map(c) for c in msg.columns],
+                "devices": list(msg.devices),
+                "columns": [codec_stats.column_map(c) for c in msg.columns],
                 "closed_by": msg.closed_by, "ts": float(msg.ts),
             } | ({"run": msg.run} if msg.run else {})
     raise TypeError(f"not a fedmq message: {type(msg).__name__}")
@@ -185,23 +190,6 @@ def encode_manifest(m: ModelManifest) -> bytes:
     return out
 
 
-def _task_map(msg: RoundAnnouncement) -> dict[str, Any]:
-    """A statistics announcement's ``task`` and ``columns`` (absent in a training one)."""
-    return {"task": msg.task, "columns": [{"name": c.name, "edges": [float(e) for e in c.edges]}
-                                          for c in msg.columns]}
-
-
-def _column_map(c: ColumnStatistics) -> dict[str, Any]:
-    m: dict[str, Any] = {"name": c.name, "count": c.count}
-    # Undefined without values (sample variance: without two): absent, never NaN.
-    for key in ("mean", "variance", "sample_variance", "min", "max"):
-        value = getattr(c, key)
-        if value is not None:
-            m[key] = float(value)
-    return m | {"edges": [float(e) for e in c.edges], "hist": list(c.hist),
-                "underflow": c.underflow, "overflow": c.overflow, "devices": c.devices}
-
-
 def encode(msg: Message) -> bytes:
     """Serialise a message to msgpack bytes."""
     out: bytes = msgpack.packb(_to_map(msg), use_bin_type=True)
@@ -209,85 +197,6 @@ def encode(msg: Message) -> bytes:
 
 
 # ---------------------------------------------------------------- decoding
-
-
-class _Fields:
-    """Typed access to one untrusted msgpack map; every miss is a DecodeError naming the field."""
-
-    def __init__(self, m: Mapping[str, Any], where: str, limits: DecodeLimits) -> None:
-        self.m = m
-        self.where = where
-        self.limits = limits
-
-    def _get(self, key: str, check: Callable[[Any], bool], what: str) -> Any:
-        if key not in self.m:
-            raise DecodeError(f"{self.where}: required field {key!r} is missing")
-        value = self.m[key]
-        if not check(value):
-            raise DecodeError(f"{self.where}: field {key!r} must be {what}, got "
-                              f"{type(value).__name__}")
-        return value
-
-    def int_(self, key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
-        value: int = self._get(key, _is_int, "an integer")
-        if not lo <= value <= hi:
-            raise DecodeError(f"{self.where}: field {key!r}={value} is outside [{lo}, {hi}]")
-        return value
-
-    def float_(self, key: str) -> float:
-        value = float(self._get(key, _is_number, "a number"))
-        if not math.isfinite(value):
-            raise DecodeError(f"{self.where}: field {key!r} is not finite")
-        return value
-
-    def str_(self, key: str) -> str:
-        value: str = self._get(key, lambda v: isinstance(v, str), "a string")
-        if len(value) > self.limits.max_string:
-            raise DecodeError(f"{self.where}: field {key!r} is longer than "
-                              f"{self.limits.max_string} characters")
-        return value
-
-    def bool_(self, key: str) -> bool:
-        value: bool = self._get(key, lambda v: isinstance(v, bool), "a boolean")
-        return value
-
-    def bytes_(self, key: str) -> Blob:
-        value: Blob = self._get(key, lambda v: isinstance(v, bytes | memoryview), "binary")
-        return value
-
-    def list_(self, key: str) -> list[Any]:
-        value: list[Any] = self._get(key, lambda v: isinstance(v, list), "an array")
-        return value
-
-    def map_(self, key: str) -> Mapping[str, Any]:
-        value: Mapping[str, Any] = self._get(key, lambda v: isinstance(v, dict), "a map")
-        return value
-
-    def optional(self, key: str, read: Callable[[str], T], default: T) -> T:
-        return read(key) if key in self.m else default
-
-    def scalars(self, key: str) -> dict[str, float]:
-        """A map of metric name to finite number (NaN / inf are dropped, not trusted)."""
-        raw: Mapping[str, Any] = self.optional(key, self.map_, {})
-        if len(raw) > self.limits.max_entries:
-            raise DecodeError(f"{self.where}: {key!r} has more than {self.limits.max_entries} "
-                              "entries")
-        out: dict[str, float] = {}
-        for k, v in raw.items():
-            if not isinstance(k, str) or not _is_number(v):
-                raise DecodeError(f"{self.where}: {key!r} must map strings to numbers")
-            if math.isfinite(v):
-                out[k] = float(v)
-        return out
-
-
-def _is_int(v: Any) -> bool:
-    # bool is an int subclass in Python, but msgpack has a separate boolean type.
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 _NO_BYTES: Blob = b""
@@ -456,51 +365,8 @@ def _round(f: _Fields, fed: str) -> RoundAnnouncement:
         max_chunk_bytes=f.optional("max_chunk_bytes", f.int_, 0), run=_run(f),
         sample_draw=f.optional("sample_draw", lambda k: f.int_(k, 0, MAX_DRAWS), 0),
         mode=mode, max_staleness=f.optional("max_staleness", f.int_, 0),
-        task=_task(f), columns=_query(f), sig=_sig(f),
+        task=codec_stats.task(f), columns=codec_stats.query(f), sig=_sig(f),
     )
-
-
-#: Tasks an announcement may name (``RoundAnnouncement.task``).
-TASKS = ("train", "statistics")
-#: Most columns in a statistics query, and bins per column.
-MAX_COLUMNS = 256
-MAX_BINS = 1 << 16
-
-
-def _task(f: _Fields) -> str:
-    task = f.optional("task", f.str_, "train")
-    if task not in TASKS:  # a device must not compute what it does not know
-        raise DecodeError(f"round: task {task!r} is not one of {', '.join(TASKS)}")
-    return task
-
-
-def _edges(raw: Any, where: str) -> tuple[float, ...]:
-    """Histogram bin edges: 2 to MAX_BINS + 1 finite numbers, strictly increasing."""
-    if not isinstance(raw, list) or not 2 <= len(raw) <= MAX_BINS + 1 \
-            or not all(_is_number(e) for e in raw):
-        raise DecodeError(f"{where}: edges must be 2 to {MAX_BINS + 1} numbers")
-    edges = tuple(float(e) for e in raw)
-    if not all(math.isfinite(e) for e in edges) or any(
-            b <= a for a, b in itertools.pairwise(edges)):
-        raise DecodeError(f"{where}: edges must be finite and strictly increasing")
-    return edges
-
-
-def _query(f: _Fields) -> tuple[StatsColumn, ...]:
-    """The announcement's statistics ``columns``: unique names, each with its bin edges."""
-    raw: list[Any] = f.optional("columns", f.list_, [])
-    if len(raw) > MAX_COLUMNS:
-        raise DecodeError(f"round: more than {MAX_COLUMNS} columns")
-    columns = []
-    for i, c in enumerate(raw):
-        if not isinstance(c, dict):
-            raise DecodeError(f"round: column {i} must be a map")
-        cf = _Fields(c, f"round: column {i}", f.limits)
-        columns.append(StatsColumn(name=cf.str_("name"),
-                                   edges=_edges(cf.list_("edges"), cf.where)))
-    if len({c.name for c in columns}) != len(columns):
-        raise DecodeError("round: column names are not unique")
-    return tuple(columns)
 
 
 #: Most redraws of one round's sample a device evaluates (a round extended more often than this
@@ -604,44 +470,10 @@ def _progress(f: _Fields, fed: str) -> RoundProgress:
         rejected=_counts(f, "rejected"), run=_run(f), ts=f.optional("ts", f.float_, 0.0))
 
 
-def _opt_float(f: _Fields, key: str) -> float | None:
-    return f.optional(key, f.float_, None)
-
-
-def _column(raw: Any, i: int, limits: DecodeLimits) -> ColumnStatistics:
-    if not isinstance(raw, dict):
-        raise DecodeError(f"result: column {i} must be a map")
-    f = _Fields(raw, f"result: column {i}", limits)
-    edges = _edges(f.list_("edges"), f.where)
-    hist = f.list_("hist")
-    if len(hist) != len(edges) - 1 or not all(_is_int(h) and h >= 0 for h in hist):
-        raise DecodeError(f"{f.where}: hist must be {len(edges) - 1} non-negative integers")
-    return ColumnStatistics(
-        name=f.str_("name"), count=f.int_("count"), mean=_opt_float(f, "mean"),
-        variance=_opt_float(f, "variance"), sample_variance=_opt_float(f, "sample_variance"),
-        min=_opt_float(f, "min"), max=_opt_float(f, "max"), edges=edges, hist=tuple(hist),
-        underflow=f.optional("underflow", f.int_, 0), overflow=f.optional("overflow", f.int_, 0),
-        devices=f.optional("devices", f.int_, 0))
-
-
-def _result(f: _Fields, fed: str) -> StatisticsResult:
-    devices = f.list_("devices")
-    if not all(isinstance(d, str) for d in devices):
-        raise DecodeError("result: devices must be strings")
-    columns = f.list_("columns")
-    if len(columns) > MAX_COLUMNS:
-        raise DecodeError(f"result: more than {MAX_COLUMNS} columns")
-    return StatisticsResult(
-        federation=fed, round=f.int_("round"), version=f.int_("version"),
-        devices=tuple(devices),
-        columns=tuple(_column(c, i, f.limits) for i, c in enumerate(columns)),
-        closed_by=f.optional("closed_by", f.str_, ""), run=_run(f),
-        ts=f.optional("ts", f.float_, 0.0))
-
-
 _READERS: Mapping[str, Callable[[_Fields, str], Message]] = {
     "round": _round, "model": _model, "update": _update, "status": _status, "summary": _summary,
-    "eval": _eval, "model_eval": _model_eval, "progress": _progress, "result": _result,
+    "eval": _eval, "model_eval": _model_eval, "progress": _progress,
+    "result": lambda f, fed: codec_stats.result(f, fed, _run(f)),
 }
 
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import msgpack
 
-from fedmq.codec import DecodeLimits, _Fields, _unpack
+from fedmq.codec import _unpack
+from fedmq.codec_fields import DecodeLimits
+from fedmq.codec_fields import Fields as _Fields
 from fedmq.errors import DecodeError
 from fedmq.secagg.crypto import KEY_BYTES, valid_public
 from fedmq.secagg.messages import (
