@@ -19,11 +19,12 @@ Poisson-subsampled Gaussian event per finalized round at ``q`` = ``[sampling] ra
 ``q = 1`` a plain Gaussian mechanism: no amplification). What it composed is a short list of
 ``(q, z, rounds)`` segments, kept in snapshots and rebuilt by the replay.
 
-With secure aggregation the aggregator never holds the plain sum, so it cannot add this noise:
-each device would add its share, ``N(0, (z·C)² / m)`` for a quorum of ``m`` devices (the
-shares of fewer survivors sum to less noise: the dropout caveat). That is not built; the config
-refuses DP with secure aggregation (``fedmq.config``), and ``GaussianSum.device_share_std`` is
-where the calibration would live.
+With secure aggregation the aggregator never holds the plain sum, so it adds no noise
+(``GaussianSum(distributed=True)``): each device adds its share, ``N(0, (z·C)² / m)``
+(``device_share_std``, announced in the signed announcement's ``train`` map; the device side is
+``fedmq.secagg.noise``). The unmasked sum of ``n >= m`` survivors carries ``n/m`` times the
+central noise's variance; fewer than ``m`` survivors is a round below quorum, never published
+(docs/privacy.md, "With secure aggregation"). The accountant is the same.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy.typing as npt
 
 from fedmq.config import AggregatorConfig, RobustConfig
 from fedmq.errors import ConfigError
+from fedmq.secagg.noise import device_std
 
 if TYPE_CHECKING:
     from aggregator.service import AggregatorService
@@ -103,7 +105,7 @@ class GaussianSum:
     """The round's noise: ``N(0, (z·C)² I)`` on the sum, derived from (secret, run, round)."""
 
     def __init__(self, noise_multiplier: float, clip_norm: float, quorum: int,
-                 secret: bytes) -> None:
+                 secret: bytes, distributed: bool = False) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
             raise ValueError(f"noise_multiplier must be finite and > 0; got {noise_multiplier}")
         if not (math.isfinite(clip_norm) and clip_norm > 0) or quorum < 1:
@@ -114,6 +116,8 @@ class GaussianSum:
         self.denominator = float(quorum)
         self._secret = secret
         self._key = (0, 0)
+        #: secure aggregation: the devices added the noise, the sum arrives with it
+        self.distributed = distributed
 
     @property
     def std(self) -> float:
@@ -126,16 +130,19 @@ class GaussianSum:
         return self.std / self.denominator
 
     def device_share_std(self) -> float:
-        """Distributed noise (secure aggregation, not built): each of ``m`` devices would add
+        """Distributed noise (secure aggregation): each of ``m`` devices adds
         ``N(0, std² / m)`` so that a quorum's shares sum to the central noise."""
-        return self.std / math.sqrt(self.denominator)
+        return device_std(self.noise_multiplier, self.clip_norm, int(self.denominator))
 
     def at(self, run: int, round_: int) -> None:
         """The round whose noise ``noise`` draws next."""
         self._key = (run, round_)
 
     def noise(self, size: int) -> F64:
-        """The round's noise vector (a new array): the same bits for the same round."""
+        """The round's noise vector (a new array): the same bits for the same round; zeros
+        when the devices added it (``distributed``)."""
+        if self.distributed:
+            return np.zeros(size, dtype=np.float64)
         run, round_ = self._key
         digest = hashlib.sha256(b"fedmq/dp-noise/v1\0" + self._secret
                                 + run.to_bytes(8, "big", signed=True)
@@ -225,7 +232,7 @@ class DifferentialPrivacy:
             raise ConfigError("[privacy] noise_multiplier needs the dp-accounting package: "
                               "pip install 'fedmq[aggregator]'") from None
         self.noise = GaussianSum(p.noise_multiplier, p.clip_norm, config.rounds.min_updates,
-                                 load_secret(state_dir))
+                                 load_secret(state_dir), distributed=p.secure_aggregation)
         self.accountant = Accountant(config.sampling.rate, p.noise_multiplier, p.delta)
         self.target = p.target_epsilon
         self.epsilon = 0.0

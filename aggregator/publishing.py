@@ -21,6 +21,7 @@ from fedmq.chunking import MIN_CHUNK_BYTES, split_model
 from fedmq.compression import encode_all
 from fedmq.config import AggregatorConfig, CompressionConfig
 from fedmq.keys import load_signer
+from fedmq.secagg.noise import announced
 from fedmq.signing import manifest_of
 from fedmq.statistics import query_of
 from fedmq.topics import Topics
@@ -36,6 +37,14 @@ from fedmq.wire import (
 )
 
 __all__ = ["Publisher", "codec_params"]
+
+def _device_noise(cfg: AggregatorConfig) -> dict[str, float]:
+    """Secure aggregation with DP: the clip and each device's noise share (docs/privacy.md)."""
+    p = cfg.privacy
+    if not (p.secure_aggregation and p.noise_multiplier > 0 and p.clip_norm is not None):
+        return {}
+    return announced(p.noise_multiplier, p.clip_norm, cfg.rounds.min_updates)
+
 
 log = logging.getLogger("aggregator.service")
 
@@ -128,7 +137,9 @@ class Publisher:
                    **({"proximal_mu": cfg.train.proximal_mu} if cfg.train.proximal_mu else {}),
                    **cfg.train.extra,
                    # devices take part through secure aggregation (aggregator/secagg_service)
-                   **({"secure_aggregation": 1} if cfg.privacy.secure_aggregation else {})},
+                   **({"secure_aggregation": 1} if cfg.privacy.secure_aggregation else {}),
+                   # with DP too: each device's noise share (signed with the announcement)
+                   **_device_noise(cfg)},
             sample_seed=cfg.sampling.seed, sample_rate=cfg.sampling.rate,
             codec=cfg.compression.codec, codec_params=codec_params(cfg.compression),
             max_chunk_bytes=self.chunk_limit(), open=open_, run=run,

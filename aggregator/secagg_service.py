@@ -48,6 +48,7 @@ from aggregator.secagg import (
 )
 from aggregator.strategies.base import PartialSum
 from fedmq.secagg.messages import SecAggTopics
+from fedmq.secagg.noise import device_std, fixed_clip
 from fedmq.transport import Message
 
 if TYPE_CHECKING:
@@ -68,10 +69,16 @@ def attach(svc: AggregatorService) -> SecAggCoordinator | None:
 
 def rules_for(svc: AggregatorService) -> SecAggRules:
     r = svc.config.rounds
+    p = svc.config.privacy
+    # With DP the devices' values are clipped deltas plus noise: room for both (the
+    # announcement's dp_device_std, fedmq.secagg.noise); else SecAggRules' default, 4.
+    clip = 4.0
+    if p.noise_multiplier > 0 and p.clip_norm is not None:
+        clip = fixed_clip(p.clip_norm, device_std(p.noise_multiplier, p.clip_norm, r.min_updates))
     # The weight cap is the operator's ([limits] max_examples): no device weighs more anyway.
     return SecAggRules(min_devices=max(2, r.min_updates), max_devices=r.max_updates,
                        phase_s=r.deadline_s / 4, grace_s=r.grace_s,
-                       weight_cap=float(svc.config.limits.max_examples))
+                       weight_cap=float(svc.config.limits.max_examples), clip=clip)
 
 
 class SecAggCoordinator:

@@ -30,6 +30,7 @@ from fedmq.secagg.messages import (
     SecAggShares,
     SecAggUnmask,
 )
+from fedmq.secagg.noise import DeviceNoise
 
 Out = SecAggKeys | SecAggShares | SecAggMasked | SecAggReveal
 
@@ -57,12 +58,16 @@ class DeviceSecAgg:
         self._update: tuple[npt.NDArray[np.float64], float] | None = None
         self._delivery: SecAggDelivery | None = None
         self._sent_masked = False
+        #: the round's differential-privacy noise share (fedmq.secagg.noise), None without DP
+        self.noise: DeviceNoise | None = None
 
-    def start(self, run: int, round_: int) -> list[Out]:
+    def start(self, run: int, round_: int, noise: DeviceNoise | None = None) -> list[Out]:
         """Take part in ``round_`` of ``run``: forget the previous round, advertise new keys
-        (nothing if this round has started already: its keys went out)."""
+        (nothing if this round has started already: its keys went out). With ``noise`` the
+        update is clipped, weighs 1 and carries this device's share of the noise."""
         if self.ctx is not None and (self.ctx.run, self.ctx.round) == (run, round_):
             return []
+        self.noise = noise
         self.ctx = RoundContext(self.federation, run, round_)
         self.client = SecAggClient(self.device_id, self.ctx, self._random)
         self.fixed, self.size = None, 0
@@ -114,6 +119,12 @@ class DeviceSecAgg:
         if values.size + 1 != self.size:
             self._sent_masked = True
             return [Skipped("wrong_size")]
+        if self.noise is not None:
+            if self.fixed.clip < self.noise.bound:  # the ring would clip the noise away
+                self._sent_masked = True
+                return [Skipped("narrow_clip")]
+            # clipped, noised here (a server cannot redraw it), weighing w' = 1
+            values, weight = self.noise.apply(values), self.fixed.weight_cap
         try:
             masked = self.client.mask(self._delivery.shares, self.fixed.encode(values, weight))
         except SecAggError as exc:
@@ -132,6 +143,9 @@ class DeviceSecAgg:
             return [Skipped("wrong_round")]
         if not self._sent_masked:
             return [Skipped("no_masked_input")]
+        if self.noise is not None and len(msg.survivors) < self.noise.quorum:
+            # fewer shares than the noise was calibrated for: the sum would be too little noised
+            return [Skipped("below_dp_quorum")]
         try:
             b, s = self.client.unmask(msg.survivors, msg.dropped)
         except SecAggError as exc:

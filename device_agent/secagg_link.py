@@ -38,6 +38,7 @@ from fedmq.secagg.messages import (
     SecAggTopics,
     SecAggUnmask,
 )
+from fedmq.secagg.noise import DeviceNoise
 from fedmq.transport import Message, Transport
 from fedmq.wire import ModelUpdate, RoundAnnouncement
 
@@ -70,7 +71,14 @@ class SecAggLink:
         """Take part in ``ann``'s round: new keys, published now."""
         limits = [x for x in (ann.max_chunk_bytes, self.transport.max_packet_size) if x]
         self.machine.max_chunk_bytes = max(4, min(limits) - _CHUNK_OVERHEAD) if limits else 0
-        self._send(self.machine.start(ann.run, ann.round))
+        try:
+            noise = DeviceNoise.from_train(ann.train, ann.min_updates)
+        except ValueError as exc:  # no noise, no masked input: to the server, a dropout
+            self.skipped["secagg_bad_noise"] += 1
+            log.warning("device %s: %s", self.device_id, exc)
+            self.machine.ctx, self.machine.client = None, None  # nothing of an earlier round
+            return
+        self._send(self.machine.start(ann.run, ann.round, noise))
 
     def contribute(self, delta: Mapping[str, npt.NDArray[np.float32]], weight: float) -> None:
         """The trained delta (tensors in the model's order) and the device's weight."""

@@ -53,6 +53,7 @@ from fedmq.config_schema import (
     TrustConfig,
 )
 from fedmq.errors import ConfigError
+from fedmq.secagg.noise import ring_error
 from fedmq.topics import check_name
 
 __all__ = [
@@ -345,7 +346,7 @@ def _check_strategy(s: StrategyConfig) -> None:
 def _check_privacy(cfg: AggregatorConfig) -> None:
     """Differential privacy's keys agree with the rest (docs/privacy.md): one clip, bounded."""
     p = cfg.privacy
-    if p.secure_aggregation and p.noise_multiplier == 0:
+    if p.secure_aggregation:
         _check_secure_aggregation(cfg)
     if p.noise_multiplier == 0:
         for key in ("clip_norm", "target_epsilon"):
@@ -372,10 +373,10 @@ def _check_privacy(cfg: AggregatorConfig) -> None:
     if cfg.task.kind != "train":
         raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
                           f'"{cfg.task.kind}")')
-    if p.secure_aggregation:
-        raise ConfigError(f"{head} with [privacy] secure_aggregation = true is not supported "
-                          "yet: the noise would have to be added by the devices "
-                          "(docs/privacy.md)")
+    if p.secure_aggregation and (why := ring_error(p.noise_multiplier, p.clip_norm,
+                                                    cfg.rounds.min_updates,
+                                                    cfg.rounds.max_updates)):
+        raise ConfigError(f"{head} with secure aggregation: {why}; lower [rounds] max_updates")
     if cfg.sampling.rate == 0:
         raise ConfigError(f"{head} needs [sampling] rate > 0 (0: no device ever trains)")
 

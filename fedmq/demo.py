@@ -356,9 +356,8 @@ def _check_knobs(args: argparse.Namespace) -> str:
         return f"--slow-fraction {args.slow_fraction} must be in [0, 1]"
     if not (math.isfinite(args.slow_factor) and args.slow_factor >= 1.0):
         return f"--slow-factor {args.slow_factor} must be at least 1"
-    if getattr(args, "secure_aggregation", False) and (
-            getattr(args, "mode", "sync") != "sync" or args.noise_multiplier):
-        return "--secure-aggregation works with --mode sync and without --noise-multiplier"
+    if getattr(args, "secure_aggregation", False) and getattr(args, "mode", "sync") != "sync":
+        return "--secure-aggregation works with --mode sync only"
     return demo_privacy.check_knobs(args)
 
 

@@ -9,4 +9,5 @@ Pure pieces both sides use, no sockets, threads or clocks, and no numba (devices
 ``graph``       the SecAgg+ neighbour graph: k neighbours per device on a seeded permutation
 ``client``      one device's side of one round (keys, shares, masked input, unmasking answer)
 ``unmask``      the server's arithmetic: remove the masks from the masked sum
+``noise``       differential privacy's distributed noise: a device's clip and noise share
 """

@@ -299,8 +299,6 @@ REFUSED = [
      "[privacy] clip_norm = 1.0 must be <= [robust] max_norm = 0.5"),
     ('[rounds]\nmode = "async"\nmin_updates = 1\n[privacy]\nnoise_multiplier = 1.0\n'
      "clip_norm = 1.0\n", 'works with [rounds] mode = "sync" only'),
-    ("[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\nsecure_aggregation = true\n",
-     "not supported yet"),
     ("[sampling]\nrate = 0.0\n[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\n",
      "needs [sampling] rate > 0"),
     ("[privacy]\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 0.0\n",
