@@ -186,7 +186,8 @@ def encode_manifest(m: ModelManifest) -> bytes:
         "v": SCHEMA_VERSION, "kind": "model", "fed": m.federation, "run": m.run,
         "version": m.version, "round": m.round, "sha256": m.sha256, "chunks": m.chunks,
         "codec": m.codec, "shapes": [[name, list(shape)] for name, shape in m.shapes],
-        "parts": list(m.parts)}, use_bin_type=True)
+        "parts": list(m.parts), "metrics": dict(m.metrics), "created": float(m.created)},
+        use_bin_type=True)
     return out
 
 
@@ -342,10 +343,13 @@ def decode_manifest(payload: bytes | bytearray | memoryview,
             parts_raw and len(parts_raw) != chunks) or (chunks > 1 and not parts_raw):
         raise DecodeError("manifest: parts must be one 32-byte SHA-256 per part of a chunked "
                           "model, none for a whole one")
+    f.map_("metrics")  # required: a manifest without it would let anyone restate the metrics
     return ModelManifest(
         federation=f.str_("fed"), run=f.int_("run"), version=f.int_("version"),
         round=f.int_("round"), sha256=f.str_("sha256"), chunks=chunks, codec=f.str_("codec"),
-        shapes=tuple(shapes), parts=tuple(bytes(p) for p in parts_raw))
+        shapes=tuple(shapes), parts=tuple(bytes(p) for p in parts_raw),
+        metrics=f.scalars("metrics"),
+        created=f.float_("created"))
 
 
 def _round(f: _Fields, fed: str) -> RoundAnnouncement:

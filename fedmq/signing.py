@@ -6,7 +6,8 @@ The aggregator signs; devices that pin the federation's public keys verify. What
 - a round announcement: its own payload encoded without ``sig``, carried in ``sig.signed``; a
   verifier decodes that copy and requires the announcement to equal it;
 - a model (whole, or a chunked model's manifest): a ``ModelManifest`` (federation, run, version,
-  round, digest, codec, tensor names and shapes, SHA-256 of each part's payload).
+  round, digest, codec, tensor names and shapes, SHA-256 of each part's payload, metrics,
+  created).
 
 Refusals are ``RefusedError`` with one of ``REASONS``. Pure: no sockets, threads, clocks or files.
 """
@@ -31,8 +32,9 @@ from fedmq.wire import GlobalModel, ModelManifest, RoundAnnouncement, Signature,
 #: ``unsigned``: no signature; ``untrusted_key``: signed by a key not pinned; ``bad_signature``:
 #: the signature does not verify (the signed bytes or the signature were changed);
 #: ``altered``: validly signed, but the message differs from what was signed (its tensors,
-#: digest, shapes, codec or header); ``wrong_part``: a chunked model's part whose payload is not
-#: the one the manifest signs (changed, or swapped in from another version).
+#: digest, shapes, codec, header, metrics or ``created``); ``wrong_part``: a chunked model's
+#: part whose payload is not the one the manifest signs (changed, or swapped in from another
+#: version).
 REASONS = ("unsigned", "untrusted_key", "bad_signature", "altered", "wrong_part")
 
 KEY_BYTES = 32
@@ -108,7 +110,8 @@ def manifest_of(model: GlobalModel, parts: Sequence[bytes] = ()) -> ModelManifes
         federation=model.federation, run=model.run, version=model.version, round=model.round,
         sha256=model.sha256, chunks=max(1, len(parts)), codec="fp32",
         shapes=tuple((t.name, t.shape) for t in model.tensors),
-        parts=tuple(hashlib.sha256(p).digest() for p in parts))
+        parts=tuple(hashlib.sha256(p).digest() for p in parts), metrics=dict(model.metrics),
+        created=model.created)
 
 
 class Signer:
@@ -176,6 +179,10 @@ class Verifier:
         if (m.federation, m.run, m.version, m.round, m.sha256, m.chunks) != (
                 head.federation, head.run, head.version, head.round, head.sha256, head.chunks):
             raise RefusedError("altered", "the model's header differs from the signed manifest")
+        # Decoded alike on both sides (non-finite values dropped, numbers as floats).
+        if dict(head.metrics) != dict(m.metrics) or head.created != m.created:
+            raise RefusedError("altered", "the model's metrics or created differ from the "
+                               "signed manifest")
         return m
 
     @staticmethod

@@ -123,7 +123,8 @@ class Signature:
 @dataclass(frozen=True, slots=True)
 class ModelManifest:
     """What a model's signature covers: its identity, its tensors' names, shapes and codec, its
-    digest and, for a chunked model, the SHA-256 of each part's payload (32 bytes each)."""
+    digest, its ``metrics`` and ``created`` and, for a chunked model, the SHA-256 of each part's
+    payload (32 bytes each)."""
 
     federation: str
     run: int
@@ -134,6 +135,9 @@ class ModelManifest:
     codec: str = "fp32"
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     parts: tuple[bytes, ...] = ()
+    #: The model's own, so that no one can restate how a signed version trained.
+    metrics: Metrics = field(default_factory=dict)
+    created: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import os
 import stat
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +21,7 @@ from device_agent.trainers import MLPTrainer
 from fedmq import codec, keys, signing
 from fedmq.chunking import split_model
 from fedmq.compression import encode_all
-from fedmq.errors import ConfigError
+from fedmq.errors import ConfigError, DecodeError
 from fedmq.memory_transport import MemoryTransport
 from fedmq.models import init_mlp
 from fedmq.signing import RefusedError, Signer, Verifier, manifest_of
@@ -200,6 +201,53 @@ def test_one_byte_of_a_model_changed_is_altered() -> None:
 def test_a_model_header_changed_after_signing_is_altered(change: dict[str, object]) -> None:
     m = dataclasses.replace(signed_whole(4), **change)  # type: ignore[arg-type]
     assert refused(VERIFIER.manifest, m) == "altered"
+
+
+def with_metrics(m: GlobalModel) -> GlobalModel:
+    return dataclasses.replace(m, metrics={"train_loss": 0.25, "participants": 3.0},
+                               created=1_765_000_000.5)
+
+
+def rewritten(payload: bytes, **change: object) -> bytes:
+    """``payload`` decoded, changed and encoded again, signature kept (a topic writer's edit)."""
+    return codec.encode(dataclasses.replace(codec.decode_as(payload, GlobalModel), **change))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("change", [
+    {"metrics": {"train_loss": 0.01, "participants": 3.0}},  # one value changed
+    {"metrics": {"train_loss": 0.25, "participants": 3.0, "eval_accuracy": 0.99}},  # one added
+    {"metrics": {"train_loss": 0.25}},  # one dropped
+    {"created": 1_765_000_001.5},
+])
+def test_metrics_or_created_changed_after_signing_are_altered(change: dict[str, object]) -> None:
+    m = with_metrics(model(4))
+    payload = codec.encode(SIGNER.model(m, manifest_of(m)))
+    genuine = codec.decode_as(payload, GlobalModel)
+    Verifier.whole(VERIFIER.manifest(genuine), genuine)
+    assert VERIFIER.manifest(genuine).metrics == m.metrics
+    assert feed(SignedGate(VERIFIER), payload)[0] == genuine  # the device's gate lets it in
+    bad = rewritten(payload, **change)
+    assert refused(VERIFIER.manifest, codec.decode_as(bad, GlobalModel)) == "altered"
+    assert feed(SignedGate(VERIFIER), bad) == (None, "altered")
+    # Chunked: the manifest message carries the metrics; changing them there is refused too.
+    messages = split_model(m, 4096)
+    parts = [codec.encode(p) for p in messages[1:]]
+    head = codec.encode(SIGNER.model(messages[0], manifest_of(m, parts)))
+    gate = SignedGate(VERIFIER)
+    for part in parts:
+        assert feed(gate, part) == (None, None)
+    assert feed(gate, rewritten(head, **change)) == (None, "altered")
+    whole, reason = feed(gate, head)
+    assert reason is None
+    assert whole is not None
+    assert whole.metrics == m.metrics
+
+
+def test_a_manifest_without_metrics_is_not_a_manifest() -> None:
+    raw = msgpack.unpackb(codec.encode_manifest(manifest_of(model(4))), raw=False)
+    del raw["metrics"]
+    with pytest.raises(DecodeError):
+        codec.decode_manifest(msgpack.packb(raw, use_bin_type=True))
 
 
 def test_model_refusals() -> None:
@@ -396,7 +444,12 @@ def test_the_protocol_pages_verifier_uses_plain_cryptography() -> None:
     trusted = {SIGNER.key_id: KEY.public_key()}
     payload = codec.encode(signed_whole(4))
     assert verify_model(payload, trusted)["version"] == 4  # type: ignore[operator]
+    m = with_metrics(model(5))
+    measured = codec.encode(SIGNER.model(m, manifest_of(m)))
+    assert verify_model(measured, trusted)["metrics"] == m.metrics  # type: ignore[operator]
     for bad in (codec.encode(model(4)), codec.encode(signed_whole(4, signer=Signer(OTHER))),
-                flip(payload, 300), flip(payload, len(payload) - 200)):
+                flip(payload, 300), flip(payload, len(payload) - 200),
+                rewritten(measured, metrics={"train_loss": 0.01, "participants": 3.0}),
+                rewritten(measured, created=1.0)):
         with pytest.raises(Exception):  # noqa: B017, PT011 - ValueError or InvalidSignature
             verify_model(bad, trusted)  # type: ignore[operator]
