@@ -76,6 +76,8 @@ def recover(svc: AggregatorService) -> bool:
                 svc._tick()
             elif rec.kind == REJECT:
                 svc._count_rejection(rec.topic)
+            else:  # a scale-out worker's own records (its coordinator's collect)
+                svc.replay_record(rec.kind, rec.topic, rec.payload)
     finally:
         svc._replay_now = None
     svc.wal = WriteAheadLog(svc.state_dir, segment=int(meta["wal_segment"]))

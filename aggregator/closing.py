@@ -86,7 +86,7 @@ def close_round(svc: AggregatorService, closed_by: str) -> None:
     summary = RoundSummary(
         federation=svc.config.federation, round=svc.round, version=svc.version,
         participants=participants, closed_by=closed_by,
-        accepted=svc.machine.accepted_ids, rejected=dict(svc.ledger.rejected),
+        accepted=svc.round_accepted(), rejected=dict(svc.ledger.rejected),
         bytes_in=svc.ledger.bytes_in, duration_s=now - svc._round_opened,
         metrics=metrics | ({"incomplete_updates": float(incomplete)} if incomplete else {})
         | summary_metrics(svc.machine) | private

@@ -28,7 +28,8 @@ from fedmq.errors import ProtocolError
 
 BelowQuorum = Literal["extend", "reannounce"]
 #: "buffer": an asynchronous round (``aggregator.async_rounds``) took its ``buffer_size``-th update.
-ClosedBy = Literal["max_updates", "grace", "deadline", "buffer"]
+#: "collected": a scale-out worker's round, closed by its coordinator (``CloseRequested``).
+ClosedBy = Literal["max_updates", "grace", "deadline", "buffer", "collected"]
 RejectReason = Literal["stale", "unknown_round", "duplicate", "round_closed"]
 
 
@@ -124,7 +125,15 @@ class Tick:
         _check_time("now", self.now)
 
 
-Event = OpenRound | UpdateOffered | Tick
+@dataclass(frozen=True, slots=True)
+class CloseRequested:
+    """Someone else decided the round is over (a scale-out worker's coordinator collects it):
+    close it now, whatever the quorum. Closing a closed round again does nothing."""
+
+    round: int
+
+
+Event = OpenRound | UpdateOffered | Tick | CloseRequested
 
 
 # --- actions ------------------------------------------------------------------------------------
@@ -191,6 +200,8 @@ class _Trigger(Enum):
     TICK_CLOSE = auto()  # close_at reached in QUORUM
     TICK_EXTEND = auto()  # deadline reached below quorum, policy extends
     TICK_ABANDON = auto()  # deadline reached below quorum, policy or limit abandons
+    CLOSE = auto()  # CloseRequested for the current round
+    CLOSE_OTHER = auto()  # CloseRequested for another round, or again: nothing to do
 
 
 _TRANSITIONS: Final[dict[tuple[Phase, _Trigger], Phase]] = {
@@ -212,6 +223,12 @@ _TRANSITIONS: Final[dict[tuple[Phase, _Trigger], Phase]] = {
     (Phase.CLOSED, _Trigger.OPEN): Phase.OPEN,
     (Phase.CLOSED, _Trigger.OFFER_REJECTED): Phase.CLOSED,
     (Phase.CLOSED, _Trigger.TICK_WAIT): Phase.CLOSED,
+    (Phase.OPEN, _Trigger.CLOSE): Phase.CLOSED,
+    (Phase.QUORUM, _Trigger.CLOSE): Phase.CLOSED,
+    (Phase.IDLE, _Trigger.CLOSE_OTHER): Phase.IDLE,
+    (Phase.OPEN, _Trigger.CLOSE_OTHER): Phase.OPEN,
+    (Phase.QUORUM, _Trigger.CLOSE_OTHER): Phase.QUORUM,
+    (Phase.CLOSED, _Trigger.CLOSE_OTHER): Phase.CLOSED,
 }
 
 
@@ -324,6 +341,10 @@ class RoundMachine:
             return _Trigger.OFFER_ACCEPTED, None
         if isinstance(event, Tick):
             return self._tick_trigger(event.now), None
+        if isinstance(event, CloseRequested):
+            if event.round == self._round and self._phase in (Phase.OPEN, Phase.QUORUM):
+                return _Trigger.CLOSE, None
+            return _Trigger.CLOSE_OTHER, None
         raise ProtocolError(f"not a round event: {event!r}")
 
     def _verdict(self, offer: UpdateOffered) -> RejectReason | None:
@@ -386,6 +407,8 @@ class RoundMachine:
             elif trigger is _Trigger.OFFER_MAX:
                 return [accept, self._close_round("max_updates")]
             return [accept]
+        if isinstance(event, CloseRequested):
+            return [self._close_round("collected")] if trigger is _Trigger.CLOSE else []
         # Tick
         if trigger is _Trigger.TICK_CLOSE:
             return [self._close_round(self._close_by)]

@@ -79,7 +79,8 @@ REJECT_REASONS: tuple[str, ...] = (
 )
 
 #: Why a round's result can be dropped instead of published (docs/robustness.md).
-ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "below_quorum")
+ABANDON_REASONS: tuple[str, ...] = ("non_finite_model", "change_too_large", "below_quorum",
+                                    "overlapping_partials")
 
 #: After the last round, how long to wait for the devices' evaluations of the final model.
 FINAL_EVAL_WAIT_S = 5.0
@@ -188,9 +189,7 @@ class AggregatorService:
         refuse_second_aggregator(self.transport, self.config.federation, connect_timeout)
         kernels.warmup()  # compile now, not inside the first round
         kernels.set_fold_threads(self.config.strategy.fold_threads)
-        self.transport.subscribe(self.topics.updates, qos=1)
-        self.transport.subscribe(self.topics.evals, qos=1)
-        self.transport.subscribe(self.topics.statuses, qos=1)  # retained: every device's latest
+        self._subscribe()
         self.transport.start()
         if not self.transport.wait_connected(connect_timeout):
             b = self.config.broker
@@ -217,6 +216,19 @@ class AggregatorService:
             self.exporter = exporter
         log.info("aggregator for federation %r started (%d parameters, strategy %s)",
                  self.config.federation, self.spec.total, self.strategy.describe())
+
+    def _subscribe(self) -> None:
+        """What this aggregator reads (a scale-out role reads other topics)."""
+        self.transport.subscribe(self.topics.updates, qos=1)
+        self.transport.subscribe(self.topics.evals, qos=1)
+        self.transport.subscribe(self.topics.statuses, qos=1)  # retained: every device's latest
+
+    def round_accepted(self) -> tuple[tuple[str, str], ...]:
+        """(device, update_id) of the round's accepted updates, for its summary."""
+        return self.machine.accepted_ids
+
+    def replay_record(self, kind: int, topic: str, payload: bytes) -> None:
+        """Replay a log record of a kind only a scale-out role writes (none here)."""
 
     def stop(self) -> None:
         """Stop the worker and disconnect (retained model and round stay on the broker)."""

@@ -38,6 +38,7 @@ from fedmq.durable import atomic_write, fsync_dir
 UPDATE = 1  # an accepted update (or a folded chunk): replayed through the same checks
 TICK = 2  # a clock tick that changed the round (extend, abandon, close)
 REJECT = 3  # a rejected message: its reason (as the topic), so the round's counts survive
+COLLECT = 4  # a scale-out worker's round collected by its coordinator (the request's bytes)
 
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BdH")

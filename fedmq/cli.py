@@ -63,11 +63,21 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     config = load_aggregator(args.config)
     try:
         from aggregator.service import AggregatorService
+
+        service_class: type[AggregatorService] = AggregatorService
+        if config.cluster.role == "coordinator":  # scale-out roles (docs/scaling.md)
+            from aggregator.cluster_coordinator import CoordinatorService
+
+            service_class = CoordinatorService
+        elif config.cluster.role == "worker":
+            from aggregator.cluster_worker import WorkerService
+
+            service_class = WorkerService
     except ImportError as exc:
         print(f"the aggregator needs numba ({exc.name} is missing): "
               "pip install 'fedmq[aggregator]'", file=sys.stderr)
         return 2
-    service = AggregatorService(config)
+    service = service_class(config)
     try:  # a Ctrl-C or SIGTERM while it starts stops what it started too
         service.start()
         _wait_for_signal(service.done)

@@ -33,6 +33,7 @@ from fedmq.config_schema import (
     AgentConfig,
     AggregatorConfig,
     BrokerConfig,
+    ClusterConfig,
     CompressionConfig,
     DataConfig,
     DeviceConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "AgentConfig",
     "AggregatorConfig",
     "BrokerConfig",
+    "ClusterConfig",
     "CompressionConfig",
     "DataConfig",
     "DeviceConfig",
@@ -326,10 +328,34 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
         _check_strategy(cfg.strategy)
         _check_task(cfg)
         _check_privacy(cfg)
+        _check_cluster(cfg)
         if cfg.security.signing_key:  # read now: a bad key file fails at start-up
             from fedmq.keys import load_signer
 
             load_signer(cfg.security.signing_key)
+
+
+def _check_cluster(cfg: AggregatorConfig) -> None:
+    """A role's needs (docs/scaling.md): workers know who they are, the coordinator whom it
+    waits for; what the scale-out does not do yet is refused, not half done."""
+    c = cfg.cluster
+    if c.role == "single":
+        return
+    head = f'[cluster] role = "{c.role}"'
+    if c.role == "worker":
+        if not c.name:
+            raise ConfigError(f"{head} needs [cluster] name, this worker's name")
+        if c.shards and c.shard >= c.shards:
+            _at_most("cluster.shard", c.shard, "cluster.shards", c.shards - 1)
+    elif not c.workers:
+        raise ConfigError(f"{head} needs [cluster] workers, the names of every worker")
+    for what, bad in (('[rounds] mode = "async"', cfg.rounds.mode != "sync"),
+                      ('[task] kind = "statistics"', cfg.task.kind != "train"),
+                      ("[privacy] secure_aggregation", cfg.privacy.secure_aggregation),
+                      ("[privacy] noise_multiplier > 0", cfg.privacy.noise_multiplier > 0)):
+        if bad:
+            raise ConfigError(f"{head} does not support {what} yet (docs/scaling.md); run "
+                              'it with [cluster] role = "single"')
 
 
 def _check_strategy(s: StrategyConfig) -> None:

@@ -17,6 +17,7 @@ from fedmq.config_schema import (
     AgentConfig,
     AggregatorConfig,
     BrokerConfig,
+    ClusterConfig,
     CompressionConfig,
     DataConfig,
     DeviceConfig,
@@ -139,6 +140,11 @@ def _are_keys(v: list[str]) -> bool:
 
 _KEYS = Rule(_are_keys, "a list of distinct Ed25519 public keys, each 44 characters of base64 "
                         "(or 64 hex digits) as `fedmq keys generate` prints")
+_OPTIONAL_NAME = Rule(lambda v: v == "" or _is_name(v),
+                      "empty or 1-64 characters of letters, digits, '_', '.' or '-'")
+_NAMES = Rule(lambda v: len(set(v)) == len(v) and all(_is_name(n) for n in v),
+              "a list of distinct names, each 1-64 characters of letters, digits, '_', '.' or "
+              "'-'")
 _FUNCTION = Rule(lambda v: bool(re.fullmatch(r"[\w.]+:[\w.]+", v)),
                  '"package.module:function"')
 
@@ -244,6 +250,9 @@ RULES: dict[type, dict[str, Rule]] = {
     DeviceTaskConfig: {"columns": _COLUMNS, "statistics": _FUNCTION},
     SigningConfig: {"signing_key": _TEXT},
     TrustConfig: {"trusted_keys": _KEYS},
+    ClusterConfig: {"name": _OPTIONAL_NAME, "workers": _NAMES, "shards": _ints(0, 1 << 16),
+                    "shard": _ints(0, (1 << 16) - 1), "upstream": _LISTEN,
+                    "progress_interval_s": _seconds()},
 }
 
 

@@ -289,6 +289,30 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Scale-out (docs/scaling.md): one coordinator owns the rounds, workers fold shards."""
+
+    #: "single": one aggregator does everything (the default); "coordinator": rounds, quorum
+    #: from the workers' progress, merge of their partials, the model; "worker": folds the
+    #: updates of its shard (or of its site, as an edge gateway) and sends its partial.
+    role: Literal["single", "coordinator", "worker"] = "single"
+    #: worker: this worker's name (unique in the federation; its topics and client id).
+    name: str = ""
+    #: coordinator: every worker's name; a round's model waits for each one's partial.
+    workers: list[str] = field(default_factory=list)
+    #: worker: the engine's number of update partitions (0: no partitioning, the worker reads
+    #: every device's ``update/+``, as an edge gateway does) and this worker's partition.
+    shards: int = 0
+    shard: int = 0
+    #: worker: ``HOST:PORT`` of the coordinator's broker when it is not [broker] (an edge
+    #: gateway: devices on the site's broker, rounds and partials upstream).
+    upstream: str = ""
+    #: worker: seconds between progress reports while updates arrive (and the heartbeat is
+    #: ten of these); coordinator: seconds between repeated collect requests.
+    progress_interval_s: float = 0.2
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     """``fedmq aggregator --config aggregator.toml``."""
 
@@ -307,6 +331,7 @@ class AggregatorConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     security: SigningConfig = field(default_factory=SigningConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,46 @@ class Topics:
                 "update", "status", "eval") and _NAME.fullmatch(parts[4]):
             return parts[4]
         return None
+
+    # ---- scale-out (docs/scaling.md): a coordinator and its workers
+
+    def shard_updates(self, shard: int) -> str:
+        """Subscription filter for the updates the engine routes to partition ``shard``."""
+        return f"{self.base}/shard/{shard}/update/+"
+
+    def canonical_update(self, topic: str) -> str | None:
+        """``update/{id}`` for a partitioned ``shard/{k}/update/{id}`` topic (None otherwise)."""
+        parts = topic.split("/")
+        if len(parts) == 7 and "/".join(parts[:3]) == self.base and parts[3] == "shard" \
+                and parts[5] == "update":
+            return f"{self.base}/update/{parts[6]}"
+        return None
+
+    def worker_progress(self, worker: str) -> str:
+        """A worker's ``WorkerProgress`` (QoS 1)."""
+        return f"{self.base}/wprogress/{worker}"
+
+    @property
+    def worker_progresses(self) -> str:
+        return f"{self.base}/wprogress/+"
+
+    @property
+    def collect(self) -> str:
+        """The coordinator's ``CollectRequest`` (QoS 1, retained)."""
+        return f"{self.base}/collect"
+
+    def partial(self, worker: str) -> str:
+        """A worker's ``WorkerPartial`` (QoS 1)."""
+        return f"{self.base}/partial/{worker}"
+
+    @property
+    def partials(self) -> str:
+        return f"{self.base}/partial/+"
+
+    def worker_of(self, topic: str) -> str | None:
+        """The worker name in a ``wprogress/{w}`` or ``partial/{w}`` topic."""
+        parts = topic.split("/")
+        if len(parts) == 5 and "/".join(parts[:3]) == self.base and parts[3] in (
+                "wprogress", "partial") and _NAME.fullmatch(parts[4]):
+            return parts[4]
+        return None
