@@ -191,6 +191,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report.run(args)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``fedmq simulate``: N simulated devices in one process (fedmq.simulate)."""
+    from fedmq import simulate
+
+    return simulate.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedmq``."""
     p = argparse.ArgumentParser(prog="fedmq", description="Federated learning over MQTT.")
@@ -273,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report.add_arguments(r)
     r.set_defaults(func=cmd_report, log_default="warning")
+
+    s = sub.add_parser("simulate", help="a fleet of simulated devices in one process, for load "
+                                        "tests and sizing")
+    from fedmq import simulate
+
+    simulate.add_arguments(s)
+    s.set_defaults(func=cmd_simulate, log_default="warning")
     return p
 
 

@@ -1,0 +1,60 @@
+"""The update tensors of ``fedmq simulate``: a few random deltas per model, encoded once in the
+announced codec, so that a simulated device sends a valid update without training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmq import compression
+from fedmq.wire import CODECS, TOPK_VALUES, GlobalModel, RoundAnnouncement, Tensor
+
+F32 = npt.NDArray[np.float32]
+
+__all__ = ["codec_options", "encode_variants", "encoder"]
+
+
+def codec_options(params: Mapping[str, float | int | str]) -> dict[str, int | float | str]:
+    """The encoder keyword arguments an announcement's ``codec_params`` name (as a real agent
+    reads them, ``device_agent.update_encoding.codec_options``)."""
+    opts: dict[str, int | float | str] = {}
+    if isinstance(params.get("block"), int):
+        opts["block"] = params["block"]
+    fraction = params.get("fraction")
+    if isinstance(fraction, int | float):
+        opts["fraction"] = float(fraction)
+    values = params.get("values")
+    if isinstance(values, str) and values in TOPK_VALUES:
+        opts["values"] = values
+    return opts
+
+
+def encoder(ann: RoundAnnouncement) -> Callable[[str, F32], Tensor]:
+    """``encode(name, flat_range)`` in the announced codec (for ``chunking.split_update``)."""
+    name_ = ann.codec if ann.codec in CODECS else "fp32"
+    opts = codec_options(ann.codec_params)
+
+    def encode(name: str, values: F32) -> Tensor:
+        return compression.encode(name, values, name_, **opts)  # type: ignore[arg-type]
+
+    return encode
+
+
+def encode_variants(model: GlobalModel, codec_name: str,
+                    params: Mapping[str, float | int | str], variants: int, seed: int
+                    ) -> list[tuple[tuple[Tensor, ...], dict[str, F32]]]:
+    """``variants`` random deltas (N(0, 0.01²) per element) shaped like ``model``'s tensors, each
+    with its encoded tensors."""
+    opts = codec_options(params)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(variants):
+        deltas = {t.name: (rng.standard_normal(t.shape) * 0.01).astype(np.float32)
+                  for t in model.tensors}
+        tensors = tuple(compression.encode(name, d, codec_name, **opts)  # type: ignore[arg-type]
+                        for name, d in deltas.items())
+        out.append((tensors, deltas))
+    return out
+
