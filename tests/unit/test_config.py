@@ -443,6 +443,7 @@ CHOICES = {
     ("robust", "mode"): "clip", ("strategy", "name"): "fedavg", ("compression", "codec"): "fp32",
     ("compression", "values"): "int8", ("data", "source"): "digits", ("data", "partition"): "iid",
     ("task", "kind"): "train", ("rounds", "mode"): "sync", ("rounds", "staleness_weight"): "sqrt",
+    ("cluster", "role"): "single",
 }
 COLUMNS = [("not-a-list", '"a"'), ("duplicate", '["a", "a"]'), ("empty-name", '[""]'),
            ("number", "[1]"), ("too-many", "[" + ", ".join(f'"c{i}"' for i in range(257)) + "]")]
@@ -532,6 +533,14 @@ AGGREGATOR_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("privacy", "delta"): [*QUANTILE],
     ("privacy", "secure_aggregation"): BOOL,
     ("security", "signing_key"): [*TEXT, ("missing-file", '"/nonexistent/signing_key.pem"')],
+    ("cluster", "role"): CHOICE,
+    ("cluster", "name"): [n for n in NAME if n[0] != "empty"],  # empty: no name (single)
+    ("cluster", "workers"): [("not-a-list", '"w0"'), ("duplicate", '["a", "a"]'),
+                             ("bad-name", '["a/b"]'), ("number", "[1]"), ("empty-name", '[""]')],
+    ("cluster", "shards"): [*INT_NON_NEGATIVE, ("65537", "65537")],
+    ("cluster", "shard"): [*INT_NON_NEGATIVE, ("65536", "65536")],
+    ("cluster", "upstream"): [("no-port", '"host"'), ("port-0", '"host:0"'), ("int", "1883")],
+    ("cluster", "progress_interval_s"): SECONDS,
 }
 
 AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
