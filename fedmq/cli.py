@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -127,6 +128,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(broker_config_path(args.print_config).read_text(encoding="utf-8"))
         return 0
+    if args.engine == "nats":
+        return _broker_nats(args)
     # A SIGTERM while Mosquitto starts unwinds the `with` (Mosquitto runs in its own session,
     # so it would outlive us otherwise).
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
@@ -135,6 +138,40 @@ def cmd_broker(args: argparse.Namespace) -> int:
         stop = _stop_on_signals()  # before the line: a signal right after it is a clean stop
         print(f"mosquitto listening on {broker.host}:{broker.port} (config {template}, "
               f"log {broker.log_path}); Ctrl-C stops it", flush=True)
+        _wait_for_signal(stop)
+    return 0
+
+
+def _broker_nats(args: argparse.Namespace) -> int:
+    """``fedmq broker --engine nats``: a local NATS JetStream cluster serving MQTT 3.1.1 on
+    ports ``--port``, ``--port``+1, ... (fedmq.nats_cluster; docs/scaling.md, "Engine")."""
+    import tempfile
+    from pathlib import Path
+
+    from fedmq.nats_cluster import NatsCluster
+
+    shards: dict[str, int] = {}
+    for spec in args.shards:
+        fed, sep, count = spec.partition("=")
+        if not sep or not count.isdigit():
+            raise SystemExit(f"fedmq broker: --shards expects FED=N, got {spec!r}")
+        shards[fed] = int(count)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # as for Mosquitto: unwind the `with`s
+    with contextlib.ExitStack() as stack:
+        workdir = (Path(args.data_dir) if args.data_dir else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmq-nats-"))))
+        cluster = NatsCluster(args.nodes, workdir=workdir, shards=shards, host=args.host,
+                              mqtt_port_base=args.port)
+        stack.enter_context(cluster)
+        stop = _stop_on_signals()
+        for i, (host, port) in enumerate(cluster.mqtt_endpoints):
+            print(f"{cluster.nodes[i].name} mqtt {host}:{port} nats {cluster.nats_urls[i]} "
+                  f"monitor {cluster.monitor_urls[i]} (config {cluster.config_path(i)}, "
+                  f"log {cluster.log_path(i)})", flush=True)
+        sharded = ", ".join(f"{fed} in {n}" for fed, n in shards.items()) or "none"
+        kept = "kept" if args.data_dir else "removed when it stops"
+        print(f"nats cluster of {args.nodes} nodes, MQTT 3.1.1 only ([broker] mqtt5 = false); "
+              f"sharded: {sharded}; data in {workdir} ({kept}); Ctrl-C stops it", flush=True)
         _wait_for_signal(stop)
     return 0
 
@@ -198,6 +235,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate.run(args)
 
 
+def _add_nats_arguments(b: argparse.ArgumentParser) -> None:
+    """``fedmq broker``'s options for ``--engine nats``."""
+    b.add_argument("--engine", choices=("mosquitto", "nats"), default="mosquitto",
+                   help="mosquitto (default): one broker; nats: a local NATS JetStream cluster "
+                        "(pip install 'fedmq[cluster]'), MQTT on --port, --port+1, ...")
+    b.add_argument("--nodes", type=int, default=3, help="--engine nats: nodes (default: 3)")
+    b.add_argument("--shards", action="append", default=[], metavar="FED=N",
+                   help="--engine nats: deliver federation FED's updates on "
+                        "fedmq/v1/FED/shard/K/update/DEVICE, K < N (repeatable)")
+    b.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="--engine nats: configs, logs and JetStream stores here, kept "
+                        "(default: a temporary directory, removed at stop)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fedmq``."""
     p = argparse.ArgumentParser(prog="fedmq", description="Federated learning over MQTT.")
@@ -240,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a shipped config (dev, docker, production, acl) and exit")
     b.add_argument("--list-configs", action="store_true",
                    help="list the shipped configs and where they are installed, and exit")
+    _add_nats_arguments(b)
     b.set_defaults(func=cmd_broker, log_default="warning")
 
     from aggregator import history
