@@ -195,11 +195,12 @@ class WorkerService(AggregatorService):
             self._on_collect(msg.payload, replay=False)
             return
         canonical = t.canonical_update(msg.topic)
-        if canonical is not None:
-            msg = Message(canonical, msg.payload, qos=msg.qos, retain=msg.retain, mid=msg.mid)
-        if msg.topic.startswith(f"{t.base}/update/") and self._early_for_later(msg):
+        plain = msg if canonical is None else Message(
+            canonical, msg.payload, qos=msg.qos, retain=msg.retain, mid=msg.mid)
+        # Held as received: the step acknowledges messages by identity.
+        if plain.topic.startswith(f"{t.base}/update/") and self._early_for_later(msg):
             return
-        super()._handle(msg)
+        super()._handle(plain)
 
     def _early_for_later(self, msg: Message) -> bool:
         """Hold an update made for a later round (or another run) than the one open here: its
