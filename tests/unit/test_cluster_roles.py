@@ -331,9 +331,10 @@ def test_cluster_messages_round_trip_and_hostile_bytes_only_raise_decode_error()
 def test_malformed_cluster_messages_are_refused(bad: dict[str, object]) -> None:
     import msgpack
 
-    good = {"partial": cluster_wire.WorkerPartial(FED, "w", 1, 1, 0, np.zeros(3), 1.0, ()),
-            "wprogress": cluster_wire.WorkerProgress(FED, "w", 1, 1, 0, ()),
-            "collect": cluster_wire.CollectRequest(FED, 1, 1, 0, ("w",))}
+    good: dict[str, cluster_wire.ClusterMessage] = {
+        "partial": cluster_wire.WorkerPartial(FED, "w", 1, 1, 0, np.zeros(3), 1.0, ()),
+        "wprogress": cluster_wire.WorkerProgress(FED, "w", 1, 1, 0, ()),
+        "collect": cluster_wire.CollectRequest(FED, 1, 1, 0, ("w",))}
     base = msgpack.unpackb(cluster_wire.encode(good.get(str(bad["kind"]), good["collect"])))
     with pytest.raises(DecodeError):
         cluster_wire.decode(msgpack.packb(base | bad))
