@@ -509,3 +509,25 @@ def shard_subject(federation: str, shard: int, device_id: str) -> str:
 
     return (f"{PREFIX.replace('/', '.')}.{federation}.shard.{shard}.update."
             f"{mqtt_level_to_nats_token(device_id)}")
+
+
+#: docker/compose.yaml's cluster profile: service ``nats-{i}`` runs ``docker/nats/n{i}.conf``.
+DOCKER_NODES = 3
+DOCKER_SHARDS = {"cluster": 2}
+
+
+def docker_node_configs(nodes: int = DOCKER_NODES,
+                        shards: Mapping[str, int] | None = None) -> dict[str, str]:
+    """The configs of the compose cluster (``n0.conf`` -> text): every listener on all of the
+    container's interfaces at NATS's standard ports, routes by service name, the store in
+    ``/data`` (a volume). ``docker/nats/`` holds them rendered; a test keeps them in step."""
+    routes = [f"nats-{i}:6222" for i in range(nodes)]
+    mappings = shard_mappings(DOCKER_SHARDS if shards is None else shards)
+    return {
+        f"n{i}.conf": render_node_config(
+            default_template(),
+            NodeSpec(name=f"n{i}", host="0.0.0.0", client_port=4222, cluster_port=6222,
+                     http_port=8222, mqtt_port=1883, store_dir="/data"),
+            routes, max_payload=8 * 1024 * 1024, mappings=mappings)
+        for i in range(nodes)
+    }

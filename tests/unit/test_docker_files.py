@@ -66,7 +66,63 @@ def _pip_installs(dockerfile: str) -> list[str]:
 
 
 def test_compose_defines_the_four_services() -> None:
-    assert set(_compose()["services"]) == {"broker", "aggregator", "agent", "prometheus"}
+    default = {name for name, spec in _compose()["services"].items() if "profiles" not in spec}
+    assert default == {"broker", "aggregator", "agent", "prometheus"}
+
+
+# ---- profile `cluster`: 3 NATS nodes, a coordinator, two workers, agents (docs/scaling.md)
+
+CLUSTER_SERVICES = {"nats-0", "nats-1", "nats-2", "coordinator", "worker-0", "worker-1",
+                    "cluster-agent"}
+
+
+def test_the_cluster_profile_holds_the_scale_out_services() -> None:
+    profiled = {name for name, spec in _compose()["services"].items()
+                if "cluster" in spec.get("profiles", [])}
+    assert profiled == CLUSTER_SERVICES
+
+
+@pytest.mark.parametrize("node", [0, 1, 2])
+def test_each_nats_node_runs_its_rendered_config(node: int) -> None:
+    from fedmq.nats_cluster import docker_node_configs
+
+    spec = _service(f"nats-{node}")
+    assert spec["command"] == ["nats-server", "--config", "/etc/nats/node.conf"]
+    config = _mounts(spec)["/etc/nats/node.conf"]
+    assert config == DOCKER / "nats" / f"n{node}.conf"
+    # The file is the template rendered (behind a two-line header): re-render after editing it.
+    body = config.read_text(encoding="utf-8").split("\n", 2)[2]
+    assert body == docker_node_configs()[f"n{node}.conf"]
+    assert "data" in " ".join(spec["volumes"])
+    for port in spec["ports"]:
+        assert str(port).startswith("127.0.0.1:"), port
+        assert str(port).endswith(":1883"), port
+
+
+def test_cluster_roles_load_and_fit_together() -> None:
+    from fedmq.config import load_agent, load_aggregator
+    from fedmq.nats_cluster import DOCKER_SHARDS
+
+    nodes = {"nats-0", "nats-1", "nats-2"}
+    mounted = {name: _mounts(_service(name))["/etc/fedmq/aggregator.toml"]
+               for name in ("coordinator", "worker-0", "worker-1")}
+    coordinator = load_aggregator(mounted["coordinator"])
+    workers = [load_aggregator(mounted[f"worker-{k}"]) for k in (0, 1)]
+    assert coordinator.cluster.role == "coordinator"
+    assert coordinator.cluster.workers == [w.cluster.name for w in workers]
+    assert {w.cluster.role for w in workers} == {"worker"}
+    assert [w.cluster.shard for w in workers] == list(range(DOCKER_SHARDS["cluster"]))
+    assert {w.cluster.shards for w in workers} == {DOCKER_SHARDS["cluster"]}
+    agent = load_agent(_mounts(_service("cluster-agent"))["/etc/fedmq/agent.toml"],
+                       device_id="d1")
+    for federation, broker in [(c.federation, c.broker) for c in (coordinator, *workers)] + [
+            (agent.federation, agent.broker)]:
+        assert federation == "cluster"
+        assert broker.host in nodes
+        assert broker.port == 1883
+        assert broker.mqtt5 is False  # NATS speaks MQTT 3.1.1 only
+    for name in CLUSTER_SERVICES - nodes:
+        assert set(_service(name)["depends_on"]) == nodes
 
 
 @pytest.mark.parametrize(
