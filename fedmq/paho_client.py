@@ -2,22 +2,30 @@
 
 Used by ``fedmq.transport.PahoTransport`` only; a transport module (it imports paho). What it
 changes and why is in ``_Client``'s docstring; ``split_publish`` is the cut it uses.
+
+Besides the receive path, ``_Client`` changes how paho's network thread waits (see its
+docstring, "Waiting"): it sleeps until the keepalive needs it instead of waking every second,
+every wait before a reconnect takes its delay from the caller (jittered back-off), and a socket
+that ``select()`` cannot watch (file descriptor 1024 or above) is reported loudly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode, _ConnectionState
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger("fedmq.transport")
 
@@ -82,6 +90,35 @@ _paho_clock: Callable[[], float] = getattr(mqtt, "time_func", time.monotonic)
 #: Packets whose body is at least this long are read straight into one buffer of their size.
 DIRECT_READ_MIN = 64 * 1024
 
+#: ``select()`` watches file descriptors below this only (glibc's FD_SETSIZE); paho's network
+#: loop uses ``select()``, so a client whose socket got a higher number cannot work.
+FD_SETSIZE = 1024
+#: The longest the network thread sleeps when the keepalive does not need it sooner (keepalive
+#: off, or a very long one): only a safety net, sockets and the wake-up pipe wake it anyway.
+MAX_WAIT_S = 300.0
+#: Added to a keepalive deadline so the thread wakes just after it, not a hair before (paho
+#: compares with ``>=``; waking early would mean a second wake-up right after).
+KEEPALIVE_SLACK_S = 0.01
+
+_fd_limit_logged = False
+_fd_limit_lock = threading.Lock()
+
+
+def fd_limit_message(fd: int) -> str:
+    """The one line that says why a client with socket ``fd`` cannot work."""
+    return (f"MQTT socket got file descriptor {fd}, but paho's network loop uses select(), "
+            f"which only handles descriptors below {FD_SETSIZE} (FD_SETSIZE): this process "
+            f"holds too many open files (about {FD_SETSIZE // 3} paho clients per process at "
+            "3 descriptors each). Run fewer MQTT clients per process; the client retries with "
+            "back-off but cannot connect while that lasts")
+
+
+def _fileno(sock: object) -> int:
+    try:
+        return int(sock.fileno()) if sock is not None else -1  # type: ignore[attr-defined]
+    except (OSError, ValueError):  # closed meanwhile: paho's own path reports it
+        return -1
+
 
 class _LargeBody(Exception):  # noqa: N818 (a signal between two methods, not an error)
     """Raised by ``_Client._sock_recv`` to take a large packet body away from paho's loop."""
@@ -116,6 +153,101 @@ class _Client(mqtt.Client):
     #: a failed one; set by ``PahoTransport``.
     before_connect: Callable[[], None] | None = None
     connect_error: BaseException | None = None
+    #: Called (network thread) for the delay before each reconnect attempt, on every path
+    #: that leads to one: a failed connect, a lost connection, a socket select() cannot watch.
+    #: None: paho's own doubling delay.
+    reconnect_delay: Callable[[], float] | None = None
+    #: Called (network thread) after a QoS>0 publish was acknowledged (its
+    #: ``MQTTMessageInfo`` already says so, unlike in paho's own on_publish).
+    after_publish: Callable[[], None] | None = None
+    #: Set when this client's socket was beyond select()'s reach (``fd_limit_message``).
+    fd_error: str | None = None
+    _stop_wait: threading.Event | None = None
+
+    # ---- waiting: paho's loop thread sleeps until the network, a keepalive or a stop wakes it
+
+    def _keepalive_wait(self) -> float:
+        """Seconds until paho's keepalive check (``loop_misc``) has something to do: send a
+        PINGREQ, or give up on an unanswered one. paho itself checks once per ``_loop``, whose
+        select() times out after 1 s, so an idle connection woke its thread every second."""
+        keepalive = self._keepalive
+        if keepalive <= 0:
+            return MAX_WAIT_S
+        with self._msgtime_mutex:
+            last = min(self._last_msg_out, self._last_bytes_received)
+        if self._ping_t > 0:
+            last = min(last, self._ping_t)
+        wait = last + keepalive - _paho_clock() + KEEPALIVE_SLACK_S
+        return min(max(wait, 0.0), float(keepalive), MAX_WAIT_S)
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        if self._sock is not None:
+            fd = max(_fileno(self._sock), _fileno(self._sockpairR))  # both go to select()
+            if fd >= FD_SETSIZE:
+                return self._fd_out_of_range(fd)
+        # loop_forever passes paho's 1 s; what is sent from other threads wakes select()
+        # through paho's socket pair, and what arrives through the socket itself.
+        return super()._loop(self._keepalive_wait())
+
+    def _fd_out_of_range(self, fd: int) -> MQTTErrorCode:
+        """paho would let select() raise, call it a lost connection without telling anyone
+        (no on_disconnect) and reconnect at once, again and again: report it, once per process
+        at ERROR, and end the connection the ordinary way (our back-off applies)."""
+        global _fd_limit_logged
+        self.fd_error = fd_limit_message(fd)
+        with _fd_limit_lock:
+            first, _fd_limit_logged = not _fd_limit_logged, True
+        log.log(logging.ERROR if first else logging.DEBUG, "%s", self.fd_error)
+        self._sock_close()
+        self._state = _ConnectionState.MQTT_CS_CONNECTION_LOST
+        self._do_on_disconnect(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        return MQTTErrorCode.MQTT_ERR_CONN_LOST
+
+    def _reconnect_wait(self) -> None:
+        """Wait the caller's delay (``reconnect_delay``) before the next attempt, in one sleep
+        that ``disconnect()`` or ``loop_stop()`` cut short (paho's own wakes every second)."""
+        if self.reconnect_delay is None:
+            super()._reconnect_wait()
+            return
+        delay = self.reconnect_delay()
+        stop = self._stop_wait
+        if stop is None:
+            stop = self._stop_wait = threading.Event()
+        if self._thread_terminate or self._state in (
+                _ConnectionState.MQTT_CS_DISCONNECTING,
+                _ConnectionState.MQTT_CS_DISCONNECTED):
+            return
+        stop.wait(delay)
+
+    def _wake(self) -> None:
+        if self._stop_wait is not None:
+            self._stop_wait.set()
+        sockpair = self._sockpairW
+        if sockpair is not None:  # cut a select() short: the loop then sees it must stop
+            with contextlib.suppress(OSError):
+                sockpair.send(b"0")
+
+    def loop_start(self) -> MQTTErrorCode:
+        self._stop_wait = threading.Event()
+        return super().loop_start()
+
+    def loop_stop(self) -> MQTTErrorCode:
+        self._thread_terminate = True
+        self._wake()
+        return super().loop_stop()
+
+    def disconnect(self, reasoncode: ReasonCode | None = None,
+                   properties: Properties | None = None) -> MQTTErrorCode:
+        rc = super().disconnect(reasoncode, properties)
+        self._wake()
+        return rc
+
+    def _do_on_publish(self, mid: int, reason_code: ReasonCode,
+                       properties: Properties) -> MQTTErrorCode:
+        rc = super()._do_on_publish(mid, reason_code, properties)
+        if self.after_publish is not None:
+            self.after_publish()
+        return rc
 
     def reconnect(self) -> MQTTErrorCode:
         if self.before_connect is not None:

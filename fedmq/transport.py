@@ -1,9 +1,12 @@
 """The MQTT seam: with ``fedmq.paho_client`` (paho's client with a leaner receive path), the
 only module that imports paho.
 
-``PahoTransport`` owns one paho client and its network thread (``loop_start``). Before each
-reconnect attempt paho waits the delay we set: a jittered exponential back-off (paho's own
-doubles without jitter, so a fleet that lost its broker would come back in lockstep). Paho
+``PahoTransport`` owns one paho client and its network thread (``loop_start``). Before every
+reconnect attempt (after a refused or failed connect, a lost connection, a missed keepalive, a
+socket select() cannot watch) paho waits the delay we give it: a jittered exponential back-off
+(paho's own doubles without jitter, so a fleet that lost its broker would come back in
+lockstep). The thread sleeps until the network, the keepalive or a stop wakes it
+(``fedmq.paho_client``): an idle connection costs a wake-up per keepalive, not per second. Paho
 callbacks only convert the message to our ``Message`` and put it on ``inbox``; all real work
 happens on the caller's threads. ``fedmq.memory_transport.MemoryTransport`` is an in-process
 fake with the same surface for logic tests.
@@ -18,9 +21,10 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -168,6 +172,7 @@ class PahoTransport:
         farewell: bool = False,
         duplicate_hint: str = "every MQTT client needs its own client id",
         quiet: bool = False,
+        on_published: Callable[[], None] | None = None,
     ) -> None:
         self.broker = broker
         self.client_id = broker.client_id or client_id
@@ -191,6 +196,8 @@ class PahoTransport:
         self._backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s,
                                 random.Random(seed))
         self.connects = 0
+        #: The delays (seconds) of the latest reconnect waits, oldest first.
+        self.reconnect_delays: deque[float] = deque(maxlen=64)
         self.last_error: str | None = None
         #: The broker's Maximum Packet Size from CONNACK (MQTT 5), None when it sets none.
         self.max_packet_size: int | None = None
@@ -200,6 +207,7 @@ class PahoTransport:
         self._waiting_logged: float | None = None
         self._connected_at: float | None = None
         self._quick_drops = 0
+        self._connack = False  # the current connection attempt got its CONNACK
         self._duplicate_logged: float | None = None
         #: Times another client was seen using our client id.
         self.duplicate_id_seen = 0
@@ -227,12 +235,18 @@ class PahoTransport:
                                  keyfile=broker.key_file, cert_reqs=ssl.CERT_REQUIRED)
         if not callable(will):  # a callable will is built before each connection attempt
             self._set_will()
-        self._client.before_connect = self._set_will
+        self._client.before_connect = self._before_connect
+        self._client.reconnect_delay = self._next_reconnect_delay
+        self._client.after_publish = on_published
         self._client.on_connect = self._handle_connect
         self._client.on_connect_fail = self._handle_connect_fail
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
+
+    def _before_connect(self) -> None:
+        self._connack = False
+        self._set_will()
 
     def _set_will(self) -> None:
         will = self._will() if callable(self._will) else self._will
@@ -248,6 +262,7 @@ class PahoTransport:
 
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
                         reason: ReasonCode, properties: Any) -> None:
+        self._connack = True
         if reason.is_failure:
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.client_id, self.last_error)
@@ -279,7 +294,14 @@ class PahoTransport:
             self.drops += 1
             log.log(self._info, "%s: disconnected (%s)", self.client_id, reason)
             self._check_duplicate(reason)
-            self._jitter_next_delay()
+            if self._client.fd_error is not None:
+                self.last_error = self._client.fd_error
+            elif not self._connack:
+                # A broker out of file descriptors accepts the TCP connection and closes it
+                # at once, saying nothing to the client: say what that looks like.
+                self._waiting("the broker closed the connection before accepting it (no "
+                              "CONNACK): is it out of file descriptors or connections? "
+                              "see its log")
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                           reasons: Any, properties: Any) -> None:
@@ -320,7 +342,11 @@ class PahoTransport:
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         error = self._client.connect_error
-        why = describe_connect_error(error) if error is not None else "cannot connect"
+        self._waiting(describe_connect_error(error) if error is not None else "cannot connect")
+
+    def _waiting(self, why: str) -> None:
+        """A connection attempt failed: remember why, and say so (at most every
+        ``WAITING_REPEAT_S``)."""
         self.last_error = f"cannot reach {self.address}: {why}"
         now = self._clock()
         if self._failing_since is None:
@@ -329,14 +355,15 @@ class PahoTransport:
             self._waiting_logged = now
             log.warning("waiting for the broker at %s (%s); retrying with back-off",
                         self.address, why)
-        self._jitter_next_delay()
 
-    def _jitter_next_delay(self) -> None:
-        # paho waits min_delay before its next attempt (reconnect_delay_set resets its own
-        # doubling); setting both bounds to our jittered delay makes that wait ours. paho
-        # annotates the bounds as int but sleeps on floats.
-        delay = cast(int, max(self._backoff.next_delay(), 0.05))
-        self._client.reconnect_delay_set(delay, delay)
+    def _next_reconnect_delay(self) -> float:
+        """paho's network thread asks this before every reconnect attempt (each one a failed
+        attempt for the back-off; a CONNACK resets it)."""
+        delay = max(self._backoff.next_delay(), 0.05)
+        self.reconnect_delays.append(delay)
+        log.debug("%s: reconnecting in %.2f s (attempt %d)", self.client_id, delay,
+                  self._backoff.attempt)
+        return delay
 
     # ---- public surface
 
@@ -345,7 +372,6 @@ class PahoTransport:
         if self._started:
             raise BrokerError("transport already started")
         self._started = True
-        self._jitter_next_delay()
         # All socket writes happen on paho's own thread (loop_start): publishing from another
         # thread while a hand-rolled loop() also writes interleaved packets on the wire.
         properties = None
