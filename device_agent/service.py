@@ -10,6 +10,7 @@ Updates go out through the outbox and stay there until the broker acknowledged t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -64,6 +65,15 @@ ROUND_WAIT_REPEAT_S = 30.0
 #: A refused model or announcement is published in the status's ``ignored`` counts at most this
 #: often (a flood of forgeries must not become a flood of status messages).
 STATUS_REFRESH_S = 1.0
+#: The worker sleeps on the inbox until a message or its next timer; never longer than this (a
+#: safety net: a missed wake-up costs at most this delay, and an idle agent one turn a minute).
+IDLE_MAX_S = 60.0
+#: While updates wait for their PUBACK the transport wakes the worker on each acknowledgement;
+#: a transport without that hook (``MemoryTransport``) is checked this often.
+DELIVERY_POLL_S = 1.0
+
+#: Put on the inbox to wake the worker (stop, a (re)connect, a PUBACK); never handled.
+_WAKE = Message("", b"")
 
 
 class AgentService(OutboxDelivery):
@@ -126,6 +136,8 @@ class AgentService(OutboxDelivery):
                             else Outbox(None, d.outbox_max_bytes, d.outbox_max_messages))
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
+        #: Turns of the worker loop (each one a sleep on the inbox): an idle agent's few.
+        self.wakeups = 0
         # The "no round announcement yet" line (service clock times; see check_waiting).
         self._round_seen = False
         self._waiting_since: float | None = None
@@ -156,7 +168,8 @@ class AgentService(OutboxDelivery):
                                   "agent: every agent needs its own (--device-id, "
                                   "FEDMQ_DEVICE_ID or [device] id)",
                                   # a lambda: `service` does not exist yet
-                                  on_connect=lambda: service.on_connected())  # noqa: PLW0108
+                                  on_connect=lambda: service.on_connected(),  # noqa: PLW0108
+                                  on_published=lambda: service.on_published())  # noqa: PLW0108
         service = cls(federation, device_id, trainer, transport, feedback=feedback,
                       outbox=outbox, trained_path=trained_path, evaluate=evaluate, train=train,
                       min_interval_s=min_interval_s)
@@ -208,6 +221,7 @@ class AgentService(OutboxDelivery):
     def stop(self) -> None:
         """Say offline, stop the worker and disconnect."""
         self._stopping.set()
+        self.wake()
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
@@ -227,7 +241,20 @@ class AgentService(OutboxDelivery):
     def on_connected(self) -> None:
         """The transport's connect hook (paho's network thread): only records and enqueues."""
         self.publish_status("online")
+        self._waiting_since = None  # "no round announcement" counts from this connect
         self._connected_again.set()
+        self.wake()  # pump_outbox publishes what is pending, check_waiting starts counting
+
+    def on_published(self) -> None:
+        """The transport's PUBACK hook (paho's network thread): wake the worker if an update
+        waits for its acknowledgement (so it leaves the outbox now, without polling)."""
+        if self._deliveries:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the worker from its sleep on the inbox (safe from any thread)."""
+        with contextlib.suppress(queue.Full):  # a full inbox keeps the worker busy anyway
+            self.transport.inbox.put_nowait(_WAKE)
 
     def check_waiting(self) -> None:
         """Connected, yet no round announcement after ``ROUND_WAIT_WARN_S``: say so (the worker
@@ -251,9 +278,49 @@ class AgentService(OutboxDelivery):
         log.warning("no round announcement on %s yet (connected to %s); is the aggregator "
                     "running and is the federation name right?", self.topics.round, where)
 
+    def _round_wait_due(self) -> float | None:
+        """When (service clock) ``check_waiting`` next has a line to log; None: not before an
+        event (a connect, or the first announcement, ends the wait)."""
+        if self._round_seen or self._waiting_since is None:
+            return None
+        due = self._waiting_since + ROUND_WAIT_WARN_S
+        if self._round_wait_logged is not None:
+            due = max(due, self._round_wait_logged + ROUND_WAIT_REPEAT_S)
+        return due
+
+    def _tick_due(self) -> float | None:
+        """When (service clock) ``tick`` may start training on a timer: an asynchronous round's
+        ``min_interval_s`` since the last start. Everything else that lets it train arrives as a
+        message, which wakes the worker anyway."""
+        m = self.machine
+        ann = m.announcement
+        if (m.training or ann is None or ann.mode != "async" or not ann.open
+                or m.weights is None or m.started_at is None or m.min_interval_s <= 0):
+            return None
+        return m.started_at + m.min_interval_s
+
+    def idle_timeout(self) -> float:
+        """Seconds the worker may sleep on the inbox before a timer of its own is due."""
+        waits = [IDLE_MAX_S]
+        mono = time.monotonic()
+        if self._status_due:
+            waits.append(self._status_at + STATUS_REFRESH_S - mono)
+        if self.transport.wait_connected(0):  # else the connect hook wakes the worker
+            if self._resend_due is not None and len(self.outbox):  # nothing to resend: no turn
+                waits.append(self._resend_due - mono)
+            if self._deliveries:
+                waits.append(DELIVERY_POLL_S)
+        now = self.clock()
+        for due in (self._round_wait_due(), self._tick_due()):
+            if due is not None and due > now:  # past: nothing more before an event
+                waits.append(due - now)
+        return max(min(waits), 0.0)
+
     # ---------------------------------------------------------------- worker
 
     def _work(self) -> None:
+        # No polling: the worker sleeps on the inbox until a message, a wake-up (connect,
+        # PUBACK, stop) or the next of its own timers (idle_timeout).
         while not self._stopping.is_set():
             try:
                 self.pump_outbox()
@@ -262,9 +329,12 @@ class AgentService(OutboxDelivery):
             self.check_waiting()
             if self._status_due and time.monotonic() - self._status_at >= STATUS_REFRESH_S:
                 self.publish_status(self._state)  # the refusals counted since the last one
+            self.wakeups += 1
             try:
-                msg: Message | None = self.transport.inbox.get(timeout=0.1)
+                msg: Message | None = self.transport.inbox.get(timeout=self.idle_timeout())
             except queue.Empty:
+                msg = None
+            if msg is _WAKE:
                 msg = None
             try:
                 if msg is not None:
