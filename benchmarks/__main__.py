@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("kernels", "peer", "e2e", "wire", "learning", "secagg")
+NAMES = ("kernels", "peer", "e2e", "wire", "learning", "secagg", "scale")
 
 
 def main(argv: list[str]) -> int:

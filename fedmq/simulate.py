@@ -112,6 +112,7 @@ class Simulation:
         self.started = time.monotonic()
         self.all_connected_s: float | None = None
         self.summaries: dict[tuple[int, int], RoundSummary] = {}
+        self.latency_ms: dict[tuple[int, int], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoff: dict[int, Backoff] = {}
 
@@ -124,7 +125,7 @@ class Simulation:
     def _round_done(self) -> None:
         if self.opts.rounds and len(self.fleet.stats.rounds_done) == self.opts.rounds:
             # The round's summary follows its model: wait a moment for it.
-            asyncio.get_running_loop().call_later(0.5, self.stop.set)
+            asyncio.get_running_loop().call_later(1.0, self.stop.set)
 
     # --- sessions --------------------------------------------------------------------------
     async def _connect(self, device: SimDevice) -> None:
@@ -171,11 +172,29 @@ class Simulation:
             if topic == metrics:
                 msg = self.fleet.decode(payload)
                 if isinstance(msg, RoundSummary):
-                    self.summaries[(device.run, msg.round)] = msg
+                    key = (device.run, msg.round)
+                    self.summaries[key] = msg
+                    # Now, while the round's acknowledgment times are still kept.
+                    latency = self._latency(key)
+                    if latency is not None:
+                        self.latency_ms[key] = latency
                 return
             device.on_message(client, topic, payload, retained)
 
         return on_message
+
+    def _latency(self, key: tuple[int, int]) -> float | None:
+        """Milliseconds from the broker's PUBACK of round ``key``'s last accepted update (as its
+        summary lists them) to the round's model reaching the first device."""
+        summary, stats = self.summaries.get(key), self.fleet.stats
+        model_at, acked = stats.model_at.get(key), stats.ack_at.get(key, {})
+        if summary is None or model_at is None:
+            return None
+        acks = [acked.get(uid) for dev, uid in summary.accepted
+                if dev.startswith(self.opts.prefix + "-")]
+        if not acks or None in acks:
+            return None
+        return round((model_at - max(a for a in acks if a is not None)) * 1000, 1)
 
     def _on_lost(self, client: AsyncMqttClient, exc: BaseException | None) -> None:
         device = next((d for d in self._owner(client)), None)
@@ -257,6 +276,7 @@ class Simulation:
         return self.summary()
 
     async def _shutdown(self) -> None:
+        self.fleet.stopping = True
         for task in list(self._tasks):
             task.cancel()
         for device in self.devices:
@@ -282,6 +302,9 @@ class Simulation:
             acked_at, model_at = s.last_ack_at.get(key), s.model_at.get(key)
             if acked_at is not None and model_at is not None:
                 detail["last_ack_to_model_ms"] = round((model_at - acked_at) * 1000, 1)
+            latency = self.latency_ms.get(key, self._latency(key))
+            if latency is not None:
+                detail["last_accepted_ack_to_model_ms"] = latency
             if summary is not None:
                 detail.update(participants=summary.participants, closed_by=summary.closed_by,
                               accepted_from_fleet=sum(

@@ -50,6 +50,8 @@ __all__ = ["Delay", "Fleet", "FleetStats", "SimDevice", "status_payload"]
 
 #: Distinct random deltas per model; device i sends variant i % VARIANTS.
 VARIANTS = 8
+#: Rounds whose acknowledgment times are kept.
+ACK_ROUNDS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,18 @@ class FleetStats:
     #: Per (run, round): when the broker acknowledged the fleet's last update for it, and when
     #: the model it produced first reached a device (time.monotonic()).
     last_ack_at: dict[tuple[int, int], float] = field(default_factory=dict)
+    #: Per (run, round), when the broker acknowledged each update, by update_id (to find the
+    #: round's last accepted one in its summary); the latest ACK_ROUNDS rounds only.
+    ack_at: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
+
+    def record_ack(self, key: tuple[int, int], update_id: str, now: float) -> None:
+        self.last_ack_at[key] = now
+        per_round = self.ack_at.get(key)
+        if per_round is None:
+            per_round = self.ack_at[key] = {}
+            for old in sorted(self.ack_at)[:-ACK_ROUNDS]:
+                del self.ack_at[old]
+        per_round[update_id] = now
     model_at: dict[tuple[int, int], float] = field(default_factory=dict)
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -124,6 +138,8 @@ class Fleet:
         self.rng = random.Random(seed)
         self.seed = seed
         self.stats = FleetStats()
+        #: Set once the simulation ends: sessions closing now are not errors.
+        self.stopping = False
         self.on_round_done = on_round_done
         self._decoded: OrderedDict[bytes, object] = OrderedDict()
         self._tensors: dict[tuple[str, str, str], list[tuple[tuple[Tensor, ...], dict[
@@ -181,6 +197,7 @@ class SimDevice:
         #: Encoded messages of the update not yet acknowledged (resent after a reconnect).
         self.outbox: list[bytes] = []
         self.outbox_round = (0, 0)
+        self.outbox_id = ""
         self.sending = False
         self.timer: asyncio.TimerHandle | None = None
 
@@ -270,6 +287,7 @@ class SimDevice:
                     else [update])
         self.outbox = [codec.encode(m) for m in messages]
         self.outbox_round = (ann.run, ann.round)
+        self.outbox_id = update.update_id
         self.fleet.stats.updates_sent += 1
         self.fleet.stats.rounds_sent.add((ann.run, ann.round))
         self._flush()
@@ -292,16 +310,17 @@ class SimDevice:
         """Every message of ``outbox`` was acknowledged, refused or lost with the session."""
         self.sending = False
         failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
+        if failed and not self.fleet.stopping:
             refused = any(isinstance(r, MqttError) and r.code for r in failed)
             self.fleet.stats.errors["puback_refused" if refused else "unacked_lost"] += 1
             if refused:  # refused by the broker: a resend would be refused again
                 self.outbox = []
+        if failed:
             return  # lost: resent after the reconnect
         if self.outbox is outbox:
             self.outbox = []
             self.fleet.stats.updates_acked += 1
-            self.fleet.stats.last_ack_at[self.outbox_round] = time.monotonic()
+            self.fleet.stats.record_ack(self.outbox_round, self.outbox_id, time.monotonic())
 
     def _publish_status(self, state: str) -> None:
         client = self.client
