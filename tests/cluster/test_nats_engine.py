@@ -161,3 +161,14 @@ def test_the_stream_leader_dies_and_comes_back(nats_cluster_factory: NatsCluster
     assert cluster.running(leader)
     rejoined = connect(clients, cluster, leader, "rejoined", subscribe=Topics("fed").model)
     assert rejoined.connected
+
+
+def test_a_lone_node_runs_without_a_cluster_block(nats_cluster_factory: NatsClusterFactory,
+                                                  clients: list[PahoTransport]) -> None:
+    cluster = nats_cluster_factory(1)
+    assert "cluster {" not in cluster.config_path(0).read_text(encoding="utf-8")
+    sub = connect(clients, cluster, 0, "lone-sub", persistent=True,
+                  subscribe=Topics("fed").updates)
+    publish_all(connect(clients, cluster, 0, "lone-pub"), [(Topics("fed").update("d"), b"u")])
+    assert receive(sub, 1)[0].payload == b"u"
+    assert cluster.stream_leader(MQTT_MSGS_STREAM) == "n0"
