@@ -147,6 +147,15 @@ class _Client(mqtt.Client):
     that thread's time. QoS 0 and 1 messages are cut with ``split_publish`` instead and then
     handled exactly as paho's own ``_handle_publish`` does (callback, then PUBACK unless
     acknowledged manually); QoS 2 and anything malformed go to paho's code unchanged.
+
+    Waiting: paho's ``loop_forever`` calls ``_loop`` with a 1 s select() timeout and checks the
+    keepalive after each, so an idle client woke every second; here the timeout is the time to
+    the next keepalive deadline (a PINGREQ to send, or an unanswered one to give up on), and
+    what other threads send wakes select() through paho's socket pair as before. paho's wait
+    before a reconnect (1 s sleeps, its own unjittered doubling) becomes one sleep of
+    ``reconnect_delay()`` that ``disconnect()``/``loop_stop()`` cut short. A socket select()
+    cannot watch (``FD_SETSIZE``) made paho retry at once, silently (select() raised, no
+    on_disconnect): it is one ERROR per process and an ordinary disconnect instead.
     """
 
     #: Called before each connection attempt (refreshes the last will) and with the error of
