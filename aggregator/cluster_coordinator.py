@@ -101,11 +101,36 @@ class CoordinatorService(AggregatorService):
     def _progress(self, p: cluster_wire.WorkerProgress) -> None:
         seen = self._seen.get(p.worker, 0)
         now = self._now()
-        for device, update_id in p.accepted[seen:]:
+        for i in range(seen, len(p.accepted)):
+            device, update_id = p.accepted[i]
             offer = UpdateOffered(device_id=device, round=p.round, base_version=p.base_version,
                                   update_id=update_id, now=now)
-            self._apply(self.machine.handle(offer), None)
+            actions = self.machine.handle(offer)
+            # The norm bound's estimate is computed here only, from every worker's norms
+            # (before a close the same offer may trigger: the collect carries the estimate).
+            if p.norms and any(isinstance(a, Accept) for a in actions) \
+                    and self.bound.observe(p.norms[i]):
+                self._publish_estimate()
+            self._apply(actions, None)
         self._seen[p.worker] = max(seen, len(p.accepted))
+
+    def _estimate(self) -> float | None:
+        b = self.bound
+        return b.estimate if b.active and b.adaptive else None
+
+    def _publish_estimate(self) -> None:
+        """Tell the workers the estimate their round's updates are clipped with (retained)."""
+        if not (self.bound.active and self.bound.adaptive):
+            return  # a fixed bound or none: workers need nothing from here
+        msg = cluster_wire.NormEstimate(federation=self.config.federation, run=self.run,
+                                        round=self.round, estimate=self._estimate(),
+                                        ts=self.clock())
+        self.transport.publish(self.topics.estimate, cluster_wire.encode(msg), qos=1,
+                               retain=True)
+
+    def _announce(self, deadline: float, open_: bool = True) -> None:
+        self._publish_estimate()  # first: a worker that has it when the round opens folds at once
+        super()._announce(deadline, open_)
 
     def _apply(self, actions: list[Action],
                offered: tuple[ModelUpdate, float, float] | None) -> None:
@@ -127,6 +152,9 @@ class CoordinatorService(AggregatorService):
     # ------------------------------------------------------------ closing
 
     def _collect(self, closed_by: str) -> None:
+        if self.bound.bootstrapping:  # the estimate starts from the norms that came in
+            self.bound.start()
+            self._publish_estimate()
         self._collecting = closed_by
         self._send_collect()
         log.info("round %d closed by %s with %d updates reported: collecting the partials of "
@@ -136,7 +164,8 @@ class CoordinatorService(AggregatorService):
     def _send_collect(self) -> None:
         req = cluster_wire.CollectRequest(
             federation=self.config.federation, run=self.run, round=self.round,
-            base_version=self.version, workers=self.workers, ts=self.clock())
+            base_version=self.version, workers=self.workers, ts=self.clock(),
+            estimate=self._estimate())
         self.transport.publish(self.topics.collect, cluster_wire.encode(req), qos=1,
                                retain=True)
         self._collect_sent = self.clock()
@@ -159,6 +188,8 @@ class CoordinatorService(AggregatorService):
         for p in parts:
             self.strategy.merge(PartialSum(p.weighted_sum, p.total_weight, len(p.contributors)))
             self.ledger.bytes_in += p.bytes_in
+            self.ledger.clipped += p.clipped
+            self.stats.clipped += p.clipped
             for reason, n in p.rejected.items():
                 self.ledger.rejected[reason] += n
         self._accepted_pairs = tuple(pairs)

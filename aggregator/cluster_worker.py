@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,10 +28,12 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator import checkpoint, kernels
+from aggregator.privacy import norm_config
+from aggregator.robust import SharedBound
 from aggregator.rounds import CloseRequested, RoundMachine, RoundRules
 from aggregator.service import AggregatorService
 from aggregator.startup import inbox_bytes
-from aggregator.wal import COLLECT
+from aggregator.wal import COLLECT, ESTIMATE
 from fedmq import cluster_wire, codec
 from fedmq.config import AggregatorConfig
 from fedmq.errors import DecodeError
@@ -81,6 +84,11 @@ class WorkerService(AggregatorService):
         super().__init__(config, transport, clock=clock, weights=weights)
         self.upstream = upstream
         self.machine = RoundMachine(_NEVER)
+        # The adaptive norm estimate is the coordinator's (one estimate from every shard).
+        self.shared = SharedBound(norm_config(config), 1)
+        self.bound = self.folder.bound = self.shared
+        #: An estimate for a round this worker has not opened yet (it came first).
+        self._next_estimate: cluster_wire.NormEstimate | None = None
         #: Updates of a round not announced yet (unacknowledged until it opens).
         self._early: list[Message] = []
         self._collected: cluster_wire.WorkerPartial | None = None
@@ -104,6 +112,7 @@ class WorkerService(AggregatorService):
                                  else self.topics.updates, qos=1)
         self.control.subscribe(self.topics.round, qos=1)
         self.control.subscribe(self.topics.collect, qos=1)
+        self.control.subscribe(self.topics.estimate, qos=1)
         if self.upstream is not None:  # relayed to the site's devices
             self.upstream.subscribe(self.topics.model, qos=1)
             self.upstream.subscribe(self.topics.model_parts, qos=1)
@@ -162,7 +171,7 @@ class WorkerService(AggregatorService):
                 continue
             if msg.topic.startswith(relayed):
                 self.transport.publish(msg.topic, msg.payload, qos=1, retain=True)
-            if msg.topic in (self.topics.round, self.topics.collect):
+            if msg.topic in (self.topics.round, self.topics.collect, self.topics.estimate):
                 self.transport.inbox.put(Message(msg.topic, msg.payload, qos=0))
 
     # ------------------------------------------------------------ the fold path
@@ -193,6 +202,9 @@ class WorkerService(AggregatorService):
             return
         if msg.topic == t.collect:
             self._on_collect(msg.payload, replay=False)
+            return
+        if msg.topic == t.estimate:
+            self._on_estimate(msg.payload, replay=False)
             return
         canonical = t.canonical_update(msg.topic)
         plain = msg if canonical is None else Message(
@@ -247,7 +259,40 @@ class WorkerService(AggregatorService):
 
     def _open_round(self, now: float, snapshot: bool = True) -> None:
         self.machine = RoundMachine(_NEVER)  # a fresh round: OpenRound needs a rising number
+        if self._replay_now is None:
+            self.shared.forget()  # restored from the snapshot instead while recovering
         super()._open_round(now, snapshot)
+        nxt = self._next_estimate
+        if nxt is not None and (nxt.run, nxt.round) == (self.run, self.round):
+            self._next_estimate = None
+            self._on_estimate(cluster_wire.encode(nxt), replay=False)
+
+    def _on_estimate(self, payload: bytes, *, replay: bool) -> None:
+        """The coordinator's norm estimate: for the open round, fold what waited for it."""
+        try:
+            msg = cluster_wire.decode(payload)
+        except DecodeError as exc:
+            log.warning("worker %s: unreadable norm estimate ignored (%s)", self.name, exc)
+            return
+        if not isinstance(msg, cluster_wire.NormEstimate) or \
+                msg.federation != self.config.federation:
+            return
+        if (msg.run, msg.round) != (self.run, self.round):
+            if msg.run != self.run or msg.round > self.round:
+                self._next_estimate = msg  # its round's announcement has not come yet
+            return
+        self._use_estimate(msg.estimate, payload, replay=replay)
+
+    def _use_estimate(self, estimate: float | None, payload: bytes, *, replay: bool) -> None:
+        if self.shared.apply(estimate):
+            if self.wal is not None and not replay:
+                self.wal.append(ESTIMATE, self._now(), "", payload)
+            self._flush(release=True)
+
+    def _accepted(self, update: ModelUpdate, weight: float, sq: float) -> None:
+        super()._accepted(update, weight, sq)
+        # The norm rides with the accepted pair to the coordinator, whose estimate it feeds.
+        self.ledger.events[-1].append(math.sqrt(sq))
 
     def _on_collect(self, payload: bytes, *, replay: bool) -> None:
         try:
@@ -264,6 +309,10 @@ class WorkerService(AggregatorService):
             # Its announcement never reached this worker (it was down): open it to answer.
             self._open_at(req.run, req.round, req.base_version)
         if self._collected is None:
+            if self.bound.bootstrapping and req.estimate is not None:
+                # The estimate the coordinator closed with (it may not have arrived alone).
+                self.bound.estimate = req.estimate
+                self._flush(release=True)
             self._flush(closing=True)
             self.machine.handle(CloseRequested(self.round))
             if self.wal is not None and not replay:
@@ -279,6 +328,8 @@ class WorkerService(AggregatorService):
     def replay_record(self, kind: int, topic: str, payload: bytes) -> None:
         if kind == COLLECT:
             self._on_collect(payload, replay=True)
+        elif kind == ESTIMATE:
+            self._on_estimate(payload, replay=True)
 
     def _partial(self) -> cluster_wire.WorkerPartial:
         s = self.strategy
@@ -293,7 +344,8 @@ class WorkerService(AggregatorService):
             federation=self.config.federation, worker=self.name, run=self.run,
             round=self.round, base_version=self.version, weighted_sum=acc,
             total_weight=total_weight, contributors=self.machine.accepted_ids,
-            rejected=dict(self.ledger.rejected), bytes_in=self.ledger.bytes_in, ts=self.clock())
+            rejected=dict(self.ledger.rejected), bytes_in=self.ledger.bytes_in, ts=self.clock(),
+            clipped=self.ledger.clipped)
 
     # ------------------------------------------------------------ what a worker does not do
 
@@ -316,7 +368,8 @@ class WorkerService(AggregatorService):
         if self.run == 0:
             return
         interval = self.config.cluster.progress_interval_s
-        accepted = self.machine.accepted
+        done = [e for e in self.ledger.events if e[0] == "u"]  # whole updates, with norms
+        accepted = len(done)
         collected = self._collected is not None
         changed = accepted != self._sent_accepted or collected != self._sent_collected
         if not (changed and now - self._sent_at >= interval) and \
@@ -324,8 +377,10 @@ class WorkerService(AggregatorService):
             return
         msg = cluster_wire.WorkerProgress(
             federation=self.config.federation, worker=self.name, run=self.run,
-            round=self.round, base_version=self.version, accepted=self.machine.accepted_ids,
-            collected=collected, rejected=dict(self.ledger.rejected), ts=now)
+            round=self.round, base_version=self.version,
+            accepted=tuple((e[1], e[2]) for e in done), collected=collected,
+            rejected=dict(self.ledger.rejected), ts=now,
+            norms=tuple(float(e[5]) if len(e) > 5 else 0.0 for e in done))
         self.control.publish(self.topics.worker_progress(self.name), cluster_wire.encode(msg),
                              qos=1)
         self._sent_accepted, self._sent_collected, self._sent_at = accepted, collected, now

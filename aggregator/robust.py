@@ -32,7 +32,7 @@ from typing import Any
 
 from fedmq.config import RobustConfig
 
-__all__ = ["ChunkBudget", "NormBound", "bootstrap_size"]
+__all__ = ["ChunkBudget", "NormBound", "SharedBound", "bootstrap_size"]
 
 #: Most whole updates held back to bootstrap the estimate (bounds the memory it costs).
 MAX_BOOTSTRAP = 32
@@ -210,3 +210,33 @@ class ChunkBudget:
         """Load what ``export`` gave."""
         rejected = bool(saved[3]) if len(saved) > 3 else False
         return cls(float(saved[0]), float(saved[1]), float(saved[2]), rejected)
+
+
+class SharedBound(NormBound):
+    """A scale-out worker's bound: the adaptive estimate is its coordinator's, computed once
+    from every worker's norms (``aggregator.cluster_coordinator``) and received per round with
+    ``apply``. This side never starts or moves it; until it is known for the round, updates are
+    held back exactly as during a single aggregator's bootstrap."""
+
+    def observe(self, norm: float) -> bool:
+        return False
+
+    def start(self) -> None:
+        self.early = []  # the coordinator's estimate, or max_norm: never one of our own
+
+    def end_round(self) -> None:
+        self.new_round()
+
+    def apply(self, estimate: float | None) -> bool:
+        """Take the coordinator's estimate for the open round; True when updates held back for
+        it should now be folded."""
+        if estimate is None or not self.bootstrapping:
+            return False
+        self.estimate = float(estimate)
+        return True
+
+    def forget(self) -> None:
+        """A new round: its estimate comes from the coordinator again."""
+        if self.adaptive:
+            self.estimate = None
+        self.early = []

@@ -39,6 +39,7 @@ UPDATE = 1  # an accepted update (or a folded chunk): replayed through the same 
 TICK = 2  # a clock tick that changed the round (extend, abandon, close)
 REJECT = 3  # a rejected message: its reason (as the topic), so the round's counts survive
 COLLECT = 4  # a scale-out worker's round collected by its coordinator (the request's bytes)
+ESTIMATE = 5  # a scale-out worker's norm estimate from its coordinator (the message's bytes)
 
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BdH")

@@ -13,12 +13,16 @@ Three messages, msgpack maps like every other fedmq message (``v``, ``kind``, ``
 ``WorkerPartial`` (``partial/{worker}``, QoS 1)
     The worker's share of the round: ``Σ w·x`` in float64 (little-endian, flat over the model's
     parameters in spec order), ``Σ w``, and the ``(device, update_id)`` pairs it holds.
+``NormEstimate`` (``estimate``, QoS 1, retained)
+    The adaptive norm bound's estimate for a round, which only the coordinator computes (from
+    the norms in the progress reports); workers clip with it and hold updates until it is known.
 
 Pure: no sockets, threads or clocks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +39,7 @@ from fedmq.wire import SCHEMA_VERSION
 __all__ = [
     "ClusterMessage",
     "CollectRequest",
+    "NormEstimate",
     "WorkerPartial",
     "WorkerProgress",
     "decode",
@@ -57,6 +62,19 @@ class WorkerProgress:
     collected: bool = False
     rejected: Mapping[str, int] = field(default_factory=dict)
     ts: float = 0.0
+    #: Each accepted update's L2 norm, in the same order (for the coordinator's norm bound).
+    norms: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NormEstimate:
+    """The coordinator's norm estimate for ``round`` (None: not known yet)."""
+
+    federation: str
+    run: int
+    round: int
+    estimate: float | None
+    ts: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +87,8 @@ class CollectRequest:
     base_version: int
     workers: tuple[str, ...]
     ts: float = 0.0
+    #: The norm estimate the round's held updates are released with (None: none known).
+    estimate: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +106,11 @@ class WorkerPartial:
     rejected: Mapping[str, int] = field(default_factory=dict)
     bytes_in: int = 0
     ts: float = 0.0
+    #: Of its updates, how many the norm bound scaled down.
+    clipped: int = 0
 
 
-ClusterMessage = WorkerProgress | CollectRequest | WorkerPartial
+ClusterMessage = WorkerProgress | CollectRequest | WorkerPartial | NormEstimate
 
 
 def _pairs(pairs: Sequence[Pair]) -> list[list[str]]:
@@ -103,11 +125,15 @@ def encode(msg: ClusterMessage) -> bytes:
             m = head | {"kind": "wprogress", "worker": msg.worker, "run": msg.run,
                         "round": msg.round, "base_version": msg.base_version,
                         "accepted": _pairs(msg.accepted), "collected": msg.collected,
-                        "rejected": dict(msg.rejected), "ts": float(msg.ts)}
+                        "rejected": dict(msg.rejected), "ts": float(msg.ts),
+                        "norms": [float(x) for x in msg.norms]}
         case CollectRequest():
             m = head | {"kind": "collect", "run": msg.run, "round": msg.round,
                         "base_version": msg.base_version, "workers": list(msg.workers),
-                        "ts": float(msg.ts)}
+                        "ts": float(msg.ts)} | _estimate_map(msg.estimate)
+        case NormEstimate():
+            m = head | {"kind": "estimate", "run": msg.run, "round": msg.round,
+                        "ts": float(msg.ts)} | _estimate_map(msg.estimate)
         case WorkerPartial():
             ws = np.ascontiguousarray(msg.weighted_sum, dtype="<f8")
             m = head | {"kind": "partial", "worker": msg.worker, "run": msg.run,
@@ -116,11 +142,24 @@ def encode(msg: ClusterMessage) -> bytes:
                         "total_weight": float(msg.total_weight),
                         "contributors": _pairs(msg.contributors),
                         "rejected": dict(msg.rejected), "bytes_in": int(msg.bytes_in),
-                        "ts": float(msg.ts)}
+                        "ts": float(msg.ts), "clipped": int(msg.clipped)}
         case _:
             raise TypeError(f"not a cluster message: {type(msg).__name__}")
     out: bytes = msgpack.packb(m, use_bin_type=True)
     return out
+
+
+def _estimate_map(estimate: float | None) -> dict[str, float]:
+    return {} if estimate is None else {"estimate": float(estimate)}
+
+
+def _read_estimate(f: Fields) -> float | None:
+    if "estimate" not in f.m:
+        return None
+    value = f.float_("estimate")
+    if value <= 0:
+        raise DecodeError(f"{f.where}: estimate must be positive")
+    return value
 
 
 def _read_pairs(f: Fields, key: str, limit: int) -> tuple[Pair, ...]:
@@ -166,12 +205,19 @@ def decode(payload: bytes, *, max_pairs: int = 1 << 20, max_params: int = 1 << 3
     kind, fed = head.str_("kind"), head.str_("fed")
     f = Fields(raw, kind, limits)
     if kind == "wprogress":
+        accepted = _read_pairs(f, "accepted", max_pairs)
+        norms: list[Any] = f.optional("norms", f.list_, [])
+        if norms and (len(norms) != len(accepted) or not all(
+                isinstance(x, float | int) and not isinstance(x, bool) and 0 <= x < math.inf
+                for x in norms)):
+            raise DecodeError("wprogress: norms must be one finite norm >= 0 per accepted "
+                              "update")
         return WorkerProgress(
             federation=fed, worker=f.str_("worker"), run=f.int_("run"), round=f.int_("round"),
             base_version=f.int_("base_version"),
-            accepted=_read_pairs(f, "accepted", max_pairs),
+            accepted=accepted,
             collected=f.optional("collected", f.bool_, False), rejected=_counts(f, "rejected"),
-            ts=f.optional("ts", f.float_, 0.0))
+            ts=f.optional("ts", f.float_, 0.0), norms=tuple(float(x) for x in norms))
     if kind == "collect":
         workers = f.list_("workers")
         if len(workers) > limits.max_entries or not all(
@@ -179,7 +225,10 @@ def decode(payload: bytes, *, max_pairs: int = 1 << 20, max_params: int = 1 << 3
             raise DecodeError("collect: workers must be a short list of names")
         return CollectRequest(federation=fed, run=f.int_("run"), round=f.int_("round"),
                               base_version=f.int_("base_version"), workers=tuple(workers),
-                              ts=f.optional("ts", f.float_, 0.0))
+                              ts=f.optional("ts", f.float_, 0.0), estimate=_read_estimate(f))
+    if kind == "estimate":
+        return NormEstimate(federation=fed, run=f.int_("run"), round=f.int_("round"),
+                            estimate=_read_estimate(f), ts=f.optional("ts", f.float_, 0.0))
     if kind == "partial":
         size = f.int_("size", 0, max_params)
         blob = bytes(f.bytes_("sum"))
@@ -194,5 +243,5 @@ def decode(payload: bytes, *, max_pairs: int = 1 << 20, max_params: int = 1 << 3
             base_version=f.int_("base_version"), weighted_sum=ws, total_weight=total,
             contributors=_read_pairs(f, "contributors", max_pairs),
             rejected=_counts(f, "rejected"), bytes_in=f.optional("bytes_in", f.int_, 0),
-            ts=f.optional("ts", f.float_, 0.0))
+            ts=f.optional("ts", f.float_, 0.0), clipped=f.optional("clipped", f.int_, 0))
     raise DecodeError(f"unknown cluster message kind {kind!r}")

@@ -151,3 +151,8 @@ class Topics:
                 "wprogress", "partial") and _NAME.fullmatch(parts[4]):
             return parts[4]
         return None
+
+    @property
+    def estimate(self) -> str:
+        """The coordinator's ``NormEstimate`` for the open round (QoS 1, retained)."""
+        return f"{self.base}/estimate"

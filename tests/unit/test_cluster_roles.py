@@ -57,17 +57,18 @@ class Cluster:
     """A coordinator, two workers (w0 takes devices a*, w1 devices b*: each reads its own
     update topic here, as the engine's partitions would route them) and a device transport."""
 
-    def __init__(self, tmp: Path, devices: int = 4) -> None:
+    def __init__(self, tmp: Path, devices: int = 4,
+                 workers: tuple[str, ...] = WORKERS) -> None:
         self.hub = MemoryHub()
         self.tmp = tmp
         self.devices = devices
         self.clock = Clock()
         self.made: list[AggregatorService] = []
         self.coordinator = CoordinatorService(
-            base_config(tmp / "c", ClusterConfig(role="coordinator", workers=list(WORKERS),
+            base_config(tmp / "c", ClusterConfig(role="coordinator", workers=list(workers),
                                                  progress_interval_s=0.01), devices),
             MemoryTransport(self.hub), clock=self.clock)
-        self.workers = {w: self.worker(w) for w in WORKERS}
+        self.workers = {w: self.worker(w) for w in workers}
         self.dev = MemoryTransport(self.hub)
         self.dev.start()
         self.dev.subscribe(T.round)
@@ -99,9 +100,9 @@ class Cluster:
         return w
 
     def update(self, device: str, ann: RoundAnnouncement, seed: int,
-               round_: int | None = None) -> Message:
+               round_: int | None = None, scale: float = 1.0) -> Message:
         rng = np.random.default_rng(seed)
-        delta = {f"dense0.{k}": rng.standard_normal(s).astype(np.float32)
+        delta = {f"dense0.{k}": (rng.standard_normal(s) * scale).astype(np.float32)
                  for k, s in (("weight", (4, 3)), ("bias", (3,)))}
         u = ModelUpdate(federation=FED, device_id=device, round=round_ or ann.round,
                         base_version=ann.base_version, update_id=f"{device}-{seed}",
@@ -206,8 +207,8 @@ def test_a_round_merges_both_partials_into_the_fedavg_model(tmp_path: Path) -> N
 def test_an_update_ahead_of_its_announcement_is_held_unacknowledged(tmp_path: Path) -> None:
     with Cluster(tmp_path, devices=1) as c:
         w0 = c.workers["w0"]
-        held_back = _drain(w0)  # the announcement of round 1 has not reached w0 yet
-        assert [m.topic for m in held_back] == [T.round]
+        held_back = _drain(w0)  # round 1 (its estimate, its announcement) has not reached w0
+        assert [m.topic for m in held_back] == [T.estimate, T.round]
         early = c.update("a0", c.announcement(), seed=2)
         w0.transport.inbox.put(early)
         w0.step(*_drain(w0))
@@ -216,7 +217,8 @@ def test_an_update_ahead_of_its_announcement_is_held_unacknowledged(tmp_path: Pa
         assert early not in tr.acked
         assert w0.machine.accepted == 0
         assert sum(w0.stats.rejected.values()) == 0
-        w0.transport.inbox.put(held_back[0])  # the announcement arrives
+        for m in held_back:  # the round arrives
+            w0.transport.inbox.put(m)
         w0.step(*_drain(w0))
         assert w0.machine.accepted_ids == (("a0", "a0-2"),)
         assert [m for m in tr.acked if m is early] == [early]  # once, after it was logged
@@ -338,3 +340,48 @@ def test_malformed_cluster_messages_are_refused(bad: dict[str, object]) -> None:
     base = msgpack.unpackb(cluster_wire.encode(good.get(str(bad["kind"]), good["collect"])))
     with pytest.raises(DecodeError):
         cluster_wire.decode(msgpack.packb(base | bad))
+
+
+@pytest.mark.parametrize("workers", [("w0",), WORKERS])
+def test_the_adaptive_norm_bound_is_the_coordinators_and_clips_as_one_aggregator_does(
+        tmp_path: Path, workers: tuple[str, ...]) -> None:
+    """The estimate (bootstrapped from the first round's norms, then moved each round) is
+    computed once, at the coordinator, from every worker's norms; the workers clip with it. One
+    worker sums in the single aggregator's order, so the models must be the same bits; two sum
+    in another grouping (float64 rounding only), while a worker with its own estimate from half
+    the norms would clip differently by far more."""
+    devices = [f"{'a' if i % 2 or len(workers) == 1 else 'b'}{i}" for i in range(10)]
+    single_hub = MemoryHub()
+    single = AggregatorService(base_config(tmp_path / "single", ClusterConfig(), len(devices)),
+                               MemoryTransport(single_hub), clock=Clock())
+    single.start()
+    single.stop()
+    with Cluster(tmp_path, devices=len(devices), workers=workers) as c:
+        try:
+            for round_ in range(1, 4):
+                ann = c.announcement()
+                for i, dev in enumerate(devices):
+                    # Two devices send deltas 20 and 50 times larger each round: clipped.
+                    seed = 100 * round_ + i
+                    msg = c.update(dev, ann, seed=seed,
+                                   scale={3: 50.0, 4: 20.0}.get(i, 1.0 + i / 10))
+                    c.hub.route(msg)
+                    u = dataclasses.replace(c.sent[(dev, f"{dev}-{seed}")], run=single.run)
+                    single.step(Message(T.update(dev), codec.encode(u), qos=1))
+                c.pump()
+                assert c.model().version == round_ == single.version
+                got = decode_all(c.model().tensors)
+                want_model = codec.decode(single_hub.retained[T.model].payload)
+                assert isinstance(want_model, GlobalModel)
+                want = decode_all(want_model.tensors)
+                for k in want:
+                    if len(workers) == 1:
+                        np.testing.assert_array_equal(got[k], want[k])
+                    else:
+                        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+                assert c.coordinator.bound.estimate == single.bound.estimate
+            assert single.stats.clipped >= 6
+            assert sum(w.stats.clipped for w in c.workers.values()) == single.stats.clipped
+        finally:
+            if single.wal is not None:
+                single.wal.close()
