@@ -124,8 +124,15 @@ class Simulation:
 
     def _round_done(self) -> None:
         if self.opts.rounds and len(self.fleet.stats.rounds_done) == self.opts.rounds:
-            # The round's summary follows its model: wait a moment for it.
-            asyncio.get_running_loop().call_later(1.0, self.stop.set)
+            self._spawn(self._stop_after_summaries())
+
+    async def _stop_after_summaries(self, timeout: float = 15.0) -> None:
+        """Stop once the done rounds' summaries are in (they follow the model, behind its
+        fan-out to every device), or after ``timeout``."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self.fleet.stats.rounds_done <= set(self.summaries):
+            await asyncio.sleep(0.1)
+        self.stop.set()
 
     # --- sessions --------------------------------------------------------------------------
     async def _connect(self, device: SimDevice) -> None:
