@@ -248,7 +248,7 @@ class NatsCluster:
 
         def port() -> int:
             while True:
-                found_port = find_free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
+                found_port = find_free_port(_connect_host(host))
                 if found_port not in taken:
                     taken.add(found_port)
                     return found_port
@@ -262,7 +262,7 @@ class NatsCluster:
             for i in range(nodes)
         ]
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * nodes
-        # Started with start() or restart() and not stopped since: what stop() must end.
+        # The configs are written once: a restart must find the same ports and store.
         self._rendered = False
 
     # -- where things are ------------------------------------------------------------------
