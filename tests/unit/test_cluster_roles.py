@@ -226,6 +226,28 @@ def test_an_update_ahead_of_its_announcement_is_held_unacknowledged(tmp_path: Pa
         assert c.model().version == 1
 
 
+def test_a_held_update_redelivered_on_its_packet_id_is_acknowledged_once(
+        tmp_path: Path) -> None:
+    # The engine redelivers an unacknowledged message on its packet id after its ack wait or a
+    # reconnect: two PUBACKs for one id could acknowledge a message sent on it since.
+    with Cluster(tmp_path, devices=1) as c:
+        w0 = c.workers["w0"]
+        held_back = _drain(w0)
+        early = c.update("a0", c.announcement(), seed=2)
+        again = dataclasses.replace(early)  # the redelivered copy: same id, another object
+        for m in (early, again):
+            w0.transport.inbox.put(m)
+            w0.step(*_drain(w0))
+        tr = w0.transport
+        assert isinstance(tr, MemoryTransport)
+        assert not [m for m in tr.acked if m.mid == early.mid]
+        for m in held_back:
+            w0.transport.inbox.put(m)
+        w0.step(*_drain(w0))
+        assert w0.machine.accepted_ids == (("a0", "a0-2"),)
+        assert len([m for m in tr.acked if m.mid == early.mid]) == 1
+
+
 def test_a_repeated_collect_gets_the_same_partial_and_later_updates_are_round_closed(
         tmp_path: Path) -> None:
     with Cluster(tmp_path, devices=3) as c:
