@@ -149,7 +149,8 @@ class Simulation:
                 device.on_message, self._on_lost)
             try:
                 await client.connect(o.host, o.port, ssl_context=self.ssl)
-                filters = [(self.fleet.topics.round, 1), (self.fleet.topics.model, 1)]
+                filters = [(self.fleet.topics.round, 1), (self.fleet.topics.model, 1),
+                           (self.fleet.topics.model_parts, 1)]
                 if device.index == 0:  # one session watches the round summaries
                     filters.append((self.fleet.topics.metrics, 1))
                     client.on_message = self._watch_summaries(device)

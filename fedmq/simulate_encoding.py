@@ -13,7 +13,7 @@ from fedmq.wire import CODECS, TOPK_VALUES, GlobalModel, RoundAnnouncement, Tens
 
 F32 = npt.NDArray[np.float32]
 
-__all__ = ["codec_options", "encode_variants", "encoder"]
+__all__ = ["Shapes", "codec_options", "encode_variants", "encoder", "model_shapes"]
 
 
 def codec_options(params: Mapping[str, float | int | str]) -> dict[str, int | float | str]:
@@ -42,17 +42,29 @@ def encoder(ann: RoundAnnouncement) -> Callable[[str, F32], Tensor]:
     return encode
 
 
-def encode_variants(model: GlobalModel, codec_name: str,
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def model_shapes(model: GlobalModel) -> Shapes:
+    """(name, shape) of a whole model's tensors, or of the tensor ranges in one part of a
+    chunked model (each range carries its whole tensor's shape)."""
+    seen: dict[str, tuple[int, ...]] = {}
+    for t in model.tensors:
+        seen.setdefault(t.name, tuple(t.shape))
+    return tuple(seen.items())
+
+
+def encode_variants(shapes: Shapes, codec_name: str,
                     params: Mapping[str, float | int | str], variants: int, seed: int
                     ) -> list[tuple[tuple[Tensor, ...], dict[str, F32]]]:
-    """``variants`` random deltas (N(0, 0.01²) per element) shaped like ``model``'s tensors, each
-    with its encoded tensors."""
+    """``variants`` random deltas (N(0, 0.01²) per element) of the model's ``shapes``, each with
+    its encoded tensors."""
     opts = codec_options(params)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(variants):
-        deltas = {t.name: (rng.standard_normal(t.shape) * 0.01).astype(np.float32)
-                  for t in model.tensors}
+        deltas = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32)
+                  for name, shape in shapes}
         tensors = tuple(compression.encode(name, d, codec_name, **opts)  # type: ignore[arg-type]
                         for name, d in deltas.items())
         out.append((tensors, deltas))

@@ -12,9 +12,11 @@ within ``max_staleness``. The update's tensors are one of a few random deltas en
 model shape and codec (``Fleet.tensors``), so a device costs no training and no numpy per round;
 chunked (``max_chunk_bytes`` or the broker's Maximum Packet Size) like a real agent's.
 
-Not simulated: signature checks (a signed model is taken as is), chunked models (a device
-ignores a chunked model's manifest, counted under ``errors['chunked_model']``), secure
-aggregation and statistics rounds (ignored, counted).
+A chunked model (a manifest on ``model`` and parts on ``model/part/{i}``) is received whole by
+every device, as by a real agent; a device holds its version once the manifest and all its parts
+are in (their shapes are read once for the fleet, their data not joined). Not simulated:
+signature checks (a signed model is taken as is), secure aggregation and statistics rounds
+(ignored, counted).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fedmq.chunking import split_update
 from fedmq.errors import DecodeError
 from fedmq.mqtt_async import AsyncMqttClient, MqttError
 from fedmq.sampling import selected
-from fedmq.simulate_encoding import encode_variants, encoder
+from fedmq.simulate_encoding import Shapes, encode_variants, encoder, model_shapes
 from fedmq.topics import Topics
 from fedmq.wire import (
     CODECS,
@@ -142,6 +144,8 @@ class Fleet:
         self.stopping = False
         self.on_round_done = on_round_done
         self._decoded: OrderedDict[bytes, object] = OrderedDict()
+        #: Chunked models: per (run, version, sha256), each part's tensor names and shapes.
+        self._parts: dict[tuple[int, int, str], dict[int, Shapes]] = {}
         self._tensors: dict[tuple[str, str, str], list[tuple[tuple[Tensor, ...], dict[
             str, np.ndarray]]]] = {}
 
@@ -155,9 +159,33 @@ class Fleet:
             except DecodeError as exc:
                 hit = exc
             self._decoded[payload] = hit
-            if len(self._decoded) > 16:
+            if len(self._decoded) > 64:
                 self._decoded.popitem(last=False)
         return hit
+
+    def add_part(self, part: GlobalModel) -> None:
+        """Note a chunked model's part (its shapes, once for the fleet)."""
+        key = (part.run, part.version, part.sha256)
+        parts = self._parts.get(key)
+        if parts is None:
+            parts = self._parts[key] = {}
+            for old in list(self._parts)[:-4]:  # a few versions at a time
+                del self._parts[old]
+        if part.chunk is not None and part.chunk not in parts:
+            parts[part.chunk] = model_shapes(part)
+
+    def shapes(self, model: GlobalModel) -> Shapes | None:
+        """A whole model's shapes; a chunked model's once all its parts were seen, else None."""
+        if model.chunks <= 1:
+            return model_shapes(model)
+        parts = self._parts.get((model.run, model.version, model.sha256), {})
+        if len(parts) < model.chunks:
+            return None
+        seen: dict[str, tuple[int, ...]] = {}
+        for i in range(model.chunks):
+            for name, shape in parts[i]:
+                seen.setdefault(name, shape)
+        return tuple(seen.items())
 
     def tensors(self, model: GlobalModel, ann: RoundAnnouncement, variant: int
                 ) -> tuple[tuple[Tensor, ...], dict[str, np.ndarray]]:
@@ -167,7 +195,10 @@ class Fleet:
         key = (model.sha256, codec_name, repr(sorted(ann.codec_params.items())))
         found = self._tensors.get(key)
         if found is None:
-            found = encode_variants(model, codec_name, ann.codec_params, VARIANTS, self.seed)
+            shapes = self.shapes(model)
+            if shapes is None:
+                raise ValueError("the model's parts are not all in")
+            found = encode_variants(shapes, codec_name, ann.codec_params, VARIANTS, self.seed)
             self._tensors = {key: found}  # one model at a time: older ones are not needed
         return found[variant % len(found)]
 
@@ -191,6 +222,8 @@ class SimDevice:
         self.client: AsyncMqttClient | None = None
         self.run = 0
         self.model: GlobalModel | None = None
+        #: A chunked model's manifest whose parts are not all in yet.
+        self.pending: GlobalModel | None = None
         self.announcement: RoundAnnouncement | None = None
         self.last_round = 0
         self.trained_version = (0, -1)
@@ -215,8 +248,15 @@ class SimDevice:
     def on_model(self, model: GlobalModel) -> None:
         if model.federation != self.fleet.federation:
             return
-        if model.chunks > 1:
-            self.fleet.stats.errors["chunked_model"] += 1
+        if model.chunk is not None:  # a part of a chunked model
+            self.fleet.add_part(model)
+            pending = self.pending
+            if pending is not None and self.fleet.shapes(pending) is not None:
+                self.pending = None
+                self.on_model(pending)
+            return
+        if model.chunks > 1 and self.fleet.shapes(model) is None:
+            self.pending = model  # held once its parts are in
             return
         held = self.model
         if held is not None and not newer(model.run, model.version, held.run, held.version):

@@ -4,6 +4,7 @@ larger than the open-file limit is one clear line; ``scripts/bench scale --help`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import resource
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedmq.broker import MosquittoBroker
+from fedmq.config import CompressionConfig, ModelConfig
 from fedmq.simulate_fleet import Delay
 
 from fedhelpers import (
@@ -61,6 +63,28 @@ def test_simulated_fleet_is_accepted_by_the_aggregator(mosquitto: MosquittoBroke
     first = summary["rounds_detail"][0]
     assert first["participants"] == first["accepted_from_fleet"] == 50
     assert first["last_ack_to_model_ms"] >= 0
+
+
+def test_chunked_models_and_updates(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """A 38 KB model in 8 KB chunks: devices take the manifest and its parts, send chunked
+    int8 updates, and the aggregator accepts them all."""
+    fed = unique_federation("simchunk")
+    base = aggregator_config(broker_config(mosquitto), fed, min_updates=10, max_updates=10,
+                             max_rounds=2, deadline_s=60.0)
+    config = dataclasses.replace(
+        base, model=ModelConfig(layers=[64, 128, 10], seed=1),
+        compression=CompressionConfig(codec="int8", max_chunk_bytes=4096))
+    with running_aggregator(config) as agg:
+        out = _simulate("--devices", "10", "--broker", f"{mosquitto.host}:{mosquitto.port}",
+                        "--federation", fed, "--rounds", "2", "--duration", "90",
+                        "--json", str(tmp_path / "s.json"))
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_until(lambda: agg.stats.rounds_completed == 2, 10, "two rounds closed")
+        assert agg.stats.accepted == 20
+        assert not agg.stats.rejected, agg.stats.last_rejection
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["updates_acked"] == 20
+    assert summary["errors"] == 0
 
 
 def test_dropout_skips_rounds(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
