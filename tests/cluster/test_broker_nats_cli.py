@@ -92,8 +92,13 @@ def test_broker_engine_nats_serves_mqtt_on_every_node_and_stops_on_sigterm() -> 
         for transport in clients:
             transport.stop()
         if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+            # SIGTERM, not SIGKILL: the nodes run in their own sessions and would outlive it.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
     assert proc.returncode == 0, err
     assert not _processes_under(workdir)  # no nats-server left behind
     assert all(_free(base + i) for i in range(3))
