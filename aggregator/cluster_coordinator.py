@@ -28,6 +28,7 @@ from aggregator.rounds import (
     Accept,
     Action,
     CloseRound,
+    ExtendDeadline,
     Reject,
     UpdateOffered,
 )
@@ -62,6 +63,10 @@ class CoordinatorService(AggregatorService):
         self._collecting: str | None = None  # closed_by, while waiting for partials
         self._collect_sent = 0.0
         self._accepted_pairs: tuple[tuple[str, str], ...] = ()
+        #: Workers heard from (any report: the worker is subscribed to its shard).
+        self._ready: set[str] = set()
+        #: A fresh run's first round, waiting for every worker's first report.
+        self._first_round_waiting = False
 
     def _subscribe(self) -> None:
         self.transport.subscribe(self.topics.worker_progresses, qos=1)
@@ -90,6 +95,11 @@ class CoordinatorService(AggregatorService):
             return
         if getattr(m, "worker", None) != worker or m.federation != self.config.federation:
             return
+        if isinstance(m, cluster_wire.WorkerProgress) and worker not in self._ready:
+            self._ready.add(worker)
+            if self._first_round_waiting and self._ready.issuperset(self.workers):
+                log.info("every worker has reported: opening round 1")
+                self._open_round(self._now())
         if m.run != self.run or m.round != self.round:
             return  # another round's (an old one, or one this coordinator has not opened)
         if isinstance(m, cluster_wire.WorkerProgress):
@@ -146,6 +156,13 @@ class CoordinatorService(AggregatorService):
                                 reason)
                 case CloseRound(closed_by=closed_by):
                     self._collect(closed_by)
+                case ExtendDeadline():
+                    # A clustered broker can miss a retained message for a client that
+                    # subscribes within milliseconds of its publication (measured on NATS:
+                    # docs/scaling.md): below quorum, give such devices the model and the
+                    # round again before the extended announcement.
+                    self.publisher.republish()
+                    super()._apply([action], offered)
                 case _:
                     super()._apply([action], offered)
 
@@ -196,6 +213,18 @@ class CoordinatorService(AggregatorService):
         self._close_round(closed_by)
 
     def _open_round(self, now: float, snapshot: bool = True) -> None:
+        if self.round == 0 and self._replay_now is None \
+                and not self._ready.issuperset(self.workers):
+            # A fresh run. The engine hands a QoS 1 update only to sessions subscribed when it
+            # arrives: one routed to the shard of a worker that has never subscribed is dropped
+            # although the device got its PUBACK. So round 1 waits for every worker's report
+            # (a worker not in a run yet sends a heartbeat).
+            if not self._first_round_waiting:
+                log.info("round 1 waits for the first report of %s",
+                         ", ".join(w for w in self.workers if w not in self._ready))
+            self._first_round_waiting = True
+            return
+        self._first_round_waiting = False
         self._seen = {}
         self._partials = {}
         self._collecting = None

@@ -369,9 +369,8 @@ class WorkerService(AggregatorService):
 
     def _progress(self, now: float) -> None:
         """Report the round's durable accepted updates: when they change (at most every
-        ``progress_interval_s``) and as a heartbeat (every ten of those)."""
-        if self.run == 0:
-            return
+        ``progress_interval_s``) and as a heartbeat (every ten of those). Before any round
+        (run 0) the heartbeat says this worker is subscribed: a fresh run waits for it."""
         interval = self.config.cluster.progress_interval_s
         done = [e for e in self.ledger.events if e[0] == "u"]  # whole updates, with norms
         accepted = len(done)

@@ -58,7 +58,7 @@ class Cluster:
     update topic here, as the engine's partitions would route them) and a device transport."""
 
     def __init__(self, tmp: Path, devices: int = 4,
-                 workers: tuple[str, ...] = WORKERS) -> None:
+                 workers: tuple[str, ...] = WORKERS, report: bool = True) -> None:
         self.hub = MemoryHub()
         self.tmp = tmp
         self.devices = devices
@@ -77,6 +77,13 @@ class Cluster:
         self.coordinator.start()
         self.coordinator.stop()  # driven by hand below
         self.made.append(self.coordinator)
+        # A fresh run's round 1 opens once every worker has reported (its heartbeat).
+        assert T.round not in self.hub.retained
+        if report:
+            self.clock.now += 1.0
+            for w in self.workers.values():
+                w.step()
+            self.coordinator.step(*_drain(self.coordinator))
         self.sent: dict[tuple[str, str], ModelUpdate] = {}
 
     def __enter__(self) -> Cluster:
@@ -176,6 +183,20 @@ def published(svc: AggregatorService) -> list[Message]:
     tr = svc.transport
     assert isinstance(tr, MemoryTransport)
     return tr.published
+
+
+def test_a_fresh_run_opens_round_1_once_every_worker_has_reported(tmp_path: Path) -> None:
+    # An update the engine routes to a shard no session has subscribed to yet is dropped after
+    # its PUBACK: the first round must not be announced before each worker is subscribed.
+    with Cluster(tmp_path, report=False) as c:
+        c.clock.now += 1.0
+        c.workers["w0"].step()  # w0's heartbeat (run 0)
+        c.coordinator.step(*_drain(c.coordinator))
+        assert T.round not in c.hub.retained
+        c.workers["w1"].step()
+        c.coordinator.step(*_drain(c.coordinator))
+        ann = c.announcement()
+        assert (ann.round, ann.open) == (1, True)
 
 
 def test_a_round_merges_both_partials_into_the_fedavg_model(tmp_path: Path) -> None:
