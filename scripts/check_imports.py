@@ -1,8 +1,8 @@
 """Check the layout's import boundaries (shared/design.md, "Layout").
 
 Only the transport modules (``*/transport.py`` and ``fedmq/paho_client.py``) import paho, only
-``fedmq/codec.py`` (and its ``msgpack_views``, and
-``fedmq/secagg/codec.py``) imports msgpack, only ``aggregator/exporter.py``
+``fedmq/codec.py`` (and its ``msgpack_views``, and the sub-protocols' codecs
+``fedmq/secagg/codec.py`` and ``fedmq/cluster_wire.py``) imports msgpack, only ``aggregator/exporter.py``
 imports prometheus_client, only ``aggregator/kernel*.py`` imports numba, and amqtt only
 ``fedmq/embedded_broker.py``. The shared
 ``fedmq`` core never imports either side at module level (the CLI and the demo, the composition
@@ -23,7 +23,7 @@ PACKAGES = ("fedmq", "aggregator", "device_agent")
 ALLOWED = {
     "paho": lambda p: p.endswith("/transport.py") or p == "fedmq/paho_client.py",
     "msgpack": lambda p: p in ("fedmq/codec.py", "fedmq/msgpack_views.py",
-                               "fedmq/secagg/codec.py"),
+                               "fedmq/secagg/codec.py", "fedmq/cluster_wire.py"),
     "prometheus_client": lambda p: p == "aggregator/exporter.py",
     "numba": lambda p: p.startswith("aggregator/kernel"),
     "amqtt": lambda p: p == "fedmq/embedded_broker.py",
@@ -103,7 +103,8 @@ def violations(root: Path = ROOT) -> list[str]:
 
 def _who(module: str) -> str:
     return {"paho": "*/transport.py and fedmq/paho_client.py",
-            "msgpack": "fedmq/codec.py and fedmq/msgpack_views.py",
+            "msgpack": "fedmq/codec.py, fedmq/msgpack_views.py and the sub-protocols' "
+                       "codecs (fedmq/secagg/codec.py, fedmq/cluster_wire.py)",
             "prometheus_client": "aggregator/exporter.py",
             "numba": "aggregator/kernel*.py", "amqtt": "fedmq/embedded_broker.py",
             "rich": "fedmq/watch_render.py",

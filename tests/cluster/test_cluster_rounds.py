@@ -57,12 +57,19 @@ def test_rounds_across_a_three_node_cluster(nats_cluster_factory: NatsClusterFac
     try:
         for w in workers:
             w.start()
-        coordinator.start()
+        # Devices subscribe before the coordinator publishes: a NATS node can miss a retained
+        # message for a subscription made within milliseconds of its publication
+        # (docs/scaling.md), which only the next publication would repair.
         for d in devices:
             d.start()
+        coordinator.start()
         drive(devices, time.monotonic() + 90, coordinator.done.is_set)
         assert coordinator.done.is_set(), (
-            f"{coordinator.stats.rounds_completed} of {ROUNDS} rounds closed")
+            f"{coordinator.stats.rounds_completed} of {ROUNDS} rounds closed; devices sent "
+            f"{ {d.device_id: sorted(d.sent) for d in devices} }; workers accepted "
+            f"{ {w.name: w.machine.accepted_ids for w in workers} }, rejected "
+            f"{ {w.name: dict(w.stats.rejected) for w in workers} }, held "
+            f"{ {w.name: len(w._early) for w in workers} }")
         recorder.wait_for(lambda r: len(r.models()) == ROUNDS + 1)
     finally:
         for d in devices:
