@@ -89,8 +89,9 @@ class WorkerService(AggregatorService):
         self.bound = self.folder.bound = self.shared
         #: An estimate for a round this worker has not opened yet (it came first).
         self._next_estimate: cluster_wire.NormEstimate | None = None
-        #: Updates of a round not announced yet (unacknowledged until it opens).
-        self._early: list[Message] = []
+        #: Updates of a round not announced yet (unacknowledged until it opens), by packet id
+        #: (0, as a transport without ids gives: by object).
+        self._early: dict[int, Message] = {}
         self._collected: cluster_wire.WorkerPartial | None = None
         self._sent_accepted = -1
         self._sent_collected = False
@@ -184,7 +185,7 @@ class WorkerService(AggregatorService):
         self._flush()
         if self.wal is not None:
             self.wal.sync()
-        parked = {id(m) for m in self._early}
+        parked = {id(m) for m in self._early.values()}
         # Each message is acknowledged exactly once: a second PUBACK for a packet id that the
         # broker has reused would acknowledge another message.
         for msg in [m for m in msgs if id(m) not in parked] + [
@@ -228,7 +229,11 @@ class WorkerService(AggregatorService):
             # An open round's (or an old one's) update; another run's while this one is open is
             # stale (the normal path says so); once collected, the next run may be coming.
             return False
-        self._early.append(msg)
+        # The engine redelivers a message still unacknowledged after its ack wait (or after a
+        # reconnect) on its original packet id: one copy is kept, so one PUBACK goes out for it
+        # (a second could acknowledge another message the broker has since sent on that id).
+        self._early.pop(msg.mid or -id(msg), None)
+        self._early[msg.mid or -id(msg)] = msg
         return True
 
     def _on_announcement(self, payload: bytes) -> None:
@@ -252,7 +257,7 @@ class WorkerService(AggregatorService):
         self._sent_accepted = -1
         self._open_round(self._now())
         log.info("worker %s: round %d open on model version %d", self.name, round_, base_version)
-        early, self._early = self._early, []
+        early, self._early = list(self._early.values()), {}
         for m in early:  # offered now, logged, and acknowledged after this step's sync
             self._handle(m)
         self._released.extend(early)
@@ -364,9 +369,8 @@ class WorkerService(AggregatorService):
 
     def _progress(self, now: float) -> None:
         """Report the round's durable accepted updates: when they change (at most every
-        ``progress_interval_s``) and as a heartbeat (every ten of those)."""
-        if self.run == 0:
-            return
+        ``progress_interval_s``) and as a heartbeat (every ten of those). Before any round
+        (run 0) the heartbeat says this worker is subscribed: a fresh run waits for it."""
         interval = self.config.cluster.progress_interval_s
         done = [e for e in self.ledger.events if e[0] == "u"]  # whole updates, with norms
         accepted = len(done)

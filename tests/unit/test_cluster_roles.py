@@ -58,7 +58,7 @@ class Cluster:
     update topic here, as the engine's partitions would route them) and a device transport."""
 
     def __init__(self, tmp: Path, devices: int = 4,
-                 workers: tuple[str, ...] = WORKERS) -> None:
+                 workers: tuple[str, ...] = WORKERS, report: bool = True) -> None:
         self.hub = MemoryHub()
         self.tmp = tmp
         self.devices = devices
@@ -77,6 +77,13 @@ class Cluster:
         self.coordinator.start()
         self.coordinator.stop()  # driven by hand below
         self.made.append(self.coordinator)
+        # A fresh run's round 1 opens once every worker has reported (its heartbeat).
+        assert T.round not in self.hub.retained
+        if report:
+            self.clock.now += 1.0
+            for w in self.workers.values():
+                w.step()
+            self.coordinator.step(*_drain(self.coordinator))
         self.sent: dict[tuple[str, str], ModelUpdate] = {}
 
     def __enter__(self) -> Cluster:
@@ -178,6 +185,20 @@ def published(svc: AggregatorService) -> list[Message]:
     return tr.published
 
 
+def test_a_fresh_run_opens_round_1_once_every_worker_has_reported(tmp_path: Path) -> None:
+    # An update the engine routes to a shard no session has subscribed to yet is dropped after
+    # its PUBACK: the first round must not be announced before each worker is subscribed.
+    with Cluster(tmp_path, report=False) as c:
+        c.clock.now += 1.0
+        c.workers["w0"].step()  # w0's heartbeat (run 0)
+        c.coordinator.step(*_drain(c.coordinator))
+        assert T.round not in c.hub.retained
+        c.workers["w1"].step()
+        c.coordinator.step(*_drain(c.coordinator))
+        ann = c.announcement()
+        assert (ann.round, ann.open) == (1, True)
+
+
 def test_a_round_merges_both_partials_into_the_fedavg_model(tmp_path: Path) -> None:
     with Cluster(tmp_path) as c:
         ann = c.announcement()
@@ -224,6 +245,28 @@ def test_an_update_ahead_of_its_announcement_is_held_unacknowledged(tmp_path: Pa
         assert [m for m in tr.acked if m is early] == [early]  # once, after it was logged
         c.pump()
         assert c.model().version == 1
+
+
+def test_a_held_update_redelivered_on_its_packet_id_is_acknowledged_once(
+        tmp_path: Path) -> None:
+    # The engine redelivers an unacknowledged message on its packet id after its ack wait or a
+    # reconnect: two PUBACKs for one id could acknowledge a message sent on it since.
+    with Cluster(tmp_path, devices=1) as c:
+        w0 = c.workers["w0"]
+        held_back = _drain(w0)
+        early = c.update("a0", c.announcement(), seed=2)
+        again = dataclasses.replace(early)  # the redelivered copy: same id, another object
+        for m in (early, again):
+            w0.transport.inbox.put(m)
+            w0.step(*_drain(w0))
+        tr = w0.transport
+        assert isinstance(tr, MemoryTransport)
+        assert not [m for m in tr.acked if m.mid == early.mid]
+        for m in held_back:
+            w0.transport.inbox.put(m)
+        w0.step(*_drain(w0))
+        assert w0.machine.accepted_ids == (("a0", "a0-2"),)
+        assert len([m for m in tr.acked if m.mid == early.mid]) == 1
 
 
 def test_a_repeated_collect_gets_the_same_partial_and_later_updates_are_round_closed(
