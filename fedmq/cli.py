@@ -305,9 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_history, log_default="warning")
 
     d = sub.add_parser("demo", help="run a whole federation on the digits data set")
-    from fedmq import demo
+    from fedmq import demo_options
 
-    demo.add_arguments(d)
+    demo_options.add_arguments(d)
     d.set_defaults(func=cmd_demo, log_default="warning")
 
     w = sub.add_parser("watch", help="a live terminal view of a federation (the watch extra)")

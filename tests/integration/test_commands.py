@@ -417,3 +417,14 @@ def test_demo_with_a_server_optimizer(tmp_path: Path) -> None:
         env=_env(), capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "fedmq demo: --server-lr 0.0 must be a positive number"
+
+
+def test_demo_refuses_more_devices_than_one_process_can_hold() -> None:
+    """Issue 13: `fedmq demo --devices 1000` died in a storm of reconnects (paho's select()
+    loop and 1,024 file descriptors); now one line says why and what to run instead."""
+    out = subprocess.run([sys.executable, "-m", "fedmq.cli", "demo", "--devices", "1000"],
+                         env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2
+    assert out.stderr.startswith("fedmq demo: --devices 1000 is more than this demo holds")
+    assert "fedmq simulate --devices N" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
