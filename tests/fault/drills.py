@@ -67,6 +67,20 @@ poison
     Passes when every run closes all its rounds with ``worker_errors`` = 0 and
     ``max_accuracy_drop`` (clean minus scenario final held-out accuracy) <= 0.03.
 
+cluster_node, cluster_worker, cluster_coordinator
+    Scale-out (cluster_drill.py): a coordinator and two workers (2 shards) as processes with
+    durable state on a 3-node NATS JetStream cluster, ``--devices`` (8) driven MQTT 3.1.1 devices
+    spread over the nodes (each moves to another node when its own dies), ``--rounds`` (8)
+    rounds needing every device; ``--kills`` (6) times mid-round: SIGKILL the node leading
+    ``$MQTT_msgs`` (cluster_node), a worker (alternately, cluster_worker) or the coordinator
+    (cluster_coordinator), restarted at once. The fault-free run comes first on the same
+    cluster. Passes with ``lost`` = 0 (PUBACKed updates not in their round's merged partials),
+    ``double_counted`` = 0, every round closed, ``max_abs_diff_vs_reference`` = 0 (the reference
+    summed from the devices' own bits in the coordinator's order) and
+    ``bit_identical_to_fault_free``. ``--ack-wait`` sets the engine's MQTT ``ack_wait`` (the
+    shipped template keeps nats-server's 30 s: a message delivered to a killed client's session
+    comes again after that long, so a kill can hold a round up to 30 s; the suite uses 3 s).
+
 ``lost`` means an update the broker acknowledged (or, for the driven drills, one the driver
 published) that was never folded; for the agent drills an update rejected because it reached the
 aggregator after its round had closed (``stale``), or as a device's second update in a round
@@ -84,6 +98,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from cluster_drill import KINDS as CLUSTER_DRILLS
+from cluster_drill import cluster_passed, run_cluster_drill
 
 from fedmq.broker import MosquittoBroker, default_config_dir
 from fedmq.config import STRATEGY_DEFAULTS
@@ -108,6 +125,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "burst": {"rounds": 4, "devices": 4},
     "broker_ack_window": {"trials": 20},
     "poison": {"rounds": 20, "devices": 20},
+    **{name: {"kills": 6, "rounds": 8, "devices": 8} for name in CLUSTER_DRILLS},
 }
 ACK_WINDOW_DELAYS_MS = (0.0, 0.5, 1.0, 2.0, 5.0)
 SOAK_LAYERS = [64, 128, 10]
@@ -122,6 +140,8 @@ def passed(result: dict[str, Any]) -> bool:
         from burst import passed as burst_passed  # valid_lost 0, max_delivery_gap_s <= 5
 
         return burst_passed(result)
+    if result["drill"] in CLUSTER_DRILLS:
+        return cluster_passed(result)
     if result["drill"] == "poison":
         from poison import poison_passed  # every run closes all rounds, 0 worker errors, drop
 
@@ -143,7 +163,8 @@ def passed(result: dict[str, Any]) -> bool:
 
 def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         keep: bool = False, *, strategy: str = "fedavg",
-        noise_multiplier: float = 0.0, secure: bool = False) -> dict[str, Any]:
+        noise_multiplier: float = 0.0, secure: bool = False,
+        ack_wait: str | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
     if name == "broker_ack_window":
         return AckWindowProbe(tmp / "broker").run(opts["trials"], ACK_WINDOW_DELAYS_MS)
@@ -151,6 +172,9 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         from poison import run_poison  # its own Mosquitto per run
 
         return run_poison(seed=seed, rounds=opts["rounds"], devices=opts["devices"])
+    if name in CLUSTER_DRILLS:  # its own NATS cluster
+        return run_cluster_drill(name, tmp, kills=opts["kills"], rounds=opts["rounds"],
+                                 devices=opts["devices"], seed=seed, ack_wait=ack_wait)
     if name == "burst":
         from burst import run_burst  # a Mosquitto per shipped config
 
@@ -193,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(DEFAULTS))
     p.add_argument("--kills", type=int, default=None,
-                   help="kill9_aggregator, restart_broker: how many SIGKILLs")
+                   help="kill9_aggregator, restart_broker, cluster_*: how many SIGKILLs")
     p.add_argument("--drops", type=int, default=None,
                    help="drop_devices: how many times a device vanishes")
     p.add_argument("--trials", type=int, default=None,
@@ -210,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="kill9_aggregator: [privacy] secure_aggregation on, devices masking")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="kill9_aggregator: sync rounds, or async buffers with stale updates")
+    p.add_argument("--ack-wait", default=None,
+                   help="cluster_*: the engine's MQTT ack_wait (e.g. 5s; default: the shipped "
+                        "template's, nats-server's 30s)")
     p.add_argument("--keep", type=Path, default=None,
                    help="run in this directory and keep it (logs, journals, state)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -230,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.secure_aggregation and (args.name != "kill9_aggregator" or args.mode == "async"
                                     or args.noise_multiplier):
         p.error("--secure-aggregation applies to kill9_aggregator in sync mode, without noise")
+    if args.ack_wait is not None and args.name not in CLUSTER_DRILLS:
+        p.error(f"--ack-wait does not apply to {args.name}")
     if args.mode == "async" and args.name != "kill9_aggregator":
         p.error(f"--mode does not apply to {args.name}")
     if args.mode == "async":  # async_drill.py: the fault-free run, then the killed one
@@ -240,12 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run(args.name, opts, args.seed, args.keep, keep=True, strategy=strategy,
-                     noise_multiplier=args.noise_multiplier, secure=args.secure_aggregation)
+                     noise_multiplier=args.noise_multiplier, secure=args.secure_aggregation,
+                     ack_wait=args.ack_wait)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = run(args.name, opts, args.seed, Path(tmp), strategy=strategy,
                          noise_multiplier=args.noise_multiplier,
-                         secure=args.secure_aggregation)
+                         secure=args.secure_aggregation, ack_wait=args.ack_wait)
     result = {"drill": args.name, **result}
     result["passed"] = passed(result)
     print(json.dumps(result, indent=2))
