@@ -194,9 +194,11 @@ class AggregatorService:
         if not self.transport.wait_connected(connect_timeout):
             b = self.config.broker
             self.transport.stop()
+            error = getattr(self.transport, "last_error", None)  # PahoTransport's, if any
             raise ConnectionError(f"aggregator could not connect to the broker at "
                                   f"{b.host}:{b.port} within {connect_timeout:.0f} s; check "
-                                  "[broker] in the config and that the broker runs")
+                                  "[broker] in the config and that the broker runs"
+                                  + (f" (last error: {error})" if error else ""))
         if not checkpoint.recover(self):
             self.run = new_run_id()
             log.info("starting run %d", self.run)

@@ -176,7 +176,9 @@ def refuse_second_aggregator(transport: Transport, federation: str,
         if not probe.wait_connected(connect_timeout):
             raise ConnectionError(f"aggregator could not connect to the broker at "
                                   f"{broker.host}:{broker.port} within {connect_timeout:.0f} s; "
-                                  "check [broker] in the config and that the broker runs")
+                                  "check [broker] in the config and that the broker runs"
+                                  + (f" (last error: {probe.last_error})"
+                                     if probe.last_error else ""))
         if not probe.session_present:
             # Subscribed twice: the second SUBACK comes after the first subscription's retained
             # message on the same connection.
