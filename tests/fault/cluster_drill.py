@@ -147,8 +147,10 @@ class Device(RotatingClient):
     """Answers each open announcement once with ``delta(round)`` at weight ``weight``; records
     which of its updates the broker acknowledged."""
 
-    def __init__(self, federation: str, index: int, endpoints: Sequence[Endpoint]) -> None:
+    def __init__(self, federation: str, index: int, endpoints: Sequence[Endpoint], *,
+                 gaussian: bool = False) -> None:
         self.federation = federation
+        self.gaussian = gaussian
         self.index = index
         self.device_id = f"dev-{index}"
         self.weight = index + 1
@@ -161,7 +163,12 @@ class Device(RotatingClient):
         self.acked: dict[str, float] = {}  # update id -> when its PUBACK arrived
 
     def delta(self, round_: int) -> dict[str, F32]:
+        """On the 2**-10 grid (every sum exact, in any order), or ``gaussian`` (sums rounded:
+        their bits depend on the order the worker folds them in)."""
         rng = np.random.default_rng([round_, self.index, 17])
+        if self.gaussian:
+            return {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
+                    for k, v in init_mlp(LAYERS, SEED).items()}
         return {k: (rng.integers(-64, 64, v.shape) / 1024).astype(np.float32)
                 for k, v in init_mlp(LAYERS, SEED).items()}
 
@@ -360,7 +367,9 @@ class ClusterDrill:
     federation: str
     devices: int = 8
     rounds: int = 8
-    stall_s: float = 40.0
+    stall_s: float = 90.0
+    #: Gaussian updates instead of the exact grid (``Device.delta``).
+    gaussian: bool = False
     kills: int = 0
     kill_log: list[dict[str, Any]] = field(default_factory=list)
     #: On a stall: the engine's consumers of $MQTT_msgs (what each session has pending).
@@ -386,7 +395,8 @@ class ClusterDrill:
                 cluster=f'role = "worker"\nname = "{name}"\nshards = {len(WORKERS)}\n'
                 f"shard = {k}\nprogress_interval_s = 0.05\n"))
             self.workers.append(w)
-        self.device_list = [Device(self.federation, i, ends) for i in range(self.devices)]
+        self.device_list = [Device(self.federation, i, ends, gaussian=self.gaussian)
+                            for i in range(self.devices)]
         shards = Counter(shard_of(d.device_id, len(WORKERS)) for d in self.device_list)
         if len(shards) != len(WORKERS):
             raise ValueError(f"{self.devices} devices leave a shard empty: {dict(shards)}")
@@ -665,7 +675,7 @@ def template_with_ack_wait(directory: Path, ack_wait: str) -> Path:
 
 def run_cluster_drill(kind: str, tmp: Path, *, kills: int, rounds: int, devices: int,
                       seed: int = 0, fault_free: bool = True,
-                      ack_wait: str | None = None) -> dict[str, Any]:
+                      ack_wait: str | None = None, gaussian: bool = False) -> dict[str, Any]:
     """The fault-free run (unless ``fault_free`` is false), then ``kills`` faults of ``kind``,
     on one 3-node cluster (the shipped node template, or with ``ack_wait``); the drill's JSON
     keys."""
@@ -681,10 +691,13 @@ def run_cluster_drill(kind: str, tmp: Path, *, kills: int, rounds: int, devices:
         clean: dict[str, Any] | None = None
         if fault_free:
             clean = ClusterDrill(cluster, tmp / "fault_free", clean_fed, devices=devices,
-                                 rounds=rounds).run(None, 0, random.Random(seed))
-        drill = ClusterDrill(cluster, tmp / "faults", fault_fed, devices=devices, rounds=rounds)
+                                 rounds=rounds, gaussian=gaussian).run(None, 0,
+                                                                       random.Random(seed))
+        drill = ClusterDrill(cluster, tmp / "faults", fault_fed, devices=devices, rounds=rounds,
+                             gaussian=gaussian)
         result = drill.run(kind, kills, rng)
     result["kills_requested"] = kills
+    result["updates"] = "gaussian" if gaussian else "grid (2**-10 steps, exact sums)"
     result["engine_ack_wait"] = ack_wait or "30s (shipped template: nats-server default)"
     result["bit_identical_to_fault_free"] = (
         None if clean is None or clean["model_sha256"] is None

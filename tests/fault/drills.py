@@ -80,6 +80,9 @@ cluster_node, cluster_worker, cluster_coordinator
     ``bit_identical_to_fault_free``. ``--ack-wait`` sets the engine's MQTT ``ack_wait`` (the
     shipped template keeps nats-server's 30 s: a message delivered to a killed client's session
     comes again after that long, so a kill can hold a round up to 30 s; the suite uses 3 s).
+    Updates are on a 2**-10 grid, so every sum is exact in any order; ``--gaussian-updates``
+    sends Gaussian ones, whose sums depend on the order each worker folded them in (arrival
+    order, which a kill changes): then ``bit_identical_to_fault_free`` measures that.
 
 ``lost`` means an update the broker acknowledged (or, for the driven drills, one the driver
 published) that was never folded; for the agent drills an update rejected because it reached the
@@ -164,7 +167,7 @@ def passed(result: dict[str, Any]) -> bool:
 def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         keep: bool = False, *, strategy: str = "fedavg",
         noise_multiplier: float = 0.0, secure: bool = False,
-        ack_wait: str | None = None) -> dict[str, Any]:
+        ack_wait: str | None = None, gaussian: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
     if name == "broker_ack_window":
         return AckWindowProbe(tmp / "broker").run(opts["trials"], ACK_WINDOW_DELAYS_MS)
@@ -174,7 +177,8 @@ def run(name: str, opts: dict[str, int], seed: int, tmp: Path,
         return run_poison(seed=seed, rounds=opts["rounds"], devices=opts["devices"])
     if name in CLUSTER_DRILLS:  # its own NATS cluster
         return run_cluster_drill(name, tmp, kills=opts["kills"], rounds=opts["rounds"],
-                                 devices=opts["devices"], seed=seed, ack_wait=ack_wait)
+                                 devices=opts["devices"], seed=seed, ack_wait=ack_wait,
+                                 gaussian=gaussian)
     if name == "burst":
         from burst import run_burst  # a Mosquitto per shipped config
 
@@ -237,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ack-wait", default=None,
                    help="cluster_*: the engine's MQTT ack_wait (e.g. 5s; default: the shipped "
                         "template's, nats-server's 30s)")
+    p.add_argument("--gaussian-updates", action="store_true",
+                   help="cluster_*: Gaussian updates instead of the exact 2**-10 grid (sums "
+                        "then depend on the workers' fold order)")
     p.add_argument("--keep", type=Path, default=None,
                    help="run in this directory and keep it (logs, journals, state)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -257,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.secure_aggregation and (args.name != "kill9_aggregator" or args.mode == "async"
                                     or args.noise_multiplier):
         p.error("--secure-aggregation applies to kill9_aggregator in sync mode, without noise")
-    if args.ack_wait is not None and args.name not in CLUSTER_DRILLS:
-        p.error(f"--ack-wait does not apply to {args.name}")
+    if (args.ack_wait is not None or args.gaussian_updates) and args.name not in CLUSTER_DRILLS:
+        p.error(f"--ack-wait and --gaussian-updates do not apply to {args.name}")
     if args.mode == "async" and args.name != "kill9_aggregator":
         p.error(f"--mode does not apply to {args.name}")
     if args.mode == "async":  # async_drill.py: the fault-free run, then the killed one
@@ -270,12 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run(args.name, opts, args.seed, args.keep, keep=True, strategy=strategy,
                      noise_multiplier=args.noise_multiplier, secure=args.secure_aggregation,
-                     ack_wait=args.ack_wait)
+                     ack_wait=args.ack_wait, gaussian=args.gaussian_updates)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = run(args.name, opts, args.seed, Path(tmp), strategy=strategy,
                          noise_multiplier=args.noise_multiplier,
-                         secure=args.secure_aggregation, ack_wait=args.ack_wait)
+                         secure=args.secure_aggregation, ack_wait=args.ack_wait,
+                         gaussian=args.gaussian_updates)
     result = {"drill": args.name, **result}
     result["passed"] = passed(result)
     print(json.dumps(result, indent=2))
