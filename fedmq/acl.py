@@ -5,7 +5,8 @@ lines (they apply to every user, the operator and other federations' devices inc
 ``+`` at the federation level. Four roles:
 
 - the aggregator: reads updates, evaluations, statuses and the presence topic; writes the
-  round, the model (and its parts), the metrics topics, the result and its presence;
+  round, the model (and its parts), the metrics topics, the result and its presence; with
+  scale-out, its coordinator and workers share this identity and the topics between them;
 - an operator (``fedmq watch``, dashboards): reads everything the aggregator publishes and the
   statuses, writes nothing. Only operators read ``metrics`` (each round's summary lists every
   accepted device and update id), ``result`` (a statistics result names its devices) and
@@ -29,15 +30,20 @@ from fedmq.topics import Topics, check_name
 __all__ = ["AGGREGATOR_READS", "AGGREGATOR_WRITES", "APP_READS", "DEVICE_READS",
            "OPERATOR_READS", "device_reads", "device_writes", "render_acl"]
 
+#: Scale-out (docs/scaling.md): a coordinator and its workers run with the aggregator's
+#: identity, so it reads and writes what passes between them (protocol.md 7d) and a worker
+#: reads its shard of the updates; the model and round topics stay its alone to write.
+SCALE_OUT = ("shard/+/update/+", "wprogress/+", "partial/+", "collect", "estimate")
 #: Topic suffixes under ``fedmq/v1/{federation}/``. ``secagg/...``: secure aggregation's
 #: exchange (fedmq/secagg/messages.py): devices send keys, shares, masked updates and reveals on
 #: their own topics; the aggregator publishes the roster, the unmask request and each device's
 #: delivery of sealed shares, which only that device reads.
 AGGREGATOR_READS = ("update/+", "eval/+", "status/+", "aggregator", "secagg/keys/+",
-                    "secagg/shares/+", "secagg/masked/+", "secagg/reveal/+")
+                    "secagg/shares/+", "secagg/masked/+", "secagg/reveal/+",
+                    *SCALE_OUT)
 AGGREGATOR_WRITES = ("round", "model", "model/part/+", "metrics", "metrics/eval",
                      "metrics/progress", "result", "aggregator", "secagg/roster",
-                     "secagg/deliver/+", "secagg/unmask")
+                     "secagg/deliver/+", "secagg/unmask", *SCALE_OUT)
 OPERATOR_READS = ("round", "model", "model/part/+", "metrics", "metrics/eval",
                   "metrics/progress", "result", "status/+", "aggregator")
 APP_READS = ("round", "model", "model/part/+", "metrics/eval", "metrics/progress")
