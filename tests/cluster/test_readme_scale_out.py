@@ -99,13 +99,14 @@ def test_readme_scale_out_runs_as_written(tmp_path: Path) -> None:
             code = procs["coordinator"].wait(timeout=240)
         except subprocess.TimeoutExpired:
             raise AssertionError("the coordinator did not finish its 3 rounds: "
-                                 + "\n".join(f"--- {n}\n{log(n)[-1500:]}" for n in logs))
+                                 + "\n".join(f"--- {n}\n{log(n)[-1500:]}" for n in logs)
+                                 ) from None
         assert code == 0, log("coordinator")
         assert "aggregator stopped: 3 rounds" in log("coordinator"), log("coordinator")
         for w in ("w0", "w1"):
             assert "round 3 collected" in log(w), log(w)
     finally:
-        for name, p in procs.items():
+        for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGINT)
         outcome = {}
