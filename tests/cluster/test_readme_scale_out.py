@@ -109,7 +109,7 @@ def test_readme_scale_out_runs_as_written(tmp_path: Path) -> None:
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGINT)
-        outcome = {}
+        outcome: dict[str, int | str] = {}
         for name, p in procs.items():
             try:
                 outcome[name] = p.wait(timeout=30)
