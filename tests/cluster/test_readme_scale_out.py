@@ -118,9 +118,9 @@ def test_readme_scale_out_runs_as_written(tmp_path: Path) -> None:
                 outcome[name] = "killed"
         for h in handles:
             h.close()
-    for name, code in outcome.items():
+    for name, status in outcome.items():
         assert "Traceback" not in log(name), f"{name}:\n{log(name)}"
-        assert code in (0, -signal.SIGINT, 130), f"{name} exited {code}:\n{log(name)[-2000:]}"
+        assert status in (0, -signal.SIGINT, 130), f"{name} exited {status}:\n{log(name)[-2000:]}"
     left = [p for p in psutil.process_iter(["name", "cmdline"])
             if p.info["name"] == "nats-server" and str(tmp_path) in " ".join(
                 p.info["cmdline"] or [])]
