@@ -131,10 +131,12 @@ class WorkerService(AggregatorService):
                 if self.upstream is not None else ()):
             if not t.wait_connected(connect_timeout):
                 self.stop()
+                error = getattr(t, "last_error", None)  # PahoTransport's, if any
                 raise ConnectionError(f"worker {self.name} could not connect to the broker at "
                                       f"{where.host}:{where.port} within "
                                       f"{connect_timeout:.0f} s; check [broker] and [cluster] "
-                                      "upstream in the config and that the broker runs")
+                                      "upstream in the config and that the broker runs"
+                                      + (f" (last error: {error})" if error else ""))
         if checkpoint.recover(self):
             log.info("worker %s recovered round %d of run %d", self.name, self.round, self.run)
         else:
