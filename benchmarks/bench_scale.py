@@ -166,6 +166,7 @@ def run_scenario(s: Scenario, tmp: Path, aggregator: Sequence[str] = ()) -> dict
             "agg_rss_peak_mb": round(agg_status["VmHWM"], 1),
             "agg_cpu_s": round(agg_status["cpu_s"], 2),
             "broker_rss_mb": round(broker_status["VmRSS"], 1),
+            "broker_rss_peak_mb": round(broker_status["VmHWM"], 1),
             "broker_cpu_s": round(broker_status["cpu_s"], 2), "broker_nofile": broker_nofile}
 
 
@@ -238,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs[name] = run_scenario(s, Path(tmpdir))
             r = runs[name]
             print(f"  aggregator rss {r['agg_rss_mb']} MB (peak {r['agg_rss_peak_mb']}), "
-                  f"cpu {r['agg_cpu_s']} s; mosquitto rss {r['broker_rss_mb']} MB, cpu "
+                  f"cpu {r['agg_cpu_s']} s; mosquitto rss {r['broker_rss_mb']} MB (peak "
+                  f"{r['broker_rss_peak_mb']}), cpu "
                   f"{r['broker_cpu_s']} s, open-file limit {r['broker_nofile']}; simulate cpu "
                   f"{r['sim']['cpu_s']} s rss {r['sim']['rss_mb']} MB; participants "
                   f"{_participants(r)}; {r['elapsed_s']} s", flush=True)
@@ -248,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         h["sim"]["connected_max"], max(_participants(h), default=0)))
     result["notes"]["connections_held_mosquitto"] = (
         f"{h['sim']['connected_max']} sessions connected at once, round participants "
-        f"{_participants(h)}, broker rss {h['broker_rss_mb']} MB, broker open-file limit "
+        f"{_participants(h)}, broker rss {h['broker_rss_mb']} MB (peak "
+        f"{h['broker_rss_peak_mb']} MB), broker open-file limit "
         f"{h['broker_nofile']}")
     result["agg_rss_ratio_10k_over_1k"] = round(
         runs["k10"]["agg_rss_peak_mb"] / runs["k1"]["agg_rss_peak_mb"], 3)

@@ -140,7 +140,9 @@ class AsyncMqttClient(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._next_id = 0
-        self._pending: dict[int, asyncio.Future[int]] = {}
+        #: Waiting for a PUBACK (completes with the time it was read) or a SUBACK (with the
+        #: first granted QoS).
+        self._pending: dict[int, asyncio.Future[float]] = {}
         self._connack: asyncio.Future[int] | None = None
         self._ping: asyncio.TimerHandle | None = None
         self._last_in = 0.0
@@ -191,7 +193,7 @@ class AsyncMqttClient(asyncio.Protocol):
         self._next_id = self._next_id % 0xFFFF + 1
         return self._next_id
 
-    def subscribe(self, filters: list[tuple[str, int]]) -> asyncio.Future[int]:
+    def subscribe(self, filters: list[tuple[str, int]]) -> asyncio.Future[float]:
         """SUBSCRIBE; the future gets the first granted QoS, or fails on a refusal."""
         pid = self._packet_id()
         body = struct.pack("!H", pid) + (b"\0" if self.options.mqtt5 else b"")
@@ -200,9 +202,11 @@ class AsyncMqttClient(asyncio.Protocol):
         return self._expect(pid, _packet(SUBSCRIBE, 0x2, body))
 
     def publish(self, topic: str, payload: bytes, qos: int = 0,
-                retain: bool = False) -> asyncio.Future[int] | None:
-        """PUBLISH; at QoS 1 the future completes with the PUBACK (fails on a refusal or a lost
-        connection), at QoS 0 there is nothing to wait for (None)."""
+                retain: bool = False) -> asyncio.Future[float] | None:
+        """PUBLISH; at QoS 1 the future completes with the PUBACK: its result is the
+        ``time.monotonic()`` at which the PUBACK was read off the socket (the future's callbacks
+        run later, after whatever else that read woke up), and it fails on a refusal or a lost
+        connection. At QoS 0 there is nothing to wait for (None)."""
         flags = (qos << 1) | (1 if retain else 0)
         props = b"\0" if self.options.mqtt5 else b""
         if qos == 0:
@@ -212,8 +216,8 @@ class AsyncMqttClient(asyncio.Protocol):
         return self._expect(pid, _packet(
             PUBLISH, flags, _string(topic) + struct.pack("!H", pid) + props + payload))
 
-    def _expect(self, pid: int, packet: bytes) -> asyncio.Future[int]:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    def _expect(self, pid: int, packet: bytes) -> asyncio.Future[float]:
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         if self._closed or self._transport is None:
             future.set_exception(MqttError("not connected"))
             return future
@@ -329,7 +333,7 @@ class AsyncMqttClient(asyncio.Protocol):
                     what = "PUBACK" if kind == PUBACK else "SUBACK"
                     future.set_exception(MqttError(f"{what} refused with code {code:#x}", code))
                 else:
-                    future.set_result(code)
+                    future.set_result(time.monotonic() if kind == PUBACK else code)
         elif kind == CONNACK:
             code = body[1]
             if v5 and len(body) > 2:

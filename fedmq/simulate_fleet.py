@@ -346,7 +346,7 @@ class SimDevice:
         acks = asyncio.gather(*futures, return_exceptions=True)
         acks.add_done_callback(lambda done: self._acked(outbox, done.result()))
 
-    def _acked(self, outbox: list[bytes], results: list[int | BaseException]) -> None:
+    def _acked(self, outbox: list[bytes], results: list[float | BaseException]) -> None:
         """Every message of ``outbox`` was acknowledged, refused or lost with the session."""
         self.sending = False
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -360,7 +360,10 @@ class SimDevice:
         if self.outbox is outbox:
             self.outbox = []
             self.fleet.stats.updates_acked += 1
-            self.fleet.stats.record_ack(self.outbox_round, self.outbox_id, time.monotonic())
+            # When the last PUBACK was read, not now: this callback runs after everything else
+            # that read woke up (the new model reaching other devices, say).
+            acked_at = max(r for r in results if not isinstance(r, BaseException))
+            self.fleet.stats.record_ack(self.outbox_round, self.outbox_id, acked_at)
 
     def _publish_status(self, state: str) -> None:
         client = self.client
