@@ -277,6 +277,11 @@ class AgentService(OutboxDelivery):
                  else "the broker")
         log.warning("no round announcement on %s yet (connected to %s); is the aggregator "
                     "running and is the federation name right?", self.topics.round, where)
+        # Subscribing again makes the broker send the retained round and model again: a
+        # clustered broker can miss them for a subscription made just after their publication
+        # (measured on NATS, docs/scaling.md), and nothing else would ever resend them.
+        for topic in (self.topics.round, self.topics.model, self.topics.model_parts):
+            self.transport.subscribe(topic, qos=1)
 
     def _round_wait_due(self) -> float | None:
         """When (service clock) ``check_waiting`` next has a line to log; None: not before an

@@ -374,3 +374,30 @@ def test_an_empty_sample_is_redrawn_when_the_round_is_extended() -> None:
     assert agg.stats.rounds_completed == 1
     assert agg.last_summary is not None
     assert agg.last_summary.participants == len(drawn)
+
+
+def test_an_agent_that_missed_the_retained_round_asks_for_it_again() -> None:
+    """A clustered broker can miss a retained message for a subscription made just after its
+    publication (docs/scaling.md): the agent's waiting line comes with a new subscription, which
+    makes the broker send the retained round and model again."""
+    fleet = Fleet(make_config(max_rounds=0))
+    agent = fleet.add_agent("dev-a")
+    # The aggregator publishes while the agent's subscriptions are not in the hub's routes:
+    # retained on the broker, never delivered to it.
+    routes = fleet.hub.filters
+    fleet.hub.filters = [(c, f) for c, f in routes if c is not agent.transport]
+    fleet.start_aggregator()
+    fleet.hub.filters = routes
+    assert agent.transport.inbox.empty()
+    agent.check_waiting()  # connected: the wait starts
+    fleet.clock.now += 3.5
+    agent.check_waiting()  # the line, and the subscriptions again
+    topics = []
+    while not agent.transport.inbox.empty():
+        msg = agent.transport.inbox.get_nowait()
+        topics.append(msg.topic)
+        agent.handle_message(msg)
+    assert TOPICS.round in topics
+    assert TOPICS.model in topics
+    assert agent.machine.announcement is not None
+    assert agent.machine.announcement.round == 1
