@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aggregator import checkpoint, kernels
+from aggregator.exporter import Exporter
 from aggregator.privacy import norm_config
 from aggregator.robust import SharedBound
 from aggregator.rounds import CloseRequested, RoundMachine, RoundRules
@@ -36,7 +37,7 @@ from aggregator.startup import inbox_bytes
 from aggregator.wal import COLLECT, ESTIMATE
 from fedmq import cluster_wire, codec
 from fedmq.config import AggregatorConfig
-from fedmq.errors import DecodeError
+from fedmq.errors import ConfigError, DecodeError
 from fedmq.transport import Message, PahoTransport, Transport
 from fedmq.wire import ModelUpdate, RoundAnnouncement
 
@@ -149,6 +150,15 @@ class WorkerService(AggregatorService):
             self._relay.start()
         self._worker = threading.Thread(target=self._work, name="worker-fold", daemon=True)
         self._worker.start()
+        if self.config.metrics.listen:  # its own counters: accepted, rejected, clipped, bytes
+            exporter = Exporter(self, self.config.metrics.listen, worker_alive=lambda: (
+                (w := self._worker) is not None and w.is_alive()))
+            try:
+                exporter.start()
+            except ConfigError:
+                self.stop()
+                raise
+            self.exporter = exporter
         log.info("worker %s of federation %r started (%s)", self.name, self.config.federation,
                  f"shard {self.config.cluster.shard} of {self.config.cluster.shards}"
                  if self.config.cluster.shards else "every update on its broker")

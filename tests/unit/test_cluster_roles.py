@@ -21,6 +21,7 @@ from fedmq.config import (
     AggregatorConfig,
     ClusterConfig,
     DurabilityConfig,
+    MetricsConfig,
     ModelConfig,
     RoundsConfig,
 )
@@ -428,3 +429,34 @@ def test_the_adaptive_norm_bound_is_the_coordinators_and_clips_as_one_aggregator
         finally:
             if single.wal is not None:
                 single.wal.close()
+
+
+def test_a_worker_serves_its_own_prometheus_counters(tmp_path: Path) -> None:
+    import time
+    import urllib.request
+
+    from fedmq.broker import find_free_port
+
+    with Cluster(tmp_path, devices=3) as c:
+        port = find_free_port()
+        cfg = dataclasses.replace(
+            base_config(None, ClusterConfig(role="worker", name="w0", shards=2, shard=0), 3),
+            metrics=MetricsConfig(listen=f"127.0.0.1:{port}"))
+        w = WorkerService(cfg, MemoryTransport(c.hub), clock=c.clock)
+        w.start()
+        try:
+            ann = c.announcement()
+            c.hub.route(c.update("a0", ann, seed=1))
+            c.hub.route(Message(f"{T.base}/shard/0/update/a1", b"not msgpack", qos=1))
+            text = ""
+            for _ in range(100):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+                    text = r.read().decode()
+                if "fedmq_updates_accepted_total 1.0" in text and \
+                        'fedmq_updates_rejected_total{reason="malformed"} 1.0' in text:
+                    break
+                time.sleep(0.05)
+            assert "fedmq_updates_accepted_total 1.0" in text
+            assert 'fedmq_updates_rejected_total{reason="malformed"} 1.0' in text
+        finally:
+            w.stop()
