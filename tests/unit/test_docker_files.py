@@ -123,6 +123,10 @@ def test_cluster_roles_load_and_fit_together() -> None:
         assert broker.mqtt5 is False  # NATS speaks MQTT 3.1.1 only
     for name in CLUSTER_SERVICES - nodes:
         assert set(_service(name)["depends_on"]) == nodes
+    # Durable roles: the log and snapshots on a volume (a worker acknowledges after its log).
+    for name, cfg in zip(mounted, (coordinator, *workers), strict=True):
+        assert cfg.durability.state_dir == "/var/lib/fedmq/state"
+        assert any(v.endswith("-state:/var/lib/fedmq") for v in _service(name)["volumes"])
 
 
 @pytest.mark.parametrize(
