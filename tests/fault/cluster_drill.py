@@ -269,6 +269,7 @@ def _toml(federation: str, endpoint: Endpoint, state: Path, *, rounds: int, devi
         [durability]
         state_dir = "{state}"
         session_expiry_s = 600
+        history_keep = {max(10, rounds + 1)}
         [cluster]
         """) + cluster
 
