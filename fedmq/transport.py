@@ -14,6 +14,7 @@ fake with the same surface for logic tests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -105,6 +106,14 @@ class Transport(Protocol):
                 retain: bool = False) -> Delivery: ...
     def wait_connected(self, timeout: float) -> bool: ...
     def ack(self, msg: Message) -> None: ...
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Send small packets at once (TCP_NODELAY). Without it a message's last segment can wait up
+    to 40 ms for the peer's delayed ACK (Nagle): measured, a 100-update round's model reached
+    the devices 44 ms after its last update, against 2 ms with it (docs/scaling.md)."""
+    with contextlib.suppress(OSError, AttributeError):  # not TCP (a Unix socket), or closed
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def describe_connect_error(exc: BaseException) -> str:
@@ -235,14 +244,20 @@ class PahoTransport:
                                  keyfile=broker.key_file, cert_reqs=ssl.CERT_REQUIRED)
         if not callable(will):  # a callable will is built before each connection attempt
             self._set_will()
-        self._client.before_connect = self._before_connect
-        self._client.reconnect_delay = self._next_reconnect_delay
-        self._client.after_publish = on_published
-        self._client.on_connect = self._handle_connect
-        self._client.on_connect_fail = self._handle_connect_fail
-        self._client.on_disconnect = self._handle_disconnect
-        self._client.on_message = self._handle_message
-        self._client.on_subscribe = self._handle_subscribe
+        self._wire(on_published)
+
+    def _wire(self, on_published: Callable[[], None] | None) -> None:
+        """paho's hooks and callbacks: all of them land in this object's handlers."""
+        c = self._client
+        c.before_connect = self._before_connect
+        c.reconnect_delay = self._next_reconnect_delay
+        c.after_publish = on_published
+        c.on_connect = self._handle_connect
+        c.on_socket_open = _no_delay
+        c.on_connect_fail = self._handle_connect_fail
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        c.on_subscribe = self._handle_subscribe
 
     def _before_connect(self) -> None:
         self._connack = False
