@@ -273,9 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         value, note = _agent_idle(60.0 if args.quick else 300.0)
         result["agent_idle_cpu_s_per_hour"] = value
         result["notes"]["agent_idle_cpu_s_per_hour"] = note
-    for key in CLUSTER_SLOTS:
-        result[key] = None
-        result["notes"][key] = "needs the NATS cluster / coordinator-worker roles (issue 13)"
+    # The cluster keys (benchmarks/bench_scale_cluster.py); agg_rss_ratio_10k_over_1k becomes
+    # the largest of the single aggregator's, the coordinator's and the workers' ratios.
+    from benchmarks.bench_scale_cluster import add_cluster_figures
+    with tempfile.TemporaryDirectory(prefix="fedmq-scale-cluster-") as cluster_tmp:
+        add_cluster_figures(result, runs, args.quick, Path(cluster_tmp))
     result["runs"] = runs
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     _table(result)
