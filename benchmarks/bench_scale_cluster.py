@@ -121,7 +121,8 @@ class ClusterScenario:
     delay_ms: str
     processes: int = NODES
     workers: int = 2
-    deadline_s: float = 600.0
+    #: The round deadline; the simulators stop 120 s after it, which bounds a stuck scenario.
+    deadline_s: float = 120.0
     #: New sessions per second per simulate process: each costs the engine a replicated
     #: session record and 3 consumers (at 500/s per process the nodes timed out persisting them).
     connect_rate: int = 150
