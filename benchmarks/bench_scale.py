@@ -19,8 +19,9 @@ Keys (docs/scaling.md explains each; ``null`` = not measured in this run, with a
   agent_idle_cpu_s_per_hour    one real ``fedmq agent`` between rounds (benchmarks/agent_idle.py)
   connections_held_cluster, model_latency_ms_100_cluster, model_latency_ms_1000_cluster,
   ingest_updates_per_s_1_worker, ingest_updates_per_s_2_workers, cpu_ms_per_update_per_worker:
-                               slots for the NATS cluster and the coordinator/worker roles
-                               (issue 13, points 1-2): null until those land.
+                               the same over a 3-node NATS cluster with a coordinator and
+                               workers, and the worker tier's ingest and CPU per update
+                               (benchmarks/bench_scale_cluster.py)
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Only the transport modules (``*/transport.py`` and ``fedmq/paho_client.py``) import paho, only
 ``fedmq/codec.py`` (and its ``msgpack_views``, and the sub-protocols' codecs
-``fedmq/secagg/codec.py`` and ``fedmq/cluster_wire.py``) imports msgpack, only ``aggregator/exporter.py``
-imports prometheus_client, only ``aggregator/kernel*.py`` imports numba, and amqtt only
-``fedmq/embedded_broker.py``. The shared
+``fedmq/secagg/codec.py`` and ``fedmq/cluster_wire.py``) imports msgpack, only
+``aggregator/exporter.py`` imports prometheus_client, only ``aggregator/kernel*.py`` imports
+numba, and amqtt only ``fedmq/embedded_broker.py``. The shared
 ``fedmq`` core never imports either side at module level (the CLI and the demo, the composition
 roots, import them lazily inside functions). Exit 1 and list the offending lines otherwise.
 """
