@@ -87,7 +87,7 @@ class Scenario:
     deadline_s: float = 600.0
 
 
-def _proc_status(pid: int) -> dict[str, float]:
+def proc_status(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (MB) of a live process, and its CPU seconds."""
     out: dict[str, float] = {}
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
@@ -151,8 +151,8 @@ def run_scenario(s: Scenario, tmp: Path, aggregator: Sequence[str] = ()) -> dict
             if agg.poll() is not None:
                 err = agg.stderr.read() if agg.stderr else ""
                 raise RuntimeError(f"the aggregator exited: {err}")
-            agg_status = _proc_status(agg.pid)
-            broker_status = _proc_status(broker.pid)
+            agg_status = proc_status(agg.pid)
+            broker_status = proc_status(broker.pid)
         finally:
             agg.send_signal(signal.SIGTERM)
             try:

@@ -35,7 +35,6 @@ Keys:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from benchmarks.bench_scale import proc_status
 from fedmq.broker_common import find_free_port
 from fedmq.nats_cluster import NatsCluster, default_template
 
@@ -130,20 +130,6 @@ class ClusterScenario:
     min_updates: int | None = None
     #: Seconds a round stays open once at quorum (below ``max_updates``).
     grace_s: float = 2.0
-
-
-def _proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (MB) of a live process, and its CPU seconds."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(line.split()[1]) / 1024
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
 
 
 #: What the bench adds to the shipped node template (fedmq/broker_config/nats/): every QoS 1
@@ -312,7 +298,7 @@ class _Tier:
             time.sleep(0.05)
 
     def status(self) -> dict[str, dict[str, float]]:
-        return {name: _proc_status(p.pid) for name, p in self.procs.items()}
+        return {name: proc_status(p.pid) for name, p in self.procs.items()}
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -347,7 +333,7 @@ def run_cluster_scenario(s: ClusterScenario, tmp: Path, quiet: bool = False) -> 
             sims = fleet.wait()
             tier.check_alive()
             status = tier.status()
-            nats = [_proc_status(pid) for i in range(NODES)
+            nats = [proc_status(pid) for i in range(NODES)
                     if (pid := cluster.pid(i)) is not None]
         finally:
             if fleet is not None:
@@ -398,7 +384,7 @@ def run_burst(devices: int, workers: int, tmp: Path) -> dict[str, Any]:
                 time.sleep(0.2)
             stored_s = time.monotonic() - t_start
             time.sleep(1.0)  # the engine's replicas settle; nothing more is coming
-            before = {n: _proc_status(tier.procs[n].pid)["cpu_s"] for n in tier.names}
+            before = {n: proc_status(tier.procs[n].pid)["cpu_s"] for n in tier.names}
             t0 = time.monotonic()
             for name in tier.names:
                 tier.procs[name].send_signal(signal.SIGCONT)
@@ -411,7 +397,7 @@ def run_burst(devices: int, workers: int, tmp: Path) -> dict[str, Any]:
                     count = _accepted(tier.metrics_ports[i])
                     if count != last[name]:
                         done[name] = (now - t0, count,
-                                      _proc_status(tier.procs[name].pid)["cpu_s"] - before[name])
+                                      proc_status(tier.procs[name].pid)["cpu_s"] - before[name])
                         last[name] = count
             sims = fleet.wait()
             tier.check_alive()
