@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-from fedmq.broker_common import START_TIMEOUT_S, STOP_TIMEOUT_S, find_free_port
+from fedmq.broker_common import START_TIMEOUT_S, find_free_port, stop_process
 from fedmq.embedded_broker import EmbeddedBroker
 from fedmq.errors import BrokerError
 
@@ -311,16 +311,8 @@ class MosquittoBroker:
         return "\n".join(text.splitlines()[-lines:])
 
     def _terminate(self, sig: signal.Signals) -> None:
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self._process is not None:
+            stop_process(self._process, sig)
         self._process = None
 
     def stop(self) -> None:
