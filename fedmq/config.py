@@ -23,6 +23,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from fedmq.codec import DEFAULT_LIMITS
+from fedmq.config_checks import (
+    at_most,
+    check_cluster,
+    check_device_task,
+    check_privacy,
+    check_strategy,
+    check_task,
+    key_of,
+    show,
+)
 from fedmq.config_rules import (
     INT_MAX,
     RULES,
@@ -54,7 +64,6 @@ from fedmq.config_schema import (
     TrustConfig,
 )
 from fedmq.errors import ConfigError
-from fedmq.secagg.noise import ring_error
 from fedmq.topics import check_name
 
 __all__ = [
@@ -92,29 +101,6 @@ __all__ = [
 ]
 
 C = TypeVar("C")
-
-
-def _key(path: str) -> str:
-    """``rounds.min_updates`` as the file spells it: ``[rounds] min_updates``."""
-    section, _, key = path.rpartition(".")
-    return f"[{section}] {key}" if section else key
-
-
-def _show(value: Any) -> str:
-    """A value as TOML writes it, on one line, shortened past 60 characters."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = json.dumps(value)
-    elif isinstance(value, float):
-        text = repr(value)  # nan, inf, -inf: TOML's spelling too
-    elif isinstance(value, list):
-        text = "[" + ", ".join(_show(v) for v in value) + "]"
-    elif isinstance(value, dict):
-        text = "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
-    else:
-        text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -174,8 +160,8 @@ def _check_value(rule: Rule | None, path: str, value: Any, written: Any = None) 
     except (TypeError, ValueError):  # a config built in code with a wrong type
         good = False
     if not good:
-        shown = _show(value if written is None else written)
-        raise ConfigError(f"{_key(path)} = {shown} must be {rule.says}")
+        shown = show(value if written is None else written)
+        raise ConfigError(f"{key_of(path)} = {shown} must be {rule.says}")
 
 
 #: Most extra ``[train]`` keys: the announcement's ``train`` map holds at most
@@ -195,18 +181,18 @@ def check_extra_setting(path: str, value: Any) -> None:
     hint = ("extra [train] keys go to the devices' trainers in the round announcement, which "
             "carries numbers and strings")
     if isinstance(value, bool):
-        raise ConfigError(f"{_key(path)} = {_show(value)} must be a number or a string "
+        raise ConfigError(f"{key_of(path)} = {show(value)} must be a number or a string "
                           f"({hint}: write 1 or 0)")
     if isinstance(value, int):
         if not 0 <= value <= INT_MAX:
-            raise ConfigError(f"{_key(path)} = {_show(value)} must be an integer in "
+            raise ConfigError(f"{key_of(path)} = {show(value)} must be an integer in "
                               f"[0, 2**63 - 1], or a float ({hint}; integers are unsigned: "
-                              f"write {_show(float(value)) if value < 0 else 'it'} as a float)")
+                              f"write {show(float(value)) if value < 0 else 'it'} as a float)")
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise ConfigError(f"{_key(path)} = {_show(value)} must be a finite number")
+            raise ConfigError(f"{key_of(path)} = {show(value)} must be a finite number")
     elif not isinstance(value, str):
-        raise ConfigError(f"{_key(path)} = {_show(value)} must be a number or a string ({hint})")
+        raise ConfigError(f"{key_of(path)} = {show(value)} must be a number or a string ({hint})")
 
 
 def build(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
@@ -236,7 +222,7 @@ def build(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
             kwargs[key] = build(tp, value, f"{path}.")  # type: ignore[arg-type]
             continue
         if not _type_ok(value, tp):
-            raise ConfigError(f"{_key(path)} = {_show(value)} must be {_describe(tp)}")
+            raise ConfigError(f"{key_of(path)} = {show(value)} must be {_describe(tp)}")
         kwargs[key] = _as_float(value, tp)
         _check_value(rules.get(key), path, kwargs[key], value)
     try:
@@ -285,13 +271,8 @@ def _load(cls: type[C], path: str | Path) -> C:
         return build(cls, data)
 
 
-def _at_most(lo_key: str, lo: float, hi_key: str, hi: float) -> None:
-    if lo > hi:
-        raise ConfigError(f"{_key(lo_key)} = {_show(lo)} must be <= {_key(hi_key)} = {_show(hi)}")
-
-
 def _check_broker(b: BrokerConfig) -> None:
-    _at_most("broker.reconnect_min_s", b.reconnect_min_s, "broker.reconnect_max_s",
+    at_most("broker.reconnect_min_s", b.reconnect_min_s, "broker.reconnect_max_s",
              b.reconnect_max_s)
 
 
@@ -308,9 +289,9 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
     with _in_file(where):
         _check_fields(cfg)
         r = cfg.rounds
-        _at_most("rounds.min_updates", r.min_updates, "rounds.max_updates", r.max_updates)
+        at_most("rounds.min_updates", r.min_updates, "rounds.max_updates", r.max_updates)
         if r.mode == "async":  # a partial buffer is published at the deadline from min_updates
-            _at_most("rounds.min_updates", r.min_updates, "rounds.buffer_size", r.buffer_size)
+            at_most("rounds.min_updates", r.min_updates, "rounds.buffer_size", r.buffer_size)
             if cfg.task.kind != "train":  # a statistic has no model version to be stale against
                 raise ConfigError('[rounds] mode = "async" only applies with [task] kind = '
                                   f'"train" (it is "{cfg.task.kind}")')
@@ -318,107 +299,21 @@ def check_aggregator(cfg: AggregatorConfig, where: str = "config") -> None:
             raise ConfigError(f"[rounds] max_extensions = {r.max_extensions} only applies with "
                               '[rounds] below_quorum = "extend" (it is "reannounce")')
         if cfg.robust.clip_norm is not None:
-            _at_most("robust.clip_norm", cfg.robust.clip_norm, "robust.max_norm",
+            at_most("robust.clip_norm", cfg.robust.clip_norm, "robust.max_norm",
                      cfg.robust.max_norm)
         # A chunk above the size limit would be rejected as oversize.
-        _at_most("compression.max_chunk_bytes", cfg.compression.max_chunk_bytes,
+        at_most("compression.max_chunk_bytes", cfg.compression.max_chunk_bytes,
                  "limits.max_update_bytes", cfg.limits.max_update_bytes)
         _check_train_extra(cfg.train)
         _check_broker(cfg.broker)
-        _check_strategy(cfg.strategy)
-        _check_task(cfg)
-        _check_privacy(cfg)
-        _check_cluster(cfg)
+        check_strategy(cfg.strategy)
+        check_task(cfg)
+        check_privacy(cfg)
+        check_cluster(cfg)
         if cfg.security.signing_key:  # read now: a bad key file fails at start-up
             from fedmq.keys import load_signer
 
             load_signer(cfg.security.signing_key)
-
-
-def _check_cluster(cfg: AggregatorConfig) -> None:
-    """A role's needs (docs/scaling.md): workers know who they are, the coordinator whom it
-    waits for; what the scale-out does not do yet is refused, not half done."""
-    c = cfg.cluster
-    if c.role == "single":
-        return
-    head = f'[cluster] role = "{c.role}"'
-    if c.role == "worker":
-        if not c.name:
-            raise ConfigError(f"{head} needs [cluster] name, this worker's name")
-        if c.shards and c.shard >= c.shards:
-            _at_most("cluster.shard", c.shard, "cluster.shards", c.shards - 1)
-    elif not c.workers:
-        raise ConfigError(f"{head} needs [cluster] workers, the names of every worker")
-    for what, bad in (('[rounds] mode = "async"', cfg.rounds.mode != "sync"),
-                      ('[task] kind = "statistics"', cfg.task.kind != "train"),
-                      ("[privacy] secure_aggregation", cfg.privacy.secure_aggregation),
-                      ("[privacy] noise_multiplier > 0", cfg.privacy.noise_multiplier > 0)):
-        if bad:
-            raise ConfigError(f"{head} does not support {what} yet (docs/scaling.md); run "
-                              'it with [cluster] role = "single"')
-
-
-def _check_strategy(s: StrategyConfig) -> None:
-    """A setting the named strategy does not use is a mistake (momentum without fedavgm, say)."""
-    for key in ("server_lr", "momentum", "beta1", "beta2", "tau"):
-        value = getattr(s, key)
-        if value is not None and key not in STRATEGY_DEFAULTS[s.name]:
-            users = [f'"{n}"' for n, keys in STRATEGY_DEFAULTS.items() if key in keys]
-            names = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} or {users[-1]}"
-            raise ConfigError(f"[strategy] {key} = {_show(value)} only applies with [strategy] "
-                              f'name = {names} (it is "{s.name}")')
-
-
-def _check_privacy(cfg: AggregatorConfig) -> None:
-    """Differential privacy's keys agree with the rest (docs/privacy.md): one clip, bounded."""
-    p = cfg.privacy
-    if p.secure_aggregation:
-        _check_secure_aggregation(cfg)
-    if p.noise_multiplier == 0:
-        for key in ("clip_norm", "target_epsilon"):
-            if (value := getattr(p, key)) is not None:
-                raise ConfigError(f"[privacy] {key} = {_show(value)} only applies with "
-                                  "[privacy] noise_multiplier > 0 (it is 0: no DP)")
-        return
-    head = f"[privacy] noise_multiplier = {_show(p.noise_multiplier)}"
-    if p.clip_norm is None:
-        raise ConfigError(f"{head} needs [privacy] clip_norm, the L2 bound each update's delta "
-                          "is clipped to")
-    r = cfg.robust
-    if r.clip_norm is not None and r.clip_norm != p.clip_norm:
-        raise ConfigError(f"[robust] clip_norm = {_show(r.clip_norm)} contradicts [privacy] "
-                          f"clip_norm = {_show(p.clip_norm)}: with noise the privacy clip is "
-                          "the norm bound; remove [robust] clip_norm")
-    if r.mode == "off":
-        raise ConfigError(f'{head} needs the norm bound: [robust] mode = "off" leaves the '
-                          "updates unclipped")
-    _at_most("privacy.clip_norm", p.clip_norm, "robust.max_norm", r.max_norm)
-    if cfg.rounds.mode != "sync":
-        raise ConfigError(f'{head} works with [rounds] mode = "sync" only (it is '
-                          f'"{cfg.rounds.mode}")')
-    if cfg.task.kind != "train":
-        raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
-                          f'"{cfg.task.kind}")')
-    if p.secure_aggregation and (why := ring_error(p.noise_multiplier, p.clip_norm,
-                                                    cfg.rounds.min_updates,
-                                                    cfg.rounds.max_updates)):
-        raise ConfigError(f"{head} with secure aggregation: {why}; lower [rounds] max_updates")
-    if cfg.sampling.rate == 0:
-        raise ConfigError(f"{head} needs [sampling] rate > 0 (0: no device ever trains)")
-
-
-def _check_secure_aggregation(cfg: AggregatorConfig) -> None:
-    """Secure aggregation's needs (docs/security.md): synchronous training rounds of 2+."""
-    head = "[privacy] secure_aggregation = true"
-    if cfg.rounds.mode != "sync":
-        raise ConfigError(f'{head} works with [rounds] mode = "sync" only (it is '
-                          f'"{cfg.rounds.mode}")')
-    if cfg.task.kind != "train":
-        raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
-                          f'"{cfg.task.kind}")')
-    if cfg.rounds.min_updates < 2:
-        raise ConfigError(f"{head} needs [rounds] min_updates >= 2 (it is "
-                          f"{cfg.rounds.min_updates}): the sum of one device is its update")
 
 
 def _check_train_extra(train: TrainSettings) -> None:
@@ -474,57 +369,4 @@ def check_agent(cfg: AgentConfig, where: str = "config") -> None:
         if d.source == "npz" and d.path is None:
             raise ConfigError('[data] source = "npz" needs [data] path')
         _check_broker(cfg.broker)
-        _check_device_task(cfg)
-
-
-def _only_with_statistics(section: str, keys: dict[str, Any]) -> None:
-    for key, value in keys.items():
-        if value:
-            raise ConfigError(f"[{section}] {key} = {_show(value)} only applies with "
-                              f'[{section}] kind = "statistics" (it is "train")')
-
-
-def _check_task(cfg: AggregatorConfig) -> None:
-    """A statistics query that can be announced: every column has bins, and a contribution
-    fits in one message (contributions are never chunked)."""
-    t = cfg.task
-    if t.kind == "train":
-        _only_with_statistics("task", {"columns": t.columns, "bins": t.bins, "edges": t.edges,
-                                       "column_bins": t.column_bins})
-        return
-    if not t.columns:
-        raise ConfigError('[task] kind = "statistics" needs [task] columns = ["name", ...]')
-    if t.bins is not None and t.edges is not None:
-        raise ConfigError("[task] bins and [task] edges are two ways to give the same bins: "
-                          "set one")
-    unknown = sorted(set(t.column_bins) - set(t.columns))
-    if unknown:
-        raise ConfigError(f"[task.column_bins] {unknown[0]} is not one of [task] columns")
-    if t.bins is None and t.edges is None:
-        missing = [c for c in t.columns if c not in t.column_bins]
-        if missing:
-            raise ConfigError(f"[task] column {missing[0]!r} has no bins: set [task] bins = "
-                              "[lo, hi, nbins] (or edges) for every column, or "
-                              f"[task.column_bins] {missing[0]} = [lo, hi, nbins]")
-    from fedmq.statistics import contribution_bytes, query_of
-
-    try:
-        query = query_of(t)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    size = contribution_bytes(query)
-    limit = min(cfg.compression.max_chunk_bytes, cfg.limits.max_update_bytes)
-    if size > limit:
-        raise ConfigError(f"[task] a contribution to {len(query)} columns with these bins is "
-                          f"about {size} bytes, above [compression] max_chunk_bytes = {limit}: "
-                          "fewer bins or columns (contributions are never chunked)")
-
-
-def _check_device_task(cfg: AgentConfig) -> None:
-    t = cfg.task
-    if t.kind == "train":
-        _only_with_statistics("task", {"columns": t.columns, "statistics": t.statistics})
-    elif t.statistics is None and cfg.data.source != "npz":
-        raise ConfigError('[task] kind = "statistics" summarizes the arrays of an .npz file '
-                          '([data] source = "npz", [data] path) or what [task] statistics = '
-                          '"package.module:function" returns: set one')
+        check_device_task(cfg)
