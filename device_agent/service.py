@@ -27,7 +27,7 @@ from device_agent.agent import AgentMachine, Ignored, Train
 from device_agent.factory import build_trainer
 from device_agent.model_gate import SignedGate, accepted_path, gate_of, raise_floor
 from device_agent.outbox import Outbox
-from device_agent.pacing import (  # STATUS_REFRESH_S is read here by tests too
+from device_agent.pacing import (
     _WAKE,
     STATUS_REFRESH_S,
     AgentPacing,

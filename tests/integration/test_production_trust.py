@@ -41,7 +41,8 @@ from test_production_identity import (
 from test_signed_models import LATER, _one_byte, _print_table, _takeover
 
 from aggregator.service import AggregatorService
-from device_agent.service import STATUS_REFRESH_S, AgentService
+from device_agent.pacing import STATUS_REFRESH_S
+from device_agent.service import AgentService
 from fedmq import codec, keys, pki, signing
 from fedmq.broker import MosquittoBroker
 from fedmq.compression import encode_all

@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 
 from aggregator.service import AggregatorService
-from device_agent.service import STATUS_REFRESH_S, AgentService
+from device_agent.pacing import STATUS_REFRESH_S
+from device_agent.service import AgentService
 from device_agent.trainers import MLPTrainer
 from fedmq import codec, keys, signing
 from fedmq.broker import MosquittoBroker
