@@ -44,6 +44,7 @@ class AgentPacing(OutboxDelivery):
 
     topics: Topics
     clock: Callable[[], float]
+    subscribe_qos: int
     machine: AgentMachine
     _round_seen: bool
     _waiting_since: float | None
@@ -81,7 +82,7 @@ class AgentPacing(OutboxDelivery):
         # clustered broker can miss them for a subscription made just after their publication
         # (measured on NATS, docs/scaling.md), and nothing else would ever resend them.
         for topic in (self.topics.round, self.topics.model, self.topics.model_parts):
-            self.transport.subscribe(topic, qos=1)
+            self.transport.subscribe(topic, qos=self.subscribe_qos)
 
     def _round_wait_due(self) -> float | None:
         """When (service clock) ``check_waiting`` next has a line to log; None: not before an

@@ -96,6 +96,8 @@ class AgentService(AgentPacing):
         #: it let through is kept in ``accepted_path`` (refusing replays after a restart).
         self.gate: SignedGate | None = None
         self.accepted_path: Path | None = None
+        #: QoS of every subscription (``[device] subscribe_qos``).
+        self.subscribe_qos = 1
         self.secagg = SecAggLink(federation, device_id, transport)
         #: Every ignored or refused message, by reason; also in the retained status.
         self.ignored: Counter[str] = Counter()
@@ -176,6 +178,7 @@ class AgentService(AgentPacing):
                                     outbox=outbox, trained_path=trained, evaluate=False)
             service.analyst = Analyst.from_config(config)
             service.gate, service.accepted_path = gate_of(config, device_id), accepted_path(config)
+            service.subscribe_qos = d.subscribe_qos
             return service
         if trainer is None:
             trainer = build_trainer(config)  # checked there, failing as a ConfigError
@@ -187,17 +190,17 @@ class AgentService(AgentPacing):
                                 outbox=outbox, trained_path=trained, evaluate=fraction > 0,
                                 train=fraction < 1, min_interval_s=d.min_interval_s)
         service.gate, service.accepted_path = gate_of(config, device_id), accepted_path(config)
+        service.subscribe_qos = d.subscribe_qos
         return service
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Subscribe to the round and model topics and start the worker."""
-        self.transport.subscribe(self.topics.model, qos=1)
-        self.transport.subscribe(self.topics.model_parts, qos=1)
-        self.transport.subscribe(self.topics.round, qos=1)
+        for topic in (self.topics.model, self.topics.model_parts, self.topics.round):
+            self.transport.subscribe(topic, qos=self.subscribe_qos)
         for topic in self.secagg.subscriptions():
-            self.transport.subscribe(topic, qos=1)
+            self.transport.subscribe(topic, qos=self.subscribe_qos)
         self.transport.start()
         self._connected_again.set()  # publish what an earlier process left in the outbox
         self._worker = threading.Thread(target=self._work, name=f"agent-{self.device_id}",

@@ -228,6 +228,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "outbox_max_bytes": _ints(1),
         "outbox_max_messages": _ints(1),
         "min_interval_s": _seconds(zero=True),
+        "subscribe_qos": _ints(0, 1),
     },
     DataConfig: {
         "path": _TEXT,

@@ -351,6 +351,11 @@ class DeviceConfig:
     #: Asynchronous rounds: at least this many seconds from one training's start to the next
     #: (the agent also never trains twice from one model version).
     min_interval_s: float = 0.0
+    #: QoS of the agent's subscriptions. 0 on a NATS cluster, where every QoS 1 subscription
+    #: is a JetStream consumer (docs/scaling.md); the round and model are retained, so what a
+    #: QoS 0 subscription misses comes back when the agent subscribes again. Secure
+    #: aggregation's messages are not retained: keep 1 where it runs (never on a cluster).
+    subscribe_qos: int = 1
 
     def __post_init__(self) -> None:
         if self.outbox_max_bytes < 1 or self.outbox_max_messages < 1:

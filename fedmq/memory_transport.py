@@ -20,6 +20,8 @@ class MemoryTransport:
         self.published: list[Message] = []
         self.acked: list[Message] = []
         self.max_packet_size: int | None = None
+        #: Every filter subscribed to, with the QoS it was last asked for.
+        self.subscriptions: dict[str, int] = {}
 
     def start(self) -> None:
         self.hub.clients.append(self)
@@ -35,6 +37,7 @@ class MemoryTransport:
         self.acked.append(msg)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.subscriptions[topic] = qos
         self.hub.subscribe(self, topic)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:

@@ -52,6 +52,9 @@ class SimOptions:
     dropout: float = 0.0
     connect_rate: float = 500.0
     mqtt5: bool = False
+    #: QoS of the round and model subscriptions (0 on a NATS cluster: there every QoS 1
+    #: subscription is a JetStream consumer, docs/scaling.md).
+    subscribe_qos: int = 1
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -149,10 +152,11 @@ class Simulation:
                 device.on_message, self._on_lost)
             try:
                 await client.connect(o.host, o.port, ssl_context=self.ssl)
-                filters = [(self.fleet.topics.round, 1), (self.fleet.topics.model, 1),
-                           (self.fleet.topics.model_parts, 1)]
+                q = o.subscribe_qos
+                filters = [(self.fleet.topics.round, q), (self.fleet.topics.model, q),
+                           (self.fleet.topics.model_parts, q)]
                 if device.index == 0:  # one session watches the round summaries
-                    filters.append((self.fleet.topics.metrics, 1))
+                    filters.append((self.fleet.topics.metrics, q))
                     client.on_message = self._watch_summaries(device)
                 device.client = client
                 stats.connects += 1
@@ -377,6 +381,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the summary there as JSON")
     p.add_argument("--mqtt5", action=argparse.BooleanOptionalAction, default=False,
                    help="speak MQTT 5 (default: 3.1.1, which every broker fedmq supports)")
+    p.add_argument("--subscribe-qos", type=int, choices=(0, 1), default=1, metavar="Q",
+                   help="QoS of the round and model subscriptions (default 1; 0 on a NATS "
+                        "cluster, where each QoS 1 subscription is a JetStream consumer)")
     p.add_argument("--username", default=None,
                    help="username of every device; '{device}' is replaced by its id")
     p.add_argument("--password", default=None, help="password; '{device}' as in --username")
@@ -409,6 +416,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         devices=args.devices, host=host, port=int(port), federation=args.federation,
         rounds=args.rounds, duration_s=args.duration, delay=Delay.parse(args.delay_ms),
         dropout=args.dropout, connect_rate=args.connect_rate, mqtt5=args.mqtt5,
+        subscribe_qos=args.subscribe_qos,
         username=args.username, password=args.password,
         tls=args.tls or bool(args.ca_file or args.cert_file), ca_file=args.ca_file,
         cert_file=args.cert_file, key_file=args.key_file, keepalive=args.keepalive,

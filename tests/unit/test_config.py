@@ -557,6 +557,7 @@ AGENT_KEYS: dict[tuple[str, str], Sequence[tuple[str, str | None]]] = {
     ("device", "outbox_max_bytes"): INT_POSITIVE,
     ("device", "outbox_max_messages"): INT_POSITIVE,
     ("device", "min_interval_s"): SECONDS_OR_ZERO,
+    ("device", "subscribe_qos"): [*INT_NON_NEGATIVE, ("two", "2")],
     ("data", "source"): CHOICE,
     ("data", "path"): TEXT,
     ("data", "partition"): CHOICE,

@@ -376,6 +376,29 @@ def test_an_empty_sample_is_redrawn_when_the_round_is_extended() -> None:
     assert agg.last_summary.participants == len(drawn)
 
 
+def test_subscribe_qos_sets_the_round_and_model_subscriptions() -> None:
+    """``[device] subscribe_qos = 0`` (for a NATS cluster, where a QoS 1 subscription is a
+    JetStream consumer): every subscription at QoS 0, at start and when the agent asks for the
+    retained round and model again; it still receives them."""
+    fleet = Fleet(make_config(max_rounds=0))
+    transport = MemoryTransport(fleet.hub)
+    agent = AgentService(FED, "dev-a", make_trainer(EXAMPLES["dev-a"], 0), transport,
+                         clock=fleet.clock)
+    agent.subscribe_qos = 0
+    agent.start()
+    agent.stop()
+    assert transport.subscriptions == dict.fromkeys(
+        [TOPICS.round, TOPICS.model, TOPICS.model_parts, *agent.secagg.subscriptions()], 0)
+    transport.subscriptions.clear()
+    transport.start()
+    agent.check_waiting()
+    fleet.clock.now += 3.5
+    agent.check_waiting()  # no announcement yet: subscribes again, at the same QoS
+    assert transport.subscriptions == {TOPICS.round: 0, TOPICS.model: 0, TOPICS.model_parts: 0}
+    fleet.start_aggregator()
+    assert {m.topic for m in list(transport.inbox.queue)} >= {TOPICS.round, TOPICS.model}
+
+
 def test_an_agent_that_missed_the_retained_round_asks_for_it_again() -> None:
     """A clustered broker can miss a retained message for a subscription made just after its
     publication (docs/scaling.md): the agent's waiting line comes with a new subscription, which
