@@ -17,6 +17,7 @@ updates in the partials, and the summary lists those.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 #: Collect requests are repeated this many ``progress_interval_s`` apart while partials are
 #: missing (a worker that was down answers the retained one when it comes back anyway).
 RECOLLECT = 25
+#: A resend request is repeated at most this many ``progress_interval_s`` apart.
+RESEND = 5
 
 
 class CoordinatorService(AggregatorService):
@@ -57,6 +60,8 @@ class CoordinatorService(AggregatorService):
         self.workers = tuple(sorted(config.cluster.workers))
         #: Per worker, how many of its round's accepted updates were offered to the machine.
         self._seen: dict[str, int] = {}
+        #: When each worker was last asked to report its round again (``_ask_resend``).
+        self._resend_asked: dict[str, float] = {}
         #: The round's partials by worker (kept from before the collect too: a worker answers a
         #: retained request while a restarted coordinator is still re-counting).
         self._partials: dict[str, cluster_wire.WorkerPartial] = {}
@@ -111,18 +116,37 @@ class CoordinatorService(AggregatorService):
     def _progress(self, p: cluster_wire.WorkerProgress) -> None:
         seen = self._seen.get(p.worker, 0)
         now = self._now()
-        for i in range(seen, len(p.accepted)):
-            device, update_id = p.accepted[i]
+        if p.first > seen:  # reports this coordinator never saw (it restarted): ask again
+            self._ask_resend(p.worker, seen)
+            return
+        end = p.first + len(p.accepted)
+        for i in range(seen, end):
+            device, update_id = p.accepted[i - p.first]
             offer = UpdateOffered(device_id=device, round=p.round, base_version=p.base_version,
                                   update_id=update_id, now=now)
             actions = self.machine.handle(offer)
             # The norm bound's estimate is computed here only, from every worker's norms
             # (before a close the same offer may trigger: the collect carries the estimate).
             if p.norms and any(isinstance(a, Accept) for a in actions) \
-                    and self.bound.observe(p.norms[i]):
+                    and self.bound.observe(p.norms[i - p.first]):
                 self._publish_estimate()
             self._apply(actions, None)
-        self._seen[p.worker] = max(seen, len(p.accepted))
+        self._seen[p.worker] = max(seen, end)
+
+    def _ask_resend(self, worker: str, first: int) -> None:
+        """Ask ``worker`` to report its round from ``first`` (at most every ``RESEND``
+        progress intervals: the reports in between show the same gap)."""
+        now = self.clock()
+        if now - self._resend_asked.get(worker, -math.inf) \
+                < RESEND * self.config.cluster.progress_interval_s:
+            return
+        self._resend_asked[worker] = now
+        log.info("round %d: asking worker %s to report its updates again from #%d",
+                 self.round, worker, first)
+        req = cluster_wire.ResendRequest(federation=self.config.federation, worker=worker,
+                                         run=self.run, round=self.round, first=first, ts=now)
+        self.transport.publish(self.topics.worker_resend(worker), cluster_wire.encode(req),
+                               qos=1)
 
     def _estimate(self) -> float | None:
         b = self.bound
@@ -225,7 +249,7 @@ class CoordinatorService(AggregatorService):
             self._first_round_waiting = True
             return
         self._first_round_waiting = False
-        self._seen = {}
+        self._seen, self._resend_asked = {}, {}
         self._partials = {}
         self._collecting = None
         self._accepted_pairs = ()

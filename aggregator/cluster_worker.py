@@ -97,6 +97,8 @@ class WorkerService(AggregatorService):
         self._sent_accepted = -1
         self._sent_collected = False
         self._sent_at = 0.0
+        #: The next report starts at this index of the round's accepted updates.
+        self._report_from = 0
         self._relay: threading.Thread | None = None
         #: Held updates offered since the last acknowledgements.
         self._released: list[Message] = []
@@ -115,6 +117,7 @@ class WorkerService(AggregatorService):
         self.control.subscribe(self.topics.round, qos=1)
         self.control.subscribe(self.topics.collect, qos=1)
         self.control.subscribe(self.topics.estimate, qos=1)
+        self.control.subscribe(self.topics.worker_resend(self.name), qos=1)
         if self.upstream is not None:  # relayed to the site's devices
             self.upstream.subscribe(self.topics.model, qos=1)
             self.upstream.subscribe(self.topics.model_parts, qos=1)
@@ -219,6 +222,9 @@ class WorkerService(AggregatorService):
         if msg.topic == t.estimate:
             self._on_estimate(msg.payload, replay=False)
             return
+        if msg.topic == t.worker_resend(self.name):
+            self._on_resend(msg.payload)
+            return
         canonical = t.canonical_update(msg.topic)
         plain = msg if canonical is None else Message(
             canonical, msg.payload, qos=msg.qos, retain=msg.retain, mid=msg.mid)
@@ -248,6 +254,20 @@ class WorkerService(AggregatorService):
         self._early[msg.mid or -id(msg)] = msg
         return True
 
+    def _on_resend(self, payload: bytes) -> None:
+        """The coordinator missed reports (it restarted): report again from ``first``."""
+        try:
+            req = cluster_wire.decode(payload)
+        except DecodeError as exc:
+            log.warning("worker %s: unreadable resend request ignored (%s)", self.name, exc)
+            return
+        if not isinstance(req, cluster_wire.ResendRequest) or req.worker != self.name \
+                or (req.run, req.round) != (self.run, self.round) \
+                or req.federation != self.config.federation:
+            return  # another round's: the next round's reports start at 0 anyway
+        self._report_from = min(self._report_from, req.first)
+        self._sent_accepted = -1  # a change: sent within progress_interval_s
+
     def _on_announcement(self, payload: bytes) -> None:
         try:
             ann = codec.decode_as(payload, RoundAnnouncement)
@@ -266,7 +286,7 @@ class WorkerService(AggregatorService):
         self.round = round_ - 1
         self.machine = RoundMachine(_NEVER)
         self._collected = None
-        self._sent_accepted = -1
+        self._sent_accepted, self._report_from = -1, 0
         self._open_round(self._now())
         log.info("worker %s: round %d open on model version %d", self.name, round_, base_version)
         early, self._early = list(self._early.values()), {}
@@ -391,12 +411,17 @@ class WorkerService(AggregatorService):
         if not (changed and now - self._sent_at >= interval) and \
                 now - self._sent_at < HEARTBEATS * interval:
             return
+        # Only what is new since the last report: whole lists made the reports of a round
+        # quadratic in its size. The coordinator asks again (wresend) when it missed some.
+        first = min(self._report_from, accepted)
+        new = done[first:]
         msg = cluster_wire.WorkerProgress(
             federation=self.config.federation, worker=self.name, run=self.run,
             round=self.round, base_version=self.version,
-            accepted=tuple((e[1], e[2]) for e in done), collected=collected,
+            accepted=tuple((e[1], e[2]) for e in new), collected=collected,
             rejected=dict(self.ledger.rejected), ts=now,
-            norms=tuple(float(e[5]) if len(e) > 5 else 0.0 for e in done))
+            norms=tuple(float(e[5]) if len(e) > 5 else 0.0 for e in new), first=first)
         self.control.publish(self.topics.worker_progress(self.name), cluster_wire.encode(msg),
                              qos=1)
         self._sent_accepted, self._sent_collected, self._sent_at = accepted, collected, now
+        self._report_from = accepted

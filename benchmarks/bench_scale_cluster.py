@@ -142,6 +142,9 @@ class ClusterScenario:
 #: makes the workers' own consumers R1: fine for this bench (no node is killed), not for the
 #: fault drills' no-loss guarantee (docs/scaling.md, "The scale bench: cluster figures").
 TEMPLATE_JETSTREAM = "  limits { default_max_consumers: -1 }\n"
+#: The devices' round and model subscriptions: QoS 0, as ``[device] subscribe_qos`` advises
+#: for a NATS cluster (no JetStream consumer per device).
+SUBSCRIBE_QOS = 0
 TEMPLATE_MQTT = "  consumer_replicas: 1\n  consumer_memory_storage: true\n"
 
 
@@ -187,6 +190,7 @@ class _Fleet:
             cmd = [sys.executable, "-m", "fedmq.cli", "simulate", "--devices", str(share),
                    "--broker", f"{host}:{port}", "--federation", fed, "--no-mqtt5",
                    "--rounds", str(s.rounds), "--delay-ms", s.delay_ms, "--status",
+                   "--subscribe-qos", str(SUBSCRIBE_QOS),
                    "--connect-rate", str(s.connect_rate), "--duration", str(s.deadline_s + 120),
                    "--prefix", f"n{i}", "--seed", str(i), "--progress", "2",
                    "--json", str(self.summaries[i])]

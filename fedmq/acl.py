@@ -33,7 +33,8 @@ __all__ = ["AGGREGATOR_READS", "AGGREGATOR_WRITES", "APP_READS", "DEVICE_READS",
 #: Scale-out (docs/scaling.md): a coordinator and its workers run with the aggregator's
 #: identity, so it reads and writes what passes between them (protocol.md 7d) and a worker
 #: reads its shard of the updates; the model and round topics stay its alone to write.
-SCALE_OUT = ("shard/+/update/+", "wprogress/+", "partial/+", "collect", "estimate")
+SCALE_OUT = ("shard/+/update/+", "wprogress/+", "wresend/+", "partial/+", "collect",
+             "estimate")
 #: Topic suffixes under ``fedmq/v1/{federation}/``. ``secagg/...``: secure aggregation's
 #: exchange (fedmq/secagg/messages.py): devices send keys, shares, masked updates and reveals on
 #: their own topics; the aggregator publishes the roster, the unmask request and each device's

@@ -1,12 +1,15 @@
 """Scale-out on the wire: what aggregator workers and their coordinator say to each other
 (docs/protocol.md, section 9; docs/scaling.md).
 
-Three messages, msgpack maps like every other fedmq message (``v``, ``kind``, ``fed``):
+Five messages, msgpack maps like every other fedmq message (``v``, ``kind``, ``fed``):
 
-``WorkerProgress`` (``progress/{worker}``, QoS 1)
-    A worker's open round: every update it accepted *and made durable* so far, in its order,
-    and whether it has been collected. Sent when it changes (rate-limited) and as a heartbeat,
-    always whole, so a restarted coordinator learns everything from the next one.
+``WorkerProgress`` (``wprogress/{worker}``, QoS 1)
+    A worker's open round: the updates it accepted *and made durable* since its last report
+    (``first`` is the index of the first one in the round's list, in the worker's order), and
+    whether it has been collected. Sent when it changes (rate-limited) and as a heartbeat; the
+    first report of a round, or of a worker process, starts at 0.
+``ResendRequest`` (``wresend/{worker}``, QoS 1)
+    The coordinator missed reports (it restarted): the worker's next report starts at ``first``.
 ``CollectRequest`` (``collect``, QoS 1, retained)
     The coordinator closes round ``round``: each worker stops accepting updates for it and
     sends its partial. Retained, so a worker that restarts in between still answers.
@@ -40,6 +43,7 @@ __all__ = [
     "ClusterMessage",
     "CollectRequest",
     "NormEstimate",
+    "ResendRequest",
     "WorkerPartial",
     "WorkerProgress",
     "decode",
@@ -51,7 +55,8 @@ Pair = tuple[str, str]
 
 @dataclass(frozen=True, slots=True)
 class WorkerProgress:
-    """A worker's accepted updates of its open round (whole, in acceptance order)."""
+    """A worker's accepted updates of its open round, in acceptance order, from its ``first``
+    (the index of ``accepted[0]`` in the round's list)."""
 
     federation: str
     worker: str
@@ -64,6 +69,19 @@ class WorkerProgress:
     ts: float = 0.0
     #: Each accepted update's L2 norm, in the same order (for the coordinator's norm bound).
     norms: tuple[float, ...] = ()
+    first: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResendRequest:
+    """The coordinator asks ``worker`` to report its round's updates again from ``first``."""
+
+    federation: str
+    worker: str
+    run: int
+    round: int
+    first: int
+    ts: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +128,8 @@ class WorkerPartial:
     clipped: int = 0
 
 
-ClusterMessage = WorkerProgress | CollectRequest | WorkerPartial | NormEstimate
+ClusterMessage = (WorkerProgress | CollectRequest | WorkerPartial | NormEstimate
+                  | ResendRequest)
 
 
 def _pairs(pairs: Sequence[Pair]) -> list[list[str]]:
@@ -126,7 +145,11 @@ def encode(msg: ClusterMessage) -> bytes:
                         "round": msg.round, "base_version": msg.base_version,
                         "accepted": _pairs(msg.accepted), "collected": msg.collected,
                         "rejected": dict(msg.rejected), "ts": float(msg.ts),
-                        "norms": [float(x) for x in msg.norms]}
+                        "norms": [float(x) for x in msg.norms]} | (
+                            {"first": msg.first} if msg.first else {})
+        case ResendRequest():
+            m = head | {"kind": "wresend", "worker": msg.worker, "run": msg.run,
+                        "round": msg.round, "first": msg.first, "ts": float(msg.ts)}
         case CollectRequest():
             m = head | {"kind": "collect", "run": msg.run, "round": msg.round,
                         "base_version": msg.base_version, "workers": list(msg.workers),
@@ -217,7 +240,12 @@ def decode(payload: bytes, *, max_pairs: int = 1 << 20, max_params: int = 1 << 3
             base_version=f.int_("base_version"),
             accepted=accepted,
             collected=f.optional("collected", f.bool_, False), rejected=_counts(f, "rejected"),
-            ts=f.optional("ts", f.float_, 0.0), norms=tuple(float(x) for x in norms))
+            ts=f.optional("ts", f.float_, 0.0), norms=tuple(float(x) for x in norms),
+            first=f.optional("first", f.int_, 0))
+    if kind == "wresend":
+        return ResendRequest(federation=fed, worker=f.str_("worker"), run=f.int_("run"),
+                             round=f.int_("round"), first=f.int_("first"),
+                             ts=f.optional("ts", f.float_, 0.0))
     if kind == "collect":
         workers = f.list_("workers")
         if len(workers) > limits.max_entries or not all(

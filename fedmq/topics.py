@@ -131,6 +131,10 @@ class Topics:
     def worker_progresses(self) -> str:
         return f"{self.base}/wprogress/+"
 
+    def worker_resend(self, worker: str) -> str:
+        """The coordinator's ``ResendRequest`` to a worker (QoS 1)."""
+        return f"{self.base}/wresend/{worker}"
+
     @property
     def collect(self) -> str:
         """The coordinator's ``CollectRequest`` (QoS 1, retained)."""

@@ -316,6 +316,49 @@ def test_a_restarted_worker_answers_with_the_partial_it_had(tmp_path: Path) -> N
         assert after[-1] == before
 
 
+def progress_reports(worker: WorkerService) -> list[cluster_wire.WorkerProgress]:
+    out = []
+    for m in published(worker):
+        if "/wprogress/" in m.topic:
+            p = cluster_wire.decode(m.payload)
+            assert isinstance(p, cluster_wire.WorkerProgress)
+            out.append(p)
+    return out
+
+
+def test_progress_reports_carry_only_new_updates_and_a_restarted_coordinator_asks_again(
+        tmp_path: Path) -> None:
+    with Cluster(tmp_path, devices=3) as c:
+        ann = c.announcement()
+        w0 = c.workers["w0"]
+        for seed, dev in enumerate(("a0", "a1")):
+            c.hub.route(c.update(dev, ann, seed=seed))
+            c.pump()
+        reports = [p for p in progress_reports(w0) if p.round == ann.round]
+        pairs = [pair for p in reports for pair in p.accepted]
+        assert [d for d, _ in pairs] == ["a0", "a1"]  # each update in one report only
+        assert all(p.first == sum(len(q.accepted) for q in reports[:i])
+                   for i, p in enumerate(reports))
+        assert c.coordinator.machine.accepted == 2
+        # SIGKILL of the coordinator: the restarted one has not seen w0's earlier reports.
+        again = CoordinatorService(c.coordinator.config, MemoryTransport(c.hub), clock=c.clock)
+        again.start()
+        again.stop()
+        c.made.append(again)
+        c.coordinator = again  # the dead one is never stepped again
+        assert (again.round, again.machine.accepted) == (ann.round, 0)
+        c.hub.route(c.update("a2", ann, seed=2))
+        c.pump()
+        asked = [cluster_wire.decode(m.payload) for m in published(again)
+                 if m.topic == T.worker_resend("w0")]
+        assert [(r.worker, r.first) for r in asked
+                if isinstance(r, cluster_wire.ResendRequest)] == [("w0", 0)]
+        # w0 reported its round again from 0: quorum (3), the round closed and merged.
+        assert c.model().version == 1
+        assert again.last_summary is not None
+        assert sorted(d for d, _ in again.last_summary.accepted) == ["a0", "a1", "a2"]
+
+
 def test_partials_that_share_a_device_abandon_the_round(tmp_path: Path) -> None:
     with Cluster(tmp_path, devices=2) as c:
         ann = c.announcement()
@@ -334,6 +377,8 @@ def test_cluster_messages_round_trip_and_hostile_bytes_only_raise_decode_error()
     msgs: list[cluster_wire.ClusterMessage] = [
         cluster_wire.WorkerProgress(FED, "w0", 7, 3, 2, (("d", "u"),), True, {"stale": 1}, 1.5),
         cluster_wire.CollectRequest(FED, 7, 3, 2, ("w0", "w1"), 2.5),
+        cluster_wire.WorkerProgress(FED, "w1", 7, 3, 2, (("e", "v"),), norms=(0.5,), first=9),
+        cluster_wire.ResendRequest(FED, "w1", 7, 3, 4, 3.5),
         cluster_wire.WorkerPartial(FED, "w1", 7, 3, 2, np.arange(5, dtype=np.float64) / 3,
                                    12.5, (("d", "u"), ("e", "v")), {"duplicate": 2}, 99, 3.5),
     ]
@@ -372,6 +417,8 @@ def test_cluster_messages_round_trip_and_hostile_bytes_only_raise_decode_error()
     {"kind": "partial", "total_weight": -1.0},
     {"kind": "wprogress", "accepted": [["d"]]},
     {"kind": "collect", "workers": [1]},
+    {"kind": "wprogress", "first": -1},
+    {"kind": "wresend", "first": "0"},
     {"kind": "nope"},
 ])
 def test_malformed_cluster_messages_are_refused(bad: dict[str, object]) -> None:
@@ -380,7 +427,8 @@ def test_malformed_cluster_messages_are_refused(bad: dict[str, object]) -> None:
     good: dict[str, cluster_wire.ClusterMessage] = {
         "partial": cluster_wire.WorkerPartial(FED, "w", 1, 1, 0, np.zeros(3), 1.0, ()),
         "wprogress": cluster_wire.WorkerProgress(FED, "w", 1, 1, 0, ()),
-        "collect": cluster_wire.CollectRequest(FED, 1, 1, 0, ("w",))}
+        "collect": cluster_wire.CollectRequest(FED, 1, 1, 0, ("w",)),
+        "wresend": cluster_wire.ResendRequest(FED, "w", 1, 1, 0)}
     base = msgpack.unpackb(cluster_wire.encode(good.get(str(bad["kind"]), good["collect"])))
     with pytest.raises(DecodeError):
         cluster_wire.decode(msgpack.packb(base | bad))
