@@ -49,7 +49,7 @@ from typing import IO, Any
 
 from benchmarks.bench_scale import proc_status
 from fedmq.broker_common import find_free_port
-from fedmq.nats_cluster import NatsCluster, default_template
+from fedmq.nats_cluster import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [64, 128, 10]
@@ -124,7 +124,8 @@ class ClusterScenario:
     #: The round deadline; the simulators stop 120 s after it, which bounds a stuck scenario.
     deadline_s: float = 120.0
     #: New sessions per second per simulate process: each costs the engine a replicated
-    #: session record and 3 consumers (at 500/s per process the nodes timed out persisting them).
+    #: session record (at 500/s per process, with 3 consumers a session as well, the nodes
+    #: timed out persisting them).
     connect_rate: int = 150
     #: The round's quorum (default: ``max_updates``); below it, the deadline extends the round.
     min_updates: int | None = None
@@ -132,31 +133,13 @@ class ClusterScenario:
     grace_s: float = 2.0
 
 
-#: What the bench adds to the shipped node template (fedmq/broker_config/nats/): every QoS 1
-#: subscription of an MQTT session is a JetStream consumer on the engine's ``$MQTT_msgs`` stream
-#: (3 per simulated device: round, model, model parts). Measured with the shipped template and
-#: 10,000 devices: nats-server 2.15's default cap on consumers per stream refused sessions past a
-#: few thousand ("maximum consumers limit reached"), and with the cap lifted the replicated (R3,
-#: file) consumers were created too slowly on 2 cores: creation requests timed out after 4-5 s
-#: and sessions never completed. So: no cap, and the MQTT consumers R1 in memory. That also
-#: makes the workers' own consumers R1: fine for this bench (no node is killed), not for the
-#: fault drills' no-loss guarantee (docs/scaling.md, "The scale bench: cluster figures").
-TEMPLATE_JETSTREAM = "  limits { default_max_consumers: -1 }\n"
-#: The devices' round and model subscriptions: QoS 0, as ``[device] subscribe_qos`` advises
-#: for a NATS cluster (no JetStream consumer per device).
+#: The devices' round and model subscriptions: QoS 0, as ``[device] subscribe_qos`` advises for
+#: a NATS cluster. Every QoS 1 subscription of an MQTT session is a JetStream consumer on the
+#: engine's ``$MQTT_msgs`` stream (3 per simulated device): with them, 10,000 devices on the
+#: shipped template hit nats-server's default cap on consumers per stream, and with the cap
+#: lifted their creation timed out on 2 cores (docs/scaling.md, "The scale bench: cluster
+#: figures"). At QoS 0 the bench runs the shipped node template unchanged.
 SUBSCRIBE_QOS = 0
-TEMPLATE_MQTT = "  consumer_replicas: 1\n  consumer_memory_storage: true\n"
-
-
-def _template(tmp: Path) -> Path:
-    """The shipped node template plus ``TEMPLATE_JETSTREAM`` and ``TEMPLATE_MQTT``."""
-    text = default_template().read_text()
-    assert "jetstream {\n" in text
-    assert "mqtt {\n" in text
-    path = tmp / "node.conf.template"
-    path.write_text(text.replace("jetstream {\n", "jetstream {\n" + TEMPLATE_JETSTREAM, 1)
-                    .replace("mqtt {\n", "mqtt {\n" + TEMPLATE_MQTT, 1))
-    return path
 
 
 def _accepted(port: int) -> int:
@@ -321,8 +304,7 @@ def run_cluster_scenario(s: ClusterScenario, tmp: Path, quiet: bool = False) -> 
     """A fresh 3-node cluster, a coordinator, ``s.workers`` workers, and the fleet."""
     fed = f"scale{s.name}".replace("_", "")
     t0 = time.monotonic()
-    with NatsCluster(NODES, workdir=tmp / f"{s.name}-nats", shards={fed: s.workers},
-                     template=_template(tmp)) as cluster:
+    with NatsCluster(NODES, workdir=tmp / f"{s.name}-nats", shards={fed: s.workers}) as cluster:
         endpoints = cluster.mqtt_endpoints
         tier = _Tier(s, fed, endpoints, tmp)
         fleet: _Fleet | None = None
@@ -364,8 +346,7 @@ def run_burst(devices: int, workers: int, tmp: Path) -> dict[str, Any]:
                         connect_rate=100)
     fed = f"scaleburst{workers}"
     t_start = time.monotonic()
-    with NatsCluster(NODES, workdir=tmp / f"{s.name}-nats", shards={fed: workers},
-                     template=_template(tmp)) as cluster:
+    with NatsCluster(NODES, workdir=tmp / f"{s.name}-nats", shards={fed: workers}) as cluster:
         endpoints = cluster.mqtt_endpoints
         # Keep-alive above the stop: the engine must not drop a stopped worker's session.
         tier = _Tier(s, fed, endpoints, tmp, keepalive=3600)
@@ -459,7 +440,10 @@ def cluster_figures(quick: bool, tmp: Path, *, devices_held: int | None = None,
     scenarios = [
         # Closes with every device, or at its deadline with those whose update was accepted by
         # then: the figure is how many were connected and participating, whichever comes first.
-        ClusterScenario("held", held, held, 1.0, 1, "uniform:0:10000", deadline_s=240,
+        # Uploads spread over 60 s, as a round's deadline spreads them: spread over 10 s (1,000
+        # updates of 38 KB a second into the R3 stream on 2 shared cores) every device still
+        # took part, but the nodes dropped nearly every session once (docs/scaling.md).
+        ClusterScenario("held", held, held, 1.0, 1, "uniform:0:60000", deadline_s=240,
                         connect_rate=40, min_updates=1, grace_s=240),
         ClusterScenario("lat100", min(100, small), min(100, small), 1.0, n_rounds,
                         "uniform:0:1000", processes=1),
@@ -498,6 +482,9 @@ def cluster_figures(quick: bool, tmp: Path, *, devices_held: int | None = None,
         notes["connections_held_cluster"] = (
             f"{connected} sessions connected at once over 3 NATS nodes (per node "
             f"{[sim['connected_max'] for sim in h['sims']]}), round participants {parts}; "
+            f"sessions the nodes dropped and the devices reopened "
+            f"{[sim['disconnects'] for sim in h['sims']]}, errors "
+            f"{[sim['errors_by_kind'] for sim in h['sims']]}; "
             f"nats peak rss {h['nats_rss_peak_mb']} MB, cpu {h['nats_cpu_s']} s")
     else:
         notes["connections_held_cluster"] = f"failed: {h['error'][-300:]}"
