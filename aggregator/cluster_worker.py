@@ -53,8 +53,9 @@ HEARTBEATS = 10
 
 def _upstream_broker(config: AggregatorConfig) -> AggregatorConfig:
     host, _, port = config.cluster.upstream.rpartition(":")
+    # The site's failover nodes are not the coordinator's.
     return dataclasses.replace(config, broker=dataclasses.replace(
-        config.broker, host=host, port=int(port)))
+        config.broker, host=host, port=int(port), failover=[]))
 
 
 class WorkerService(AggregatorService):

@@ -113,6 +113,9 @@ def _is_listen(value: str) -> bool:
 
 
 _LISTEN = Rule(_is_listen, "HOST:PORT (e.g. 0.0.0.0:9464 or 127.0.0.1:9464), or empty for none")
+_ENDPOINTS = Rule(lambda v: len(set(v)) == len(v) and all(
+    _is_listen(e) and e.rpartition(":")[0] != "" for e in v),
+    'a list of distinct "HOST:PORT" endpoints (e.g. ["10.0.0.2:1883", "10.0.0.3:1883"])')
 
 def _is_bins(v: list[float]) -> bool:
     return (len(v) == 3 and all(math.isfinite(x) for x in v) and v[0] < v[1]
@@ -164,6 +167,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "client_id": _TEXT,
         "reconnect_min_s": _seconds(),
         "reconnect_max_s": _seconds(),
+        "failover": _ENDPOINTS,
     },
     ModelConfig: {"layers": _LAYERS, "seed": _ints(0), "path": _TEXT},
     RoundsConfig: {

@@ -58,6 +58,9 @@ class BrokerConfig:
     #: Reconnect back-off: full jitter between 0 and min(max, min * 2**attempt) seconds.
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    #: Other nodes of the same clustered broker ("HOST:PORT"): after a failed connect or a lost
+    #: connection the next attempt goes to the next of host:port and these, in turn.
+    failover: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

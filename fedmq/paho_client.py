@@ -228,6 +228,14 @@ class _Client(mqtt.Client):
             return
         stop.wait(delay)
 
+    def retarget(self, host: str, port: int) -> None:
+        """Send the next connect attempt to ``host:port`` (``[broker] failover``). Called between
+        attempts, with the socket closed; paho's own ``host``/``port`` setters refuse while its
+        loop is reconnecting."""
+        if self._sock is not None:
+            raise RuntimeError("a connection is open")
+        self._host, self._port = host, port
+
     def _wake(self) -> None:
         if self._stop_wait is not None:
             self._stop_wait.set()

@@ -204,6 +204,10 @@ class PahoTransport:
         self._started = False
         self._backoff = Backoff(broker.reconnect_min_s, broker.reconnect_max_s,
                                 random.Random(seed))
+        #: Where to connect: ``[broker] host:port``, then each ``failover`` node in turn.
+        self._endpoints = [(broker.host, broker.port)] + [
+            (h, int(p)) for h, _, p in (e.rpartition(":") for e in broker.failover)]
+        self._endpoint = 0
         self.connects = 0
         #: The delays (seconds) of the latest reconnect waits, oldest first.
         self.reconnect_delays: deque[float] = deque(maxlen=64)
@@ -270,8 +274,9 @@ class PahoTransport:
 
     @property
     def address(self) -> str:
-        """``host:port`` of the broker, for log lines."""
-        return f"{self.broker.host}:{self.broker.port}"
+        """``host:port`` of the broker (the failover node tried last), for log lines."""
+        host, port = self._endpoints[self._endpoint]
+        return f"{host}:{port}"
 
     # ---- paho callbacks: run on the network thread, so they only record and enqueue
 
@@ -376,9 +381,23 @@ class PahoTransport:
         attempt for the back-off; a CONNACK resets it)."""
         delay = max(self._backoff.next_delay(), 0.05)
         self.reconnect_delays.append(delay)
+        if len(self._endpoints) > 1:
+            self._next_endpoint()
         log.debug("%s: reconnecting in %.2f s (attempt %d)", self.client_id, delay,
                   self._backoff.attempt)
         return delay
+
+    def _next_endpoint(self) -> None:
+        """Point the next attempt at the next node of ``[broker] failover`` (paho's thread calls
+        this between attempts, the socket closed)."""
+        i = (self._endpoint + 1) % len(self._endpoints)
+        host, port = self._endpoints[i]
+        try:
+            self._client.retarget(host, port)
+        except RuntimeError:  # still open after all: stay on the current node
+            return
+        self._endpoint = i
+        log.log(self._info, "%s: trying the next broker node, %s", self.client_id, self.address)
 
     # ---- public surface
 

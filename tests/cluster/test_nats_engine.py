@@ -187,3 +187,30 @@ def test_a_lone_node_runs_without_a_cluster_block(nats_cluster_factory: NatsClus
     publish_all(connect(clients, cluster, 0, "lone-pub"), [(Topics("fed").update("d"), b"u")])
     assert receive(sub, 1)[0].payload == b"u"
     assert cluster.stream_leader(MQTT_MSGS_STREAM) == "n0"
+
+
+def test_a_worker_whose_node_dies_fails_over_with_its_session(
+        nats_cluster_factory: NatsClusterFactory, clients: list[PahoTransport]) -> None:
+    """``[broker] failover``: SIGKILL the worker's node and leave it down; the worker's next
+    attempt goes to another node, where its persistent session (and its QoS 1 subscription to
+    the shard) is waiting, and the updates published meanwhile reach it."""
+    cluster = nats_cluster_factory(shards={"fed": 2})
+    ids = [d for d in device_ids(random.Random(3), 60) if shard_of(d, 2) == 0]
+    (h1, p1), (h2, p2) = cluster.mqtt_endpoints[1], cluster.mqtt_endpoints[2]
+    worker = PahoTransport(BrokerConfig(host=h1, port=p1, mqtt5=False, failover=[f"{h2}:{p2}"],
+                                        reconnect_min_s=0.05, reconnect_max_s=0.5),
+                           "worker-0", session_expiry_s=3600, quiet=True)
+    clients.append(worker)
+    worker.subscribe(shard_filter("fed", 0), 1)
+    worker.start()
+    assert worker.wait_connected(WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while worker.subacks == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    device = connect(clients, cluster, 0, "devices")
+    cluster.kill(1)
+    publish_all(device, [(Topics("fed").update(d), d.encode()) for d in ids])
+    got = receive(worker, len(ids))
+    assert worker.address == f"{h2}:{p2}"
+    assert worker.session_present
+    assert {m.payload.decode() for m in got} == set(ids)
