@@ -102,12 +102,7 @@ def check_privacy(cfg: AggregatorConfig) -> None:
         raise ConfigError(f'{head} needs the norm bound: [robust] mode = "off" leaves the '
                           "updates unclipped")
     at_most("privacy.clip_norm", p.clip_norm, "robust.max_norm", r.max_norm)
-    if cfg.rounds.mode != "sync":
-        raise ConfigError(f'{head} works with [rounds] mode = "sync" only (it is '
-                          f'"{cfg.rounds.mode}")')
-    if cfg.task.kind != "train":
-        raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
-                          f'"{cfg.task.kind}")')
+    _sync_training_only(cfg, head)
     if p.secure_aggregation and (why := ring_error(p.noise_multiplier, p.clip_norm,
                                                     cfg.rounds.min_updates,
                                                     cfg.rounds.max_updates)):
@@ -116,15 +111,20 @@ def check_privacy(cfg: AggregatorConfig) -> None:
         raise ConfigError(f"{head} needs [sampling] rate > 0 (0: no device ever trains)")
 
 
-def check_secure_aggregation(cfg: AggregatorConfig) -> None:
-    """Secure aggregation's needs (docs/security.md): synchronous training rounds of 2+."""
-    head = "[privacy] secure_aggregation = true"
+def _sync_training_only(cfg: AggregatorConfig, head: str) -> None:
+    """``head`` (a privacy setting) needs synchronous rounds of a training task."""
     if cfg.rounds.mode != "sync":
         raise ConfigError(f'{head} works with [rounds] mode = "sync" only (it is '
                           f'"{cfg.rounds.mode}")')
     if cfg.task.kind != "train":
         raise ConfigError(f'{head} applies to [task] kind = "train" only (it is '
                           f'"{cfg.task.kind}")')
+
+
+def check_secure_aggregation(cfg: AggregatorConfig) -> None:
+    """Secure aggregation's needs (docs/security.md): synchronous training rounds of 2+."""
+    head = "[privacy] secure_aggregation = true"
+    _sync_training_only(cfg, head)
     if cfg.rounds.min_updates < 2:
         raise ConfigError(f"{head} needs [rounds] min_updates >= 2 (it is "
                           f"{cfg.rounds.min_updates}): the sum of one device is its update")
